@@ -1,0 +1,1035 @@
+"""paw.py: PaW, Policy and World Modeling Co-Training for Language Agents (arXiv 2606.02388), in one file.
+
+An LLM agent is trained with RL (GRPO / GiGPO / RLOO + PPO-clip) on a multi-turn text environment and,
+from the same rollouts and the same forward pass, with an auxiliary world-modeling (WM) loss that
+predicts the next observation. Read alongside ../shared/PAPER.md; comments name its sections (§2.1 ...).
+
+    python paw.py --env textworld-tiny            # trains PaW, evaluates, saves to runs/<name>/
+    python paw.py --env textworld-tiny --wm off   # the plain GRPO baseline
+
+The file reads top to bottom in the order of the method:
+  1. config            2. tokenizer + model     3. prompts + rollout loop     4. advantages (§3)
+  5. WM targets (§2, §2.1, §2.3)                6. losses (§2.2, §2.4, §3)    7. the fused loss path
+  8. format warm-up    9. training loop         10. evaluation                11. main
+"""
+from __future__ import annotations
+
+import os
+
+# §6 of PAPER.md: under load, torch's default OpenMP thread spin slowed a forward+backward 10x.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import envs as paw_envs
+
+
+# ====================================================================================================
+# 1. Config. Every field has a one-line doc, which is also its --help text.
+# ====================================================================================================
+def arg(default, doc, **kw):
+    return field(default=default, metadata=dict(help=doc, **kw))
+
+
+@dataclass
+class Config:
+    # --- run -----------------------------------------------------------------------------------------
+    env: str = arg("textworld-tiny", "built-in environment name, or module:Class of your own (see envs.py)")
+    model: str = arg("", "Hugging Face causal LM (hub id or local folder); empty = build the tiny model locally")
+    seed: int = arg(1, "random seed (python, numpy, torch, task sampling)")
+    iters: int = arg(200, "RL iterations (each: rollouts of groups x group-size episodes, then an update)")
+    time_budget: float = arg(0.0, "stop training after this many minutes of wall-clock (warm-up included); 0 = no limit")
+    out: str = arg("runs", "folder under which runs/<name>/ is written")
+    name: str = arg("", "run name; empty = <env>-<algo>-<wm>-s<seed>-<time>")
+    device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
+    dtype: str = arg("float32", "parameter dtype", choices=["float32", "bfloat16"])
+    threads: int = arg(0, "torch CPU threads (0 = torch's default)")
+    # --- rollouts (§2) ---------------------------------------------------------------------------------
+    groups: int = arg(8, "tasks per iteration (each a group g of G rollouts from the same initial state)")
+    group_size: int = arg(8, "G, rollouts per task")
+    history: int = arg(2, "K, past (observation, action) pairs shown in the prompt")
+    max_action_tokens: int = arg(8, "longest action the policy may generate (tokens, EOS included)")
+    temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature")
+    # --- RL (§3) -------------------------------------------------------------------------------------
+    algo: str = arg("grpo", "advantage estimator (§3)", choices=["grpo", "gigpo", "rloo"])
+    adv_norm: str = arg("mean_std", "episode-level normalisation of GRPO/GiGPO", choices=["mean_std", "mean"])
+    gamma: float = arg(0.95, "GiGPO step level: discount of the return-to-go")
+    gigpo_omega: float = arg(1.0, "GiGPO: weight omega of the step-level advantage")
+    invalid_penalty: float = arg(0.1, "subtracted from the RL return for each inadmissible action (not from lambda_g)")
+    lr: float = arg(3e-4, "AdamW learning rate of the RL phase")
+    clip_low: float = arg(0.2, "PPO-clip eps_low")
+    clip_high: float = arg(0.28, "PPO-clip eps_high")
+    kl_coef: float = arg(0.0, "k3 KL to the reference (post-warm-up) policy; 0 = no reference model")
+    ppo_epochs: int = arg(1, "passes over each iteration's rollouts")
+    minibatches: int = arg(4, "optimizer steps per pass")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    # --- world modeling (§2.1-§2.4) ------------------------------------------------------------------
+    wm: str = arg("cmae", "WM loss: cmae (§2.2), ce (ablation) or off (plain RL baseline)", choices=["cmae", "ce", "off"])
+    wm_alpha: float = arg(0.75, "§2.1: fraction of highest-entropy transitions used as WM targets (1 = all)")
+    wm_rho: float = arg(0.2, "§2.2: tokens predicted with p > rho get no CMAE loss")
+    wm_lambda: str = arg("adaptive", "§2.3: 'adaptive' (1 - mean_return/R_max per group) or a constant")
+    wm_coef: float = arg(1.0, "§2.3: global coefficient multiplying lambda")
+    wm_max_tokens: int = arg(48, "§2: the next observation o_{t+1} is truncated to this many tokens")
+    wm_grad_cap: float = arg(1.0, "§6 safeguard: WM gradient norm <= cap x RL gradient norm per step (0 = off, one backward)")
+    # --- format warm-up (tiny model only) --------------------------------------------------------------
+    warmup_steps: int = arg(300, "supervised steps imitating uniformly random admissible actions (0 = none)")
+    warmup_batch: int = arg(32, "prompts per warm-up step")
+    warmup_lr: float = arg(1e-3, "warm-up learning rate")
+    # --- the tiny model ------------------------------------------------------------------------------
+    d_model: int = arg(128, "tiny model: hidden size")
+    n_layers: int = arg(4, "tiny model: decoder layers")
+    n_heads: int = arg(4, "tiny model: attention heads")
+    # --- the hot loss path (§7 of this file) ---------------------------------------------------------
+    fused_loss: bool = arg(True, "chunked fused lm_head -> log-prob/entropy (never the full logits)")
+    compile: str = arg("inductor", "torch.compile backend of the loss kernels", choices=["inductor", "aot_eager", "off"])
+    loss_chunk: int = arg(0, "tokens per chunk of the fused loss (0 = auto: logits tile of about 2^26 values)")
+    forward_batch: int = arg(64, "sequences per no-grad scoring forward")
+    # --- evaluation ----------------------------------------------------------------------------------
+    eval_episodes: int = arg(100, "held-out evaluation episodes at the end (greedy)")
+    eval_sampled: bool = arg(False, "also evaluate with temperature sampling")
+    eval_every: int = arg(0, "evaluate on held-out seeds every N iterations (0 = only at the end)")
+    eval_every_episodes: int = arg(50, "episodes of the periodic evaluation")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def validate_config(cfg: Config):
+    """Nonsense values get one clear line (main turns it into exit code 2)."""
+    positive = ["iters", "groups", "group_size", "max_action_tokens", "minibatches", "ppo_epochs",
+                "wm_max_tokens", "warmup_batch", "d_model", "n_layers", "n_heads", "forward_batch",
+                "eval_every_episodes"]
+    for f in positive:
+        if getattr(cfg, f) <= 0:
+            raise ConfigError(f"--{f.replace('_', '-')} must be > 0 (got {getattr(cfg, f)})")
+    for f in ["history", "warmup_steps", "eval_episodes", "eval_every", "time_budget", "kl_coef",
+              "invalid_penalty", "loss_chunk", "threads", "wm_grad_cap", "wm_coef", "max_grad_norm"]:
+        if getattr(cfg, f) < 0:
+            raise ConfigError(f"--{f.replace('_', '-')} must be >= 0 (got {getattr(cfg, f)})")
+    if not 0.0 < cfg.wm_alpha <= 1.0:
+        raise ConfigError(f"--wm-alpha must be in (0, 1] (got {cfg.wm_alpha})")
+    if not 0.0 < cfg.wm_rho < 1.0:
+        raise ConfigError(f"--wm-rho must be in (0, 1) (got {cfg.wm_rho})")
+    if cfg.wm_lambda != "adaptive":
+        try:
+            v = float(cfg.wm_lambda)
+        except ValueError:
+            raise ConfigError(f"--wm-lambda must be 'adaptive' or a number (got {cfg.wm_lambda!r})") from None
+        if v < 0 or not math.isfinite(v):
+            raise ConfigError(f"--wm-lambda must be >= 0 (got {cfg.wm_lambda})")
+    if not cfg.temperature > 0:
+        raise ConfigError(f"--temperature must be > 0 (got {cfg.temperature})")
+    if not (0 <= cfg.clip_low < 1 and cfg.clip_high >= 0):
+        raise ConfigError("--clip-low must be in [0, 1) and --clip-high >= 0")
+    if not 0 < cfg.gamma <= 1:
+        raise ConfigError(f"--gamma must be in (0, 1] (got {cfg.gamma})")
+    if not cfg.lr > 0 or not cfg.warmup_lr > 0:
+        raise ConfigError("--lr and --warmup-lr must be > 0")
+    if cfg.d_model % cfg.n_heads:
+        raise ConfigError(f"--d-model ({cfg.d_model}) must be divisible by --n-heads ({cfg.n_heads})")
+
+
+def parse_config(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"],
+                           choices=f.metadata.get("choices"))
+    cfg = Config(**vars(p.parse_args(argv)))
+    try:
+        validate_config(cfg)
+    except ConfigError as e:
+        print(f"paw.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return cfg
+
+
+# ====================================================================================================
+# 2. Tokenizer and model
+# ====================================================================================================
+SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
+
+
+def gather_env_text(env_cls, n_episodes: int = 200, seed: int = 0) -> list[str]:
+    """Text for the tokenizer, taken from the environment itself: random rollouts on training seeds
+    (with some inadmissible actions, so "Nothing happens." is seen), plus whatever vocabulary the env
+    declares (§6: every string it can emit, or the tokenizer turns it into [UNK])."""
+    rng = random.Random(seed)
+    env = env_cls()
+    texts = []
+    for i in range(n_episodes):
+        _, transcript = paw_envs.random_rollout(env, rng.randrange(paw_envs.EVAL_SEED_START), rng, 0.1)
+        texts += transcript
+        texts.append(env.reset(rng.randrange(paw_envs.EVAL_SEED_START))[1]["task"])
+    if hasattr(env, "vocabulary_text"):
+        texts += list(env.vocabulary_text())
+    texts.append(build_prompt("task", [("obs", "act")], "obs", ["a", "b"], 1))  # the prompt's own words
+    return texts
+
+
+def build_tiny_tokenizer(texts: list[str]):
+    """Word-level tokenizer trained with `tokenizers` on environment text; loadable with AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk_token"]))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    tk.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=list(SPECIALS.values())))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, **SPECIALS)
+    tok.padding_side = "left"
+    return tok
+
+
+def build_tiny_model(tok, cfg: Config):
+    """A randomly initialised Qwen2-architecture decoder, small enough to train on a laptop CPU."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    mcfg = Qwen2Config(vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
+                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                       num_key_value_heads=max(1, cfg.n_heads // 2), max_position_embeddings=4096,
+                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, use_cache=True)
+    return Qwen2ForCausalLM(mcfg)
+
+
+def load_hf_model(name: str, dtype: torch.dtype):
+    """Any Hugging Face causal LM (hub id or local folder) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - report any loading failure as one line
+        raise ConfigError(f"cannot load --model {name!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok, model
+
+
+# ====================================================================================================
+# 3. Prompts and the rollout loop (§2)
+# ====================================================================================================
+def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible: list[str], k: int) -> str:
+    """h_t: the task, the last K (observation, action) pairs, the current observation, the admissible
+    actions. Built afresh at every step (verl-agent style), so the prompt length stays bounded."""
+    lines = [f"Task: {task}."]
+    for o, a in (history[-k:] if k > 0 else []):
+        lines.append(f"Before: {o} Action: {a}")
+    lines.append(f"Now: {obs}")
+    lines.append("Actions: " + " ; ".join(admissible))
+    lines.append("Your action:")
+    return "\n".join(lines)
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
+
+
+@dataclass
+class Step:
+    """One transition (h_t, a_t, r_t, o_{t+1}) of §2, as token ids kept exactly as sampled."""
+    prompt_ids: list
+    action_ids: list      # generated ids, up to and including the EOS that ended the action (§2 Decision)
+    obs_ids: list         # o_{t+1}, tokenized and truncated to --wm-max-tokens (§2 Decision)
+    reward: float         # task reward of this step
+    valid: bool           # the action was admissible
+    anchor: str           # the raw current observation o_t, GiGPO's anchor state (§3)
+
+
+@dataclass
+class Episode:
+    group: int
+    seed: int
+    steps: list = field(default_factory=list)
+    won: bool = False
+
+    @property
+    def task_return(self) -> float:
+        return sum(s.reward for s in self.steps)
+
+
+@torch.no_grad()
+def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: bool) -> list[list[int]]:
+    """Batched generation with a KV cache. Returns, per prompt, the sampled ids up to and including EOS
+    (or max_action_tokens ids when the model never ended the action)."""
+    dev = next(model.parameters()).device
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), L), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        ids[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    gen_kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
+    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=cfg.max_action_tokens,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **gen_kw)
+    actions = []
+    for row in out[:, L:].tolist():
+        a = []
+        for t in row:
+            a.append(t)
+            if t == tok.eos_token_id:
+                break
+        actions.append(a)
+    return actions
+
+
+def decode_action(tok, ids: list[int]) -> str:
+    return tok.decode([t for t in ids if t != tok.eos_token_id], skip_special_tokens=True).strip()
+
+
+def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg: Config,
+                     greedy: bool = False) -> list[Episode]:
+    """§2: run len(seeds) x group_size episodes in lock-step (all G rollouts of a group share the seed,
+    so they start from the same state); one batched generate call per environment step."""
+    was_training = model.training
+    model.eval()
+    eps, live = [], []
+    for g, seed in enumerate(seeds):
+        for _ in range(group_size):
+            env = env_cls()
+            obs, info = env.reset(seed)
+            eps.append(Episode(group=g, seed=seed))
+            live.append(dict(env=env, obs=obs, info=info, hist=[], done=False))
+    for _t in range(env_cls.max_steps):
+        active = [i for i, s in enumerate(live) if not s["done"]]
+        if not active:
+            break
+        prompts = [encode_prompt(tok, build_prompt(live[i]["info"]["task"], live[i]["hist"], live[i]["obs"],
+                                                   live[i]["info"]["admissible_actions"], cfg.history))
+                   for i in active]
+        actions = generate_actions(model, tok, prompts, cfg, greedy)
+        for i, p, a in zip(active, prompts, actions):
+            s = live[i]
+            text = decode_action(tok, a)
+            try:
+                obs, reward, done, info = s["env"].step(text)
+            except Exception as e:  # noqa: BLE001 - a user env that raises is a bug in the env, say so
+                raise RuntimeError(f"environment {cfg.env} raised on action {text[:80]!r}: "
+                                   f"{type(e).__name__}: {e}") from e
+            obs_ids = tok(obs, add_special_tokens=False)["input_ids"][:cfg.wm_max_tokens]
+            eps[i].steps.append(Step(p, a, obs_ids, float(reward), bool(info.get("valid", True)), s["obs"]))
+            s["hist"].append((s["obs"], text))
+            s["obs"], s["info"] = obs, info
+            eps[i].won = bool(info.get("won", False))
+            s["done"] = bool(done) or len(eps[i].steps) >= env_cls.max_steps
+    model.train(was_training)
+    return eps
+
+
+# ====================================================================================================
+# 4. Advantages (§3). Statistics are over the trajectories of a group, never over pooled step rows.
+# ====================================================================================================
+def grpo_advantages(returns: torch.Tensor, group: torch.Tensor, norm: str = "mean_std",
+                    eps: float = 1e-6) -> torch.Tensor:
+    """§3 GRPO: A_i = (R_i - mean_j R_j) / (std_j R_j + eps) over the G trajectories of each group
+    (unbiased std, as verl and TRL). A group of size 1 or with zero std gets 0. norm='mean': no std."""
+    adv = torch.zeros_like(returns, dtype=torch.float64)
+    for g in group.unique():
+        m = group == g
+        r = returns[m].double()
+        if r.numel() < 2:
+            continue
+        std = r.std()
+        if std < eps:
+            continue  # zero-std group: no RL signal (§2.3); set exactly 0, not (r - mean)/eps noise
+        adv[m] = (r - r.mean()) / (std + eps) if norm == "mean_std" else r - r.mean()
+    return adv.to(returns.dtype)
+
+
+def rloo_advantages(returns: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """§3 RLOO: A_i = R_i - mean_{j != i} R_j within each group (0 for a group of size 1)."""
+    adv = torch.zeros_like(returns, dtype=torch.float64)
+    for g in group.unique():
+        m = group == g
+        r = returns[m].double()
+        n = r.numel()
+        if n > 1:
+            adv[m] = r - (r.sum() - r) / (n - 1)
+    return adv.to(returns.dtype)
+
+
+def discounted_returns(rewards: list[float], gamma: float) -> list[float]:
+    """R_t = sum_{k >= t} gamma^(k-t) r_k."""
+    out, acc = [0.0] * len(rewards), 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        acc = rewards[t] + gamma * acc
+        out[t] = acc
+    return out
+
+
+def gigpo_step_advantages(step_returns: list[float], anchors: list[str], group: list[int],
+                          norm: str = "mean_std", eps: float = 1e-6):
+    """§3 GiGPO step level: within each group, steps whose anchor state (the raw current observation,
+    whitespace-normalised) is identical form a cluster; the discounted return-to-go is normalised within
+    the cluster; a singleton cluster gets 0. Returns (advantages, cluster sizes per step)."""
+    clusters: dict = {}
+    for i, (a, g) in enumerate(zip(anchors, group)):
+        clusters.setdefault((g, " ".join(a.split())), []).append(i)
+    adv = torch.zeros(len(step_returns), dtype=torch.float64)
+    size = torch.zeros(len(step_returns), dtype=torch.long)
+    R = torch.tensor(step_returns, dtype=torch.float64)
+    for idx in clusters.values():
+        size[idx] = len(idx)
+        if len(idx) < 2:
+            continue
+        r = R[idx]
+        std = r.std()
+        if std < eps:
+            continue
+        adv[idx] = (r - r.mean()) / (std + eps) if norm == "mean_std" else r - r.mean()
+    return adv, size
+
+
+def rl_returns(ep: Episode, invalid_penalty: float) -> float:
+    """The return the advantage estimator sees: task return minus the invalid-action penalty."""
+    return ep.task_return - invalid_penalty * sum(not s.valid for s in ep.steps)
+
+
+def compute_advantages(episodes: list[Episode], cfg: Config):
+    """Per-step advantage (broadcast to every action token of the step) for --algo, plus log stats."""
+    R = torch.tensor([rl_returns(e, cfg.invalid_penalty) for e in episodes], dtype=torch.float64)
+    grp = torch.tensor([e.group for e in episodes])
+    stats = {}
+    if cfg.algo == "rloo":
+        ep_adv = rloo_advantages(R, grp)
+    else:
+        ep_adv = grpo_advantages(R, grp, cfg.adv_norm)
+    step_adv = torch.cat([ep_adv[i].repeat(len(e.steps)) for i, e in enumerate(episodes)])
+    if cfg.algo == "gigpo":
+        rets, anchors, sgrp = [], [], []
+        for e in episodes:  # step rewards include the invalid penalty on the step that was invalid
+            rets += discounted_returns([s.reward - cfg.invalid_penalty * (not s.valid) for s in e.steps], cfg.gamma)
+            anchors += [s.anchor for s in e.steps]
+            sgrp += [e.group] * len(e.steps)
+        a_step, size = gigpo_step_advantages(rets, anchors, sgrp, cfg.adv_norm)
+        step_adv = step_adv + cfg.gigpo_omega * a_step
+        stats.update(anchor_cluster_size=size.double().mean().item(),
+                     singleton_cluster_frac=(size == 1).double().mean().item())
+    zero_std = [float((R[grp == g].std() if (grp == g).sum() > 1 else torch.tensor(0.0)) < 1e-6)
+                for g in grp.unique()]
+    stats["zero_std_group_frac"] = float(np.mean(zero_std))
+    return step_adv.float(), stats
+
+
+# ====================================================================================================
+# 5. World-model targets (§2, §2.1, §2.3)
+# ====================================================================================================
+def select_wm_targets(action_entropy: torch.Tensor, alpha: float) -> torch.Tensor:
+    """§2.1: S = the top ceil(alpha * M) of the M transitions, ranked by H(a_t|h_t) (mean token entropy
+    of the action). Ties go to the earlier transition (stable sort). alpha = 1 keeps everything."""
+    M = action_entropy.numel()
+    k = math.ceil(alpha * M - 1e-9)
+    order = torch.sort(-action_entropy.double(), stable=True).indices
+    mask = torch.zeros(M, dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def adaptive_wm_weight(group_mean_return: torch.Tensor, r_max: float, coef: float = 1.0) -> torch.Tensor:
+    """§2.3: lambda_g = clamp(1 - mean_return(g) / R_max, 0, 1), times a global coefficient. mean_return
+    is the task return (no penalties): all-fail groups, which get zero GRPO advantage, get lambda = 1."""
+    return coef * (1.0 - group_mean_return / r_max).clamp(0.0, 1.0)
+
+
+def wm_weights(episodes: list[Episode], cfg: Config, r_max: float) -> torch.Tensor:
+    """lambda_{g(t)} for every step, adaptive (§2.3) or the constant of --wm-lambda (ablation)."""
+    n_groups = max(e.group for e in episodes) + 1
+    if cfg.wm_lambda == "adaptive":
+        tot, cnt = torch.zeros(n_groups, dtype=torch.float64), torch.zeros(n_groups, dtype=torch.float64)
+        for e in episodes:
+            tot[e.group] += e.task_return
+            cnt[e.group] += 1
+        lam_g = adaptive_wm_weight(tot / cnt.clamp(min=1), r_max, cfg.wm_coef)
+    else:
+        lam_g = torch.full((n_groups,), float(cfg.wm_lambda) * cfg.wm_coef, dtype=torch.float64)
+    return torch.cat([lam_g[e.group].repeat(len(e.steps)) for e in episodes]).float()
+
+
+# ====================================================================================================
+# 6. Losses (§2.2, §2.4, §3)
+# ====================================================================================================
+def cmae_loss(logp: torch.Tensor, rho: float) -> torch.Tensor:
+    """§2.2 per-token clipped MAE: l = 1[p <= rho] * (1 - p), the indicator on detached p. For a one-hot
+    target MAE = 1 - p; its gradient w.r.t. the target logit is -p(1-p) in the band and 0 outside."""
+    p = logp.exp()
+    return (p.detach() <= rho).to(p.dtype) * (1.0 - p)
+
+
+def ce_wm_loss(logp: torch.Tensor) -> torch.Tensor:
+    """§2.2 ablation: plain per-token negative log-likelihood of the next observation."""
+    return -logp
+
+
+def per_transition_mean(token_values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(1/|o_{t+1}|) sum_i l_{t,i} for every transition t (0 for a transition with no tokens)."""
+    tot = torch.zeros(n_rows, dtype=token_values.dtype, device=token_values.device).index_add(0, rows, token_values)
+    cnt = torch.zeros(n_rows, dtype=token_values.dtype, device=token_values.device).index_add(
+        0, rows, torch.ones_like(token_values))
+    return tot / cnt.clamp(min=1)
+
+
+def ppo_clip_loss(logp, old_logp, adv, clip_low: float, clip_high: float):
+    """§3: per-token PPO-clip with asymmetric clipping (eps_low, eps_high), token-mean aggregation.
+    logp/old_logp/adv are per action token. Returns (loss, clip fraction, approx KL k3 to old policy)."""
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(pg1, pg2).mean()
+    with torch.no_grad():
+        clipfrac = (pg2 > pg1).float().mean()
+        approx_kl = ((ratio - 1) - log_ratio).mean()  # k3 estimator of KL(old || new)
+    return loss, clipfrac, approx_kl
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """§3 optional k3 KL to a reference policy on sampled tokens: exp(ref - logp) - (ref - logp) - 1."""
+    d = ref_logp - logp
+    return (d.exp() - d - 1).mean()
+
+
+def wm_term(obs_logp, obs_rows, n_rows, selected, lam, cfg: Config) -> torch.Tensor:
+    """§2.4 second term: (1/|S|) sum_{t in S} lambda_{g(t)} L_WM(t), with L_WM from §2.2 (CMAE or CE)."""
+    tok_loss = cmae_loss(obs_logp, cfg.wm_rho) if cfg.wm == "cmae" else ce_wm_loss(obs_logp)
+    per_t = per_transition_mean(tok_loss, obs_rows, n_rows)
+    has_tokens = torch.zeros(n_rows, dtype=torch.bool, device=obs_logp.device)
+    has_tokens[obs_rows] = True
+    s = selected & has_tokens
+    if not s.any():
+        return obs_logp.sum() * 0.0
+    return (lam[s] * per_t[s]).sum() / s.sum()
+
+
+def combined_objective(act_logp, old_logp, adv, obs_logp, obs_rows, n_rows, selected, lam, cfg: Config,
+                       ref_logp=None):
+    """§2.4: L(theta) = L_RL(theta) + (1/|S|) sum_{t in S} lambda_{g(t)} L_WM(t). Each loss is averaged over
+    its own tokens/transitions. Returns (L_RL, WM term, stats)."""
+    l_rl, clipfrac, approx_kl = ppo_clip_loss(act_logp, old_logp, adv, cfg.clip_low, cfg.clip_high)
+    if ref_logp is not None and cfg.kl_coef > 0:
+        l_rl = l_rl + cfg.kl_coef * k3_kl(act_logp, ref_logp)
+    l_wm = wm_term(obs_logp, obs_rows, n_rows, selected, lam, cfg) if cfg.wm != "off" else act_logp.sum() * 0.0
+    return l_rl, l_wm, dict(clipfrac=clipfrac.item(), approx_kl=approx_kl.item())
+
+
+# ====================================================================================================
+# 7. The fused loss path: chunked lm_head -> per-token log-prob and entropy, never the full logits.
+#    Select first (only positions that enter a loss), project second (the model's own output embedding,
+#    so tied embeddings keep working). The kernels are plain PyTorch; torch.compile fuses them.
+# ====================================================================================================
+def _chunk_forward(h, W, t):
+    """One chunk: logits = h W^T -> log-sum-exp -> target gather -> entropy (fp32)."""
+    z = (h @ W.t()).float()
+    lse = torch.logsumexp(z, dim=-1)
+    zt = z.gather(1, t[:, None]).squeeze(1)
+    p = torch.exp(z - lse[:, None])
+    ent = lse - (p * z).sum(-1)
+    hit = zt >= z.max(dim=-1).values
+    return zt - lse, ent, lse, hit
+
+
+def _chunk_backward(h, W, t, lse, ent, g_logp, g_ent, with_entropy: bool):
+    """Recompute the chunk's logits; dZ = g_logp (onehot - p) - g_H p (z - lse + H); return (dh, dW)."""
+    z = (h @ W.t()).float()
+    p = torch.exp(z - lse[:, None])
+    dz = -g_logp[:, None] * p
+    dz = dz.scatter_add(1, t[:, None], g_logp[:, None])
+    if with_entropy:
+        dz = dz - g_ent[:, None] * p * (z - lse[:, None] + ent[:, None])
+    dz = dz.to(h.dtype)
+    return dz @ W, (dz.t() @ h).float()
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(name: str, backend: str):
+    """The chunk kernels, compiled once per backend with static shapes (the last chunk is padded)."""
+    key = (name, backend)
+    if key not in _KERNELS:
+        fn = {"fwd": _chunk_forward, "bwd": _chunk_backward}[name]
+        _KERNELS[key] = fn if backend == "off" else torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
+    return _KERNELS[key]
+
+
+def default_chunk(vocab: int) -> int:
+    """A power of two so one chunk's logits tile holds about 2^26 values (256 MB in fp32), in [16, 4096]."""
+    c = 2 ** int(math.log2(max(1, (1 << 26) // vocab)))
+    return int(min(4096, max(16, c)))
+
+
+class FusedLinearLogpEntropy(torch.autograd.Function):
+    """logp_i = log softmax(h_i W^T)[t_i] and H_i = entropy(softmax(h_i W^T)), chunk by chunk.
+    Saved for backward: h, W, targets and O(N) floats (lse, H); nothing of size N x V."""
+
+    @staticmethod
+    def forward(ctx, h, W, targets, chunk: int, backend: str):
+        N = h.shape[0]
+        n_pad = (-N) % chunk
+        hp = F.pad(h, (0, 0, 0, n_pad))
+        tp = F.pad(targets, (0, n_pad))
+        fwd = _kernel("fwd", backend)
+        outs = [fwd(hp[i:i + chunk], W, tp[i:i + chunk]) for i in range(0, N + n_pad, chunk)]
+        logp, ent, lse, hit = (torch.cat(x)[:N] for x in zip(*outs))
+        ctx.save_for_backward(h, W, targets, lse, ent)
+        ctx.chunk, ctx.backend = chunk, backend
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(hit)
+        return logp, ent, hit
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, _g_hit):
+        h, W, targets, lse, ent = ctx.saved_tensors
+        N, chunk = h.shape[0], ctx.chunk
+        with_entropy = g_ent is not None  # the entropy term only when entropy needs a gradient
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
+        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float()
+        n_pad = (-N) % chunk
+        hp, tp = F.pad(h, (0, 0, 0, n_pad)), F.pad(targets, (0, n_pad))
+        lp, ep, gl, ge = (F.pad(x, (0, n_pad)) for x in (lse, ent, g_logp, g_ent))
+        bwd = _kernel("bwd", ctx.backend)
+        dh = torch.empty_like(hp)
+        dW = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
+        for i in range(0, N + n_pad, chunk):
+            s = slice(i, i + chunk)
+            dh_c, dW_c = bwd(hp[s], W, tp[s], lp[s], ep[s], gl[s], ge[s], with_entropy)
+            dh[s] = dh_c
+            dW += dW_c
+        return dh[:N], dW.to(W.dtype), None, None, None
+
+
+def fused_logp_entropy(h, W, targets, chunk: int = 0, backend: str = "off"):
+    """Per-token (logp, entropy, target-is-argmax) of the linear head W on hidden states h [N, d]."""
+    if h.shape[0] == 0:
+        z = h.new_zeros(0, dtype=torch.float32)
+        return z, z, z.bool()
+    return FusedLinearLogpEntropy.apply(h, W, targets, chunk or default_chunk(W.shape[0]), backend)
+
+
+def naive_logp_entropy(logits, targets):
+    """The reference: full log_softmax over the vocabulary, gather, entropy, autograd."""
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    logp = logp_all.gather(1, targets[:, None]).squeeze(1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    hit = logits.gather(1, targets[:, None]).squeeze(1) >= logits.max(-1).values
+    return logp, ent, hit
+
+
+def plain_linear_head(model) -> tuple[bool, str]:
+    """Can the fused path reproduce the model's logits? Only if they are exactly hidden @ W^T: no bias,
+    no soft-capping, no scaling. Checked by config attributes and numerically on a short input."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        return False, f"the output head is {type(head).__name__}, not nn.Linear"
+    if head.bias is not None:
+        return False, "the output head has a bias"
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        v = getattr(model.config, attr, None)
+        if v not in (None, 0, 1, 0.0, 1.0):
+            return False, f"config.{attr} = {v} changes the logits"
+    dev = head.weight.device
+    ids = torch.arange(min(8, model.config.vocab_size), device=dev)[None]
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        ref = out.logits[0].float()
+        mine = (out.hidden_states[-1][0] @ head.weight.t()).float()
+    if not torch.allclose(ref, mine, atol=1e-3 * (1 + ref.abs().max().item()), rtol=1e-3):
+        return False, "the logits differ from last_hidden_state @ W^T (a scaled or wrapped head)"
+    return True, ""
+
+
+@dataclass
+class Packed:
+    """A right-padded batch of [h_t ; a_t ; o_{t+1}] sequences and where their loss tokens are."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    act_pos: torch.Tensor   # flat positions (row * T + col) of the hidden states that predict action tokens
+    act_tgt: torch.Tensor
+    act_row: torch.Tensor   # which sequence of the batch each action token belongs to
+    obs_pos: torch.Tensor
+    obs_tgt: torch.Tensor
+    obs_row: torch.Tensor
+
+
+def pack_steps(steps: list[Step], pad_id: int, with_obs: bool = True) -> Packed:
+    """§2: one sequence per step, [h_t ; a_t ; o_{t+1}]. The policy mask is a_t (EOS included), the WM
+    mask is o_{t+1}. The logits at position j predict token j+1, hence the -1 below."""
+    seqs = [s.prompt_ids + s.action_ids + (s.obs_ids if with_obs else []) for s in steps]
+    T = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    ap, at, ar, op, ot, orow = [], [], [], [], [], []
+    for r, (s, x) in enumerate(zip(steps, seqs)):
+        ids[r, :len(x)] = torch.tensor(x)
+        mask[r, :len(x)] = 1
+        a0, o0 = len(s.prompt_ids), len(s.prompt_ids) + len(s.action_ids)
+        ap += [r * T + j - 1 for j in range(a0, o0)]
+        at += s.action_ids
+        ar += [r] * len(s.action_ids)
+        if with_obs:
+            op += [r * T + j - 1 for j in range(o0, o0 + len(s.obs_ids))]
+            ot += s.obs_ids
+            orow += [r] * len(s.obs_ids)
+    L = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return Packed(ids, mask, L(ap), L(at), L(ar), L(op), L(ot), L(orow))
+
+
+def token_stats(model, pk: Packed, cfg: Config, fused: bool):
+    """One forward pass over packed sequences -> per-token (logp, entropy, hit) for action tokens (at the
+    sampling temperature) and for observation tokens (temperature 1, the model's own prediction)."""
+    dev = next(model.parameters()).device
+    ids, mask = pk.input_ids.to(dev), pk.attention_mask.to(dev)
+    pos = torch.cat([pk.act_pos, pk.obs_pos]).to(dev)
+    tgt = torch.cat([pk.act_tgt, pk.obs_tgt]).to(dev)
+    n_act = pk.act_pos.numel()
+    if fused:
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        h = hidden.reshape(-1, hidden.shape[-1])[pos]
+        scale = torch.ones(h.shape[0], 1, dtype=h.dtype, device=dev)
+        scale[:n_act] = 1.0 / cfg.temperature  # logits / T == (h / T) W^T
+        W = model.get_output_embeddings().weight
+        logp, ent, hit = fused_logp_entropy(h * scale, W, tgt, cfg.loss_chunk, cfg.compile)
+    else:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        z = logits.reshape(-1, logits.shape[-1])[pos].float()
+        z[:n_act] = z[:n_act] / cfg.temperature
+        logp, ent, hit = naive_logp_entropy(z, tgt)
+    return (logp[:n_act], ent[:n_act], hit[:n_act]), (logp[n_act:], ent[n_act:], hit[n_act:])
+
+
+# ====================================================================================================
+# 8. Format warm-up (tiny model only): a random model cannot emit well-formed actions yet.
+# ====================================================================================================
+def format_warmup(model, tok, env_cls, cfg: Config, rng: random.Random, log=print):
+    """Supervised imitation of *uniformly random* admissible actions on real prompts, action tokens only.
+    A fresh uniform action per prompt per step is an unbiased estimate of weighting every admissible
+    action 1/n (§6: a single fixed random action per prompt left a biased policy). Random targets teach
+    no task knowledge; no observation targets teach no world model."""
+    if cfg.warmup_steps == 0:
+        return {}
+    t0 = time.time()
+    env = env_cls()
+    pool = []  # (prompt ids, admissible actions) from random-policy episodes on training seeds
+    while len(pool) < 2000:
+        obs, info = env.reset(rng.randrange(paw_envs.EVAL_SEED_START))
+        hist = []
+        for _ in range(env_cls.max_steps):
+            acts = info["admissible_actions"]
+            if not acts:
+                break
+            pool.append((encode_prompt(tok, build_prompt(info["task"], hist, obs, acts, cfg.history)), acts))
+            a = rng.choice(acts)
+            hist.append((obs, a))
+            obs, _, done, info = env.step(a)
+            if done:
+                break
+    enc = {}  # action text -> ids + EOS
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in tqdm(range(cfg.warmup_steps), desc="format warm-up", leave=False, dynamic_ncols=True):
+        batch = [pool[rng.randrange(len(pool))] for _ in range(cfg.warmup_batch)]
+        steps = []
+        for p, acts in batch:
+            a = rng.choice(acts)
+            if a not in enc:
+                enc[a] = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            steps.append(Step(p, enc[a], [], 0.0, True, ""))
+        pk = pack_steps(steps, tok.pad_token_id, with_obs=False)
+        lr_scale = min(1.0, (step + 1) / 20)  # a short linear ramp avoids an early blow-up
+        for g in opt.param_groups:
+            g["lr"] = cfg.warmup_lr * lr_scale
+        (lp, _, _), _ = token_stats(model, pk, cfg, cfg.fused_loss)
+        # sequence log-likelihood of the whole action (sum over its tokens), mean over prompts
+        loss = -per_transition_mean(lp, pk.act_row.to(lp.device), len(steps)).mul(
+            torch.bincount(pk.act_row, minlength=len(steps)).to(lp.device)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    return dict(warmup_loss=float(np.mean(losses[-20:])), warmup_s=time.time() - t0)
+
+
+# ====================================================================================================
+# 9. Training loop
+# ====================================================================================================
+@torch.no_grad()
+def score_steps(model, steps: list[Step], cfg: Config, fused: bool, pad_id: int, ref_model=None):
+    """The no-grad scoring pass (§2.1 Decision): rollout-time (old) log-probs of every action token at
+    the sampling temperature, per-token entropy, the WM token accuracy, and (with --kl-coef) the
+    reference policy's log-probs. Same weights as at generation, so these are the behaviour log-probs."""
+    was_training = model.training
+    model.eval()
+    old, ent_mean, ref, hits, n_obs = [], [], [], 0, 0
+    for i in range(0, len(steps), cfg.forward_batch):
+        chunk = steps[i:i + cfg.forward_batch]
+        pk = pack_steps(chunk, pad_id)
+        (lp, en, _), (_, _, ohit) = token_stats(model, pk, cfg, fused)
+        lp, en = lp.float().cpu(), en.float().cpu()
+        cnt = torch.bincount(pk.act_row, minlength=len(chunk)).tolist()
+        old += list(torch.split(lp, cnt))
+        ent_mean += [x.mean().item() if x.numel() else 0.0 for x in torch.split(en, cnt)]  # H(a_t|h_t), §2.1
+        hits += int(ohit.sum())
+        n_obs += ohit.numel()
+        if ref_model is not None:
+            (rlp, _, _), _ = token_stats(ref_model, pk, cfg, fused)
+            ref += list(torch.split(rlp.float().cpu(), cnt))
+    model.train(was_training)
+    return old, torch.tensor(ent_mean), ref, hits / max(1, n_obs)
+
+
+def flat_grad(params) -> list:
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def backward_with_wm_cap(l_rl, l_wm, params, cap: float) -> dict:
+    """§6 safeguard. Early in training every group fails, L_RL is exactly 0 and lambda_g = 1 (§2.3), so the
+    WM loss alone would drive AdamW steps of full size (the step size does not depend on the loss
+    weight) and the policy collapses (PAPER.md §6 measured this). We therefore scale the WM gradient to
+    at most `cap` times the RL gradient's norm: g = g_RL + min(1, cap ||g_RL|| / ||g_WM||) g_WM. With no
+    RL signal the WM term gives no step either. Costs a second backward through the same graph;
+    cap = 0 is the literal §2.4 single backward pass."""
+    if cap <= 0 or not l_wm.requires_grad:
+        (l_rl + l_wm).backward()
+        return dict(wm_scale=1.0)
+    l_rl.backward(retain_graph=True)
+    g_rl = flat_grad(params)
+    for p in params:
+        p.grad = None
+    l_wm.backward()
+    g_wm = flat_grad(params)
+    n_rl = torch.sqrt(sum((g.float() ** 2).sum() for g in g_rl))
+    n_wm = torch.sqrt(sum((g.float() ** 2).sum() for g in g_wm))
+    s = torch.clamp(cap * n_rl / (n_wm + 1e-12), max=1.0)
+    for p, a, b in zip(params, g_rl, g_wm):
+        p.grad = a + s.to(b.dtype) * b
+    return dict(wm_scale=s.item(), grad_norm_rl=n_rl.item(), grad_norm_wm=n_wm.item())
+
+
+def ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg: Config, fused: bool, pad_id: int,
+               rng: random.Random, ref_logp=None) -> dict:
+    """PPO-clip epochs over minibatches of steps; one optimizer step per minibatch (§2.4, §3)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    dev = next(model.parameters()).device
+    logs, n_tokens = [], 0
+    model.train()
+    for _epoch in range(cfg.ppo_epochs):
+        order = list(range(len(steps)))
+        rng.shuffle(order)
+        for mb in np.array_split(np.array(order), min(cfg.minibatches, len(order))):
+            mb = mb.tolist()
+            pk = pack_steps([steps[i] for i in mb], pad_id, with_obs=cfg.wm != "off")
+            (lp, ent, _), (olp, _, _) = token_stats(model, pk, cfg, fused)
+            old = torch.cat([old_logp[i] for i in mb]).to(dev)
+            a = adv[mb].to(dev)[pk.act_row.to(dev)]  # the step's advantage on every action token
+            ref = torch.cat([ref_logp[i] for i in mb]).to(dev) if ref_logp else None
+            l_rl, l_wm, st = combined_objective(lp, old, a, olp, pk.obs_row.to(dev), len(mb),
+                                                selected[mb].to(dev), lam[mb].to(dev), cfg, ref)
+            opt.zero_grad(set_to_none=True)
+            st.update(backward_with_wm_cap(l_rl, l_wm, params, cfg.wm_grad_cap if cfg.wm != "off" else 0.0))
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if gn.item() > 0:  # no signal at all (every advantage 0, WM capped to 0): no optimizer step
+                opt.step()
+            st.update(policy_loss=l_rl.item(), wm_loss=l_wm.item(), grad_norm=gn.item(),
+                      stepped=float(gn.item() > 0))
+            logs.append(st)
+            n_tokens += int(pk.attention_mask.sum())
+    out = {k: float(np.mean([d[k] for d in logs if k in d])) for k in logs[0]}
+    out["update_tokens"] = n_tokens
+    return out
+
+
+def episode_stats(episodes: list[Episode], prefix: str = "") -> dict:
+    steps = [s for e in episodes for s in e.steps]
+    return {prefix + "success": float(np.mean([e.won for e in episodes])),
+            prefix + "return": float(np.mean([e.task_return for e in episodes])),
+            prefix + "episode_len": float(np.mean([len(e.steps) for e in episodes])),
+            prefix + "valid_ratio": float(np.mean([s.valid for s in steps])) if steps else 0.0}
+
+
+def train_iteration(it, model, tok, opt, env_cls, cfg: Config, rng, fused, ref_model=None) -> dict:
+    """One PaW iteration: rollouts -> scoring pass -> advantages -> WM targets -> PPO + WM update."""
+    t0 = time.time()
+    seeds = [rng.randrange(paw_envs.EVAL_SEED_START) for _ in range(cfg.groups)]
+    episodes = collect_rollouts(model, tok, env_cls, seeds, cfg.group_size, cfg)
+    steps = [s for e in episodes for s in e.steps]
+    t1 = time.time()
+    old_logp, act_entropy, ref_logp, wm_acc = score_steps(model, steps, cfg, fused, tok.pad_token_id, ref_model)
+    adv, adv_stats = compute_advantages(episodes, cfg)
+    selected = select_wm_targets(act_entropy, cfg.wm_alpha) if cfg.wm != "off" else torch.zeros(len(steps), dtype=torch.bool)
+    lam = wm_weights(episodes, cfg, env_cls.R_max)
+    upd = ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg, fused, tok.pad_token_id, rng, ref_logp)
+    t2 = time.time()
+    m = dict(iter=it, **episode_stats(episodes), **adv_stats, **{k: v for k, v in upd.items() if k != "update_tokens"},
+             action_entropy=act_entropy.mean().item(), wm_token_acc=wm_acc,
+             wm_selected_frac=selected.float().mean().item(), wm_lambda_mean=lam.mean().item(),
+             rollout_s=t1 - t0, update_s=t2 - t1, tokens_per_s=upd["update_tokens"] / max(1e-9, t2 - t1))
+    return m
+
+
+# ====================================================================================================
+# 10. Evaluation on held-out seeds
+# ====================================================================================================
+def evaluate(model, tok, env_cls, cfg: Config, n: int, greedy: bool = True, batch: int = 64) -> dict:
+    """Held-out seeds from EVAL_SEED_START on (never used in training): success rate, mean return, mean
+    episode length, valid-action ratio."""
+    seeds = [paw_envs.EVAL_SEED_START + i for i in range(n)]
+    episodes = []
+    for i in range(0, n, batch):
+        episodes += collect_rollouts(model, tok, env_cls, seeds[i:i + batch], 1, cfg, greedy=greedy)
+    return episode_stats(episodes)
+
+
+def random_policy_success(env_cls, n: int, seed: int = 0) -> float:
+    rng = random.Random(seed)
+    env = env_cls()
+    return float(np.mean([paw_envs.random_rollout(env, paw_envs.EVAL_SEED_START + i, rng)[0] for i in range(n)]))
+
+
+def print_eval_table(rows: dict):
+    cols = ["success", "return", "episode_len", "valid_ratio"]
+    print(f"\n{'policy':<26}" + "".join(f"{c:>13}" for c in cols))
+    for name, r in rows.items():
+        print(f"{name:<26}" + "".join(f"{r[c]:>13.3f}" if c in r else f"{'-':>13}" for c in cols))
+
+
+# ====================================================================================================
+# 11. Main
+# ====================================================================================================
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device (try cpu, cuda, cuda:0)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        env_cls = paw_envs.load_env_class(cfg.env)
+        dev = pick_device(cfg.device)
+    except (paw_envs.EnvError, ConfigError) as e:
+        print(f"paw.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    dtype = dict(float32=torch.float32, bfloat16=torch.bfloat16)[cfg.dtype]
+    name = cfg.name or f"{cfg.env.replace(':', '.')}-{cfg.algo}-{cfg.wm}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = os.path.join(cfg.out, name)
+    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        print(f"paw.py: error: {run_dir} already holds a run; pick another --name", file=sys.stderr)
+        sys.exit(2)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    t_start = time.time()
+
+    # --- model and tokenizer (§2 of this file) ---
+    if cfg.model:
+        try:
+            tok, model = load_hf_model(cfg.model, dtype)
+        except ConfigError as e:
+            print(f"paw.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
+    else:
+        tok = build_tiny_tokenizer(gather_env_text(env_cls, seed=cfg.seed))
+        model = build_tiny_model(tok, cfg).to(dtype)
+    model.to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    fused = cfg.fused_loss
+    if fused:
+        ok, why = plain_linear_head(model)
+        if not ok:
+            warnings.warn(f"fused loss path disabled: {why}; using the naive full-logits path")
+            fused = False
+    print(f"paw: {cfg.env} | model {cfg.model or 'tiny Qwen2'} ({n_params / 1e6:.2f}M params, vocab {len(tok)}) "
+          f"| {cfg.algo} + WM {cfg.wm} | device {dev} | loss path {'fused/' + cfg.compile if fused else 'naive'} "
+          f"| run dir {run_dir}")
+
+    summary = dict(random=dict(success=random_policy_success(env_cls, cfg.eval_episodes)))
+    if not cfg.model:  # a random model cannot emit well-formed actions: format warm-up first (§8 of this file)
+        summary["warmup"] = format_warmup(model, tok, env_cls, cfg, rng)
+        summary["warmed_up_sampled"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=False)
+    ref_model = None
+    if cfg.kl_coef > 0:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+
+    # --- RL with PaW ---
+    train_s = time.time() - t_start
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    bar = tqdm(range(1, cfg.iters + 1), desc="PaW", dynamic_ncols=True)
+    with open(metrics_path, "w") as mf:
+        for it in bar:
+            t_it = time.time()
+            m = train_iteration(it, model, tok, opt, env_cls, cfg, rng, fused, ref_model)
+            train_s += time.time() - t_it
+            m["train_s"] = train_s
+            if cfg.eval_every and it % cfg.eval_every == 0:
+                ev = evaluate(model, tok, env_cls, cfg, cfg.eval_every_episodes, greedy=True)
+                m.update({"eval_" + k: v for k, v in ev.items()})
+            mf.write(json.dumps(m) + "\n")
+            mf.flush()
+            bar.set_postfix(succ=f"{m['success']:.2f}", valid=f"{m['valid_ratio']:.2f}",
+                            wm=f"{m['wm_loss']:.3f}", ent=f"{m['action_entropy']:.2f}")
+            if not all(math.isfinite(v) for v in m.values() if isinstance(v, float)):
+                print(f"paw.py: error: non-finite metric at iteration {it}; stopping (metrics kept in {metrics_path})",
+                      file=sys.stderr)
+                sys.exit(1)
+            if cfg.time_budget and train_s > 60 * cfg.time_budget:
+                print(f"time budget of {cfg.time_budget} min reached after {it} iterations")
+                break
+    summary["iters_done"] = it
+    summary["train_s"] = train_s
+
+    # --- evaluation and saving ---
+    summary["final_greedy"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=True)
+    if cfg.eval_sampled:
+        summary["final_sampled"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=False)
+    rows = {"random (admissible)": summary["random"]}
+    if "warmed_up_sampled" in summary:
+        rows["warmed-up (sampled)"] = summary["warmed_up_sampled"]
+    rows[f"trained (greedy)"] = summary["final_greedy"]
+    if "final_sampled" in summary:
+        rows["trained (sampled)"] = summary["final_sampled"]
+    print_eval_table(rows)
+    model_dir = os.path.join(run_dir, "model")
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"\nsaved: {run_dir}/ (config.json, metrics.jsonl, summary.json, model/)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
