@@ -63,7 +63,7 @@ class Config:
     # --- rollouts (§2) ---------------------------------------------------------------------------------
     groups: int = arg(8, "tasks per iteration (each a group g of G rollouts from the same initial state)")
     group_size: int = arg(8, "G, rollouts per task")
-    history: int = arg(2, "K, past (observation, action) pairs shown in the prompt")
+    history: int = arg(1, "K, past (observation, action) pairs shown in the prompt")
     max_action_tokens: int = arg(8, "longest action the policy may generate (tokens, EOS included)")
     temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature")
     # --- RL (§3) -------------------------------------------------------------------------------------
@@ -172,31 +172,44 @@ def parse_config(argv=None) -> Config:
 SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
 
 
-def gather_env_text(env_cls, n_episodes: int = 200, seed: int = 0) -> list[str]:
+def gather_env_text(env_cls, n_episodes: int = 1000, seed: int = 0):
     """Text for the tokenizer, taken from the environment itself: random rollouts on training seeds
     (with some inadmissible actions, so "Nothing happens." is seen), plus whatever vocabulary the env
-    declares (§6: every string it can emit, or the tokenizer turns it into [UNK])."""
+    declares (§6: every string it can emit, or the tokenizer turns it into [UNK]). Returns (texts, the
+    set of admissible action strings seen)."""
     rng = random.Random(seed)
     env = env_cls()
-    texts = []
+    texts, actions = [], set()
     for i in range(n_episodes):
-        _, transcript = paw_envs.random_rollout(env, rng.randrange(paw_envs.EVAL_SEED_START), rng, 0.1)
-        texts += transcript
-        texts.append(env.reset(rng.randrange(paw_envs.EVAL_SEED_START))[1]["task"])
+        obs, info = env.reset(rng.randrange(paw_envs.EVAL_SEED_START))
+        texts += [obs, info["task"]]
+        for _ in range(env_cls.max_steps):
+            acts = info["admissible_actions"]
+            actions.update(acts)
+            a = "xyzzy" if (rng.random() < 0.1 or not acts) else rng.choice(acts)
+            obs, _, done, info = env.step(a)
+            texts.append(obs)
+            if done:
+                break
     if hasattr(env, "vocabulary_text"):
         texts += list(env.vocabulary_text())
     texts.append(build_prompt("task", [("obs", "act")], "obs", ["a", "b"], 1))  # the prompt's own words
-    return texts
+    texts += sorted(actions)
+    return texts, sorted(actions)
 
 
-def build_tiny_tokenizer(texts: list[str]):
-    """Word-level tokenizer trained with `tokenizers` on environment text; loadable with AutoTokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
+    """Word-level tokenizer trained with `tokenizers` on environment text; loadable with AutoTokenizer.
+    Every admissible action string seen in random rollouts is also kept whole, as one token (what a BPE
+    merge of a frequent command would do): a tiny random model then picks an action with one token +
+    EOS instead of copying several words, which made the format warm-up ~10x slower (measured)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tk = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk_token"]))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
     tk.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=list(SPECIALS.values())))
+    tk.add_tokens([AddedToken(a, single_word=True, normalized=False) for a in actions if " " in a])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, **SPECIALS)
     tok.padding_side = "left"
     return tok
@@ -695,27 +708,32 @@ def pack_steps(steps: list[Step], pad_id: int, with_obs: bool = True) -> Packed:
     return Packed(ids, mask, L(ap), L(at), L(ar), L(op), L(ot), L(orow))
 
 
-def token_stats(model, pk: Packed, cfg: Config, fused: bool):
+def token_stats(model, pk: Packed, cfg: Config, fused: bool, return_top: bool = False):
     """One forward pass over packed sequences -> per-token (logp, entropy, hit) for action tokens (at the
-    sampling temperature) and for observation tokens (temperature 1, the model's own prediction)."""
+    sampling temperature) and for observation tokens (temperature 1, the model's own prediction).
+    With return_top, also the last hidden state (the head's input; used by the §6 safeguard)."""
     dev = next(model.parameters()).device
-    ids, mask = pk.input_ids.to(dev), pk.attention_mask.to(dev)
+    # Right padding + causal attention: no real token ever attends to a pad, so no mask is needed and
+    # attention takes its fast causal path. Positions 0..T-1 match generation's (left pad + mask).
+    ids = pk.input_ids.to(dev)
     pos = torch.cat([pk.act_pos, pk.obs_pos]).to(dev)
     tgt = torch.cat([pk.act_tgt, pk.obs_tgt]).to(dev)
     n_act = pk.act_pos.numel()
     if fused:
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1])[pos]
         scale = torch.ones(h.shape[0], 1, dtype=h.dtype, device=dev)
         scale[:n_act] = 1.0 / cfg.temperature  # logits / T == (h / T) W^T
         W = model.get_output_embeddings().weight
         logp, ent, hit = fused_logp_entropy(h * scale, W, tgt, cfg.loss_chunk, cfg.compile)
     else:
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        out = model(input_ids=ids, output_hidden_states=return_top)
+        hidden, logits = (out.hidden_states[-1] if return_top else None), out.logits
         z = logits.reshape(-1, logits.shape[-1])[pos].float()
         z[:n_act] = z[:n_act] / cfg.temperature
         logp, ent, hit = naive_logp_entropy(z, tgt)
-    return (logp[:n_act], ent[:n_act], hit[:n_act]), (logp[n_act:], ent[n_act:], hit[n_act:])
+    res = (logp[:n_act], ent[:n_act], hit[:n_act]), (logp[n_act:], ent[n_act:], hit[n_act:])
+    return res + (hidden,) if return_top else res
 
 
 # ====================================================================================================
@@ -749,21 +767,23 @@ def format_warmup(model, tok, env_cls, cfg: Config, rng: random.Random, log=prin
     model.train()
     losses = []
     for step in tqdm(range(cfg.warmup_steps), desc="format warm-up", leave=False, dynamic_ncols=True):
-        batch = [pool[rng.randrange(len(pool))] for _ in range(cfg.warmup_batch)]
-        steps = []
-        for p, acts in batch:
-            a = rng.choice(acts)
-            if a not in enc:
-                enc[a] = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            steps.append(Step(p, enc[a], [], 0.0, True, ""))
+        steps, weights = [], []
+        while len(steps) < cfg.warmup_batch:  # whole prompts: every admissible action, weight 1/n
+            p, acts = pool[rng.randrange(len(pool))]
+            for a in acts:
+                if a not in enc:
+                    enc[a] = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                steps.append(Step(p, enc[a], [], 0.0, True, ""))
+                weights.append(1.0 / len(acts))
         pk = pack_steps(steps, tok.pad_token_id, with_obs=False)
         lr_scale = min(1.0, (step + 1) / 20)  # a short linear ramp avoids an early blow-up
         for g in opt.param_groups:
             g["lr"] = cfg.warmup_lr * lr_scale
         (lp, _, _), _ = token_stats(model, pk, cfg, cfg.fused_loss)
         # sequence log-likelihood of the whole action (sum over its tokens), mean over prompts
-        loss = -per_transition_mean(lp, pk.act_row.to(lp.device), len(steps)).mul(
-            torch.bincount(pk.act_row, minlength=len(steps)).to(lp.device)).mean()
+        seq_logp = torch.zeros(len(steps), device=lp.device).index_add(0, pk.act_row.to(lp.device), lp)
+        w = torch.tensor(weights, device=lp.device)
+        loss = -(w * seq_logp).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -800,32 +820,24 @@ def score_steps(model, steps: list[Step], cfg: Config, fused: bool, pad_id: int,
     return old, torch.tensor(ent_mean), ref, hits / max(1, n_obs)
 
 
-def flat_grad(params) -> list:
-    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-
-
-def backward_with_wm_cap(l_rl, l_wm, params, cap: float) -> dict:
+def backward_with_wm_cap(l_rl, l_wm, top: torch.Tensor, cap: float) -> dict:
     """§6 safeguard. Early in training every group fails, L_RL is exactly 0 and lambda_g = 1 (§2.3), so the
-    WM loss alone would drive AdamW steps of full size (the step size does not depend on the loss
-    weight) and the policy collapses (PAPER.md §6 measured this). We therefore scale the WM gradient to
-    at most `cap` times the RL gradient's norm: g = g_RL + min(1, cap ||g_RL|| / ||g_WM||) g_WM. With no
-    RL signal the WM term gives no step either. Costs a second backward through the same graph;
-    cap = 0 is the literal §2.4 single backward pass."""
+    WM loss alone would drive AdamW steps of full size (AdamW's step size does not depend on the loss
+    weight) and the policy collapses: PAPER.md §6 measured valid actions 0.99 -> 0 in 2-3 iterations.
+    We therefore scale the WM term so that the gradient it sends into the shared trunk is at most `cap`
+    times the RL gradient's:  L = L_RL + s * WM,  s = min(1, cap ||dL_RL/dtop|| / ||dWM/dtop||),
+    where `top` is the last hidden state (the head's input). Both norms cost only a backward through
+    the head; then one backward of the combined loss as in §2.4. With no RL signal s = 0: no WM step
+    either. cap = 0 switches the safeguard off (the literal §2.4 objective)."""
     if cap <= 0 or not l_wm.requires_grad:
         (l_rl + l_wm).backward()
         return dict(wm_scale=1.0)
-    l_rl.backward(retain_graph=True)
-    g_rl = flat_grad(params)
-    for p in params:
-        p.grad = None
-    l_wm.backward()
-    g_wm = flat_grad(params)
-    n_rl = torch.sqrt(sum((g.float() ** 2).sum() for g in g_rl))
-    n_wm = torch.sqrt(sum((g.float() ** 2).sum() for g in g_wm))
-    s = torch.clamp(cap * n_rl / (n_wm + 1e-12), max=1.0)
-    for p, a, b in zip(params, g_rl, g_wm):
-        p.grad = a + s.to(b.dtype) * b
-    return dict(wm_scale=s.item(), grad_norm_rl=n_rl.item(), grad_norm_wm=n_wm.item())
+    g_rl, g_wm = (torch.autograd.grad(l, top, retain_graph=True, allow_unused=True)[0] for l in (l_rl, l_wm))
+    n_rl = g_rl.float().norm() if g_rl is not None else torch.tensor(0.0)
+    n_wm = g_wm.float().norm() if g_wm is not None else torch.tensor(0.0)
+    s = torch.clamp(cap * n_rl / (n_wm + 1e-12), max=1.0).item() if n_wm > 0 else 1.0
+    (l_rl + s * l_wm).backward()
+    return dict(wm_scale=s, grad_norm_rl_top=n_rl.item(), grad_norm_wm_top=n_wm.item())
 
 
 def ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg: Config, fused: bool, pad_id: int,
@@ -841,14 +853,14 @@ def ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg: Config, fus
         for mb in np.array_split(np.array(order), min(cfg.minibatches, len(order))):
             mb = mb.tolist()
             pk = pack_steps([steps[i] for i in mb], pad_id, with_obs=cfg.wm != "off")
-            (lp, ent, _), (olp, _, _) = token_stats(model, pk, cfg, fused)
+            (lp, ent, _), (olp, _, _), top = token_stats(model, pk, cfg, fused, return_top=True)
             old = torch.cat([old_logp[i] for i in mb]).to(dev)
             a = adv[mb].to(dev)[pk.act_row.to(dev)]  # the step's advantage on every action token
             ref = torch.cat([ref_logp[i] for i in mb]).to(dev) if ref_logp else None
             l_rl, l_wm, st = combined_objective(lp, old, a, olp, pk.obs_row.to(dev), len(mb),
                                                 selected[mb].to(dev), lam[mb].to(dev), cfg, ref)
             opt.zero_grad(set_to_none=True)
-            st.update(backward_with_wm_cap(l_rl, l_wm, params, cfg.wm_grad_cap if cfg.wm != "off" else 0.0))
+            st.update(backward_with_wm_cap(l_rl, l_wm, top, cfg.wm_grad_cap if cfg.wm != "off" else 0.0))
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if gn.item() > 0:  # no signal at all (every advantage 0, WM capped to 0): no optimizer step
                 opt.step()
@@ -961,7 +973,7 @@ def main(argv=None):
             print(f"paw.py: error: {e}", file=sys.stderr)
             sys.exit(2)
     else:
-        tok = build_tiny_tokenizer(gather_env_text(env_cls, seed=cfg.seed))
+        tok = build_tiny_tokenizer(*gather_env_text(env_cls, seed=cfg.seed))
         model = build_tiny_model(tok, cfg).to(dtype)
     model.to(dev)
     n_params = sum(p.numel() for p in model.parameters())
