@@ -551,9 +551,14 @@ def combined_objective(act_logp, old_logp, adv, obs_logp, obs_rows, n_rows, sele
 #    Select first (only positions that enter a loss), project second (the model's own output embedding,
 #    so tied embeddings keep working). The kernels are plain PyTorch; torch.compile fuses them.
 # ====================================================================================================
+def _upcast(x):
+    """Reductions run in at least fp32 (bf16/fp16 logits are upcast; fp32/fp64 stay as they are)."""
+    return x.float() if x.element_size() < 4 else x
+
+
 def _chunk_forward(h, W, t):
-    """One chunk: logits = h W^T -> log-sum-exp -> target gather -> entropy (fp32)."""
-    z = (h @ W.t()).float()
+    """One chunk: logits = h W^T -> log-sum-exp -> target gather -> entropy (at least fp32)."""
+    z = _upcast(h @ W.t())
     lse = torch.logsumexp(z, dim=-1)
     zt = z.gather(1, t[:, None]).squeeze(1)
     p = torch.exp(z - lse[:, None])
@@ -564,14 +569,14 @@ def _chunk_forward(h, W, t):
 
 def _chunk_backward(h, W, t, lse, ent, g_logp, g_ent, with_entropy: bool):
     """Recompute the chunk's logits; dZ = g_logp (onehot - p) - g_H p (z - lse + H); return (dh, dW)."""
-    z = (h @ W.t()).float()
+    z = _upcast(h @ W.t())
     p = torch.exp(z - lse[:, None])
     dz = -g_logp[:, None] * p
     dz = dz.scatter_add(1, t[:, None], g_logp[:, None])
     if with_entropy:
         dz = dz - g_ent[:, None] * p * (z - lse[:, None] + ent[:, None])
     dz = dz.to(h.dtype)
-    return dz @ W, (dz.t() @ h).float()
+    return dz @ W, dz.t() @ h
 
 
 _KERNELS: dict = {}
@@ -616,14 +621,14 @@ class FusedLinearLogpEntropy(torch.autograd.Function):
         h, W, targets, lse, ent = ctx.saved_tensors
         N, chunk = h.shape[0], ctx.chunk
         with_entropy = g_ent is not None  # the entropy term only when entropy needs a gradient
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
-        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float()
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(lse.dtype)
+        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(lse.dtype)
         n_pad = (-N) % chunk
         hp, tp = F.pad(h, (0, 0, 0, n_pad)), F.pad(targets, (0, n_pad))
         lp, ep, gl, ge = (F.pad(x, (0, n_pad)) for x in (lse, ent, g_logp, g_ent))
         bwd = _kernel("bwd", ctx.backend)
         dh = torch.empty_like(hp)
-        dW = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
+        dW = torch.zeros(W.shape, dtype=_upcast(W[:1]).dtype, device=W.device)  # accumulate in >= fp32
         for i in range(0, N + n_pad, chunk):
             s = slice(i, i + chunk)
             dh_c, dW_c = bwd(hp[s], W, tp[s], lp[s], ep[s], gl[s], ge[s], with_entropy)
@@ -930,6 +935,13 @@ def print_eval_table(rows: dict):
 # ====================================================================================================
 # 11. Main
 # ====================================================================================================
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux/macOS), in MiB."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1034,6 +1046,9 @@ def main(argv=None):
     if "final_sampled" in summary:
         rows["trained (sampled)"] = summary["final_sampled"]
     print_eval_table(rows)
+    summary["peak_rss_mb"] = peak_rss_mb()
+    if dev.type == "cuda":
+        summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     model_dir = os.path.join(run_dir, "model")
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)

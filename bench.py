@@ -1,0 +1,278 @@
+"""Benchmarks for paw. Timings live here, never in tests.
+
+    python bench.py learn --env textworld-tiny --seeds 3 --budget 10   # PaW vs the --wm off GRPO baseline
+    python bench.py loss                                               # fused vs naive loss path, CPU fp32
+    python bench.py loss --device cuda --dtype bfloat16                # the same on a GPU, + GEMM rate
+
+Each prints a table and writes JSON under bench_out/.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # PAPER.md §6: pin threads, no spinning
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def machine() -> str:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    s = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        s += f", GPU {torch.cuda.get_device_name()}"
+    return s
+
+
+def write_json(name: str, obj) -> str:
+    os.makedirs(os.path.join(HERE, "bench_out"), exist_ok=True)
+    path = os.path.join(HERE, "bench_out", name)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    return path
+
+
+# ====================================================================================================
+# learn: does PaW learn, and is it at least as good as plain GRPO with the same budget and seeds?
+# ====================================================================================================
+def bench_learn(a):
+    variants = {"paw": ["--wm", "cmae"], "baseline": ["--wm", "off"]}
+    rows, curves = [], {}
+    out_root = os.path.join(HERE, "bench_out", "runs")
+    for seed in range(1, a.seeds + 1):
+        for vname, vargs in variants.items():
+            name = f"{a.env.replace(':', '.')}-{a.algo}-{vname}-s{seed}-{int(time.time())}"
+            cmd = [sys.executable, os.path.join(HERE, "paw.py"), "--env", a.env, "--algo", a.algo, "--seed", str(seed),
+                   "--iters", str(a.iters), "--time-budget", str(a.budget), "--eval-every", str(a.eval_every),
+                   "--eval-every-episodes", str(a.eval_every_episodes), "--eval-episodes", str(a.eval_episodes),
+                   "--out", out_root, "--name", name, "--threads", str(a.threads), *vargs, *a.extra]
+            print(f"[{vname} seed {seed}] {' '.join(cmd[1:])}", flush=True)
+            t0 = time.time()
+            r = subprocess.run(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if r.returncode != 0:
+                print(r.stdout[-3000:])
+                sys.exit(f"bench: run failed ({vname}, seed {seed})")
+            run = os.path.join(out_root, name)
+            summ = json.load(open(os.path.join(run, "summary.json")))
+            metrics = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+            curves[f"{vname}/s{seed}"] = [{k: m[k] for k in ("iter", "train_s", "success", "valid_ratio")
+                                            if k in m} | {k: m[k] for k in m if k.startswith("eval_")}
+                                           for m in metrics]
+            row = dict(variant=vname, seed=seed, iters=summ["iters_done"], train_s=summ["train_s"],
+                       wall_s=time.time() - t0, peak_rss_mb=summ["peak_rss_mb"],
+                       random_success=summ["random"]["success"],
+                       warmed_up_success=summ.get("warmed_up_sampled", {}).get("success"),
+                       success=summ["final_greedy"]["success"], valid_ratio=summ["final_greedy"]["valid_ratio"],
+                       run_dir=run)
+            rows.append(row)
+            print(f"  -> held-out greedy success {row['success']:.3f}, valid {row['valid_ratio']:.3f}, "
+                  f"{row['iters']} iters in {row['train_s']:.0f}s, peak {row['peak_rss_mb']:.0f} MiB", flush=True)
+    # equal iterations: held-out success of both variants at the iterations both reached
+    eq = {}
+    for seed in range(1, a.seeds + 1):
+        p = {m["iter"]: m.get("eval_success") for m in curves[f"paw/s{seed}"] if "eval_success" in m}
+        b = {m["iter"]: m.get("eval_success") for m in curves[f"baseline/s{seed}"] if "eval_success" in m}
+        common = sorted(set(p) & set(b))
+        if common:
+            eq[seed] = dict(iter=common[-1], paw=p[common[-1]], baseline=b[common[-1]])
+    print(f"\nbench learn: {a.env}, {a.algo}, budget {a.budget} min, {a.seeds} seeds | {machine()}")
+    print(f"{'variant':<10}{'seed':>5}{'iters':>7}{'train_s':>9}{'peak MiB':>10}{'random':>8}{'warm-up':>9}"
+          f"{'success':>9}{'valid':>7}")
+    for r in rows:
+        wu = f"{r['warmed_up_success']:.3f}" if r["warmed_up_success"] is not None else "-"
+        print(f"{r['variant']:<10}{r['seed']:>5}{r['iters']:>7}{r['train_s']:>9.0f}{r['peak_rss_mb']:>10.0f}"
+              f"{r['random_success']:>8.3f}{wu:>9}{r['success']:>9.3f}{r['valid_ratio']:>7.3f}")
+    for v in variants:
+        s = [r["success"] for r in rows if r["variant"] == v]
+        print(f"mean held-out greedy success, {v}: {sum(s) / len(s):.3f}")
+    for seed, e in eq.items():
+        print(f"seed {seed}, equal iterations ({e['iter']}): paw {e['paw']:.3f} vs baseline {e['baseline']:.3f}")
+    path = write_json(f"learn-{a.env.replace(':', '.')}-{a.algo}.json",
+                      dict(machine=machine(), args=vars(a), rows=rows, equal_iters=eq, curves=curves))
+    print(f"wrote {path}")
+    try:  # optional plot (matplotlib is not a dependency)
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, c in curves.items():
+            pts = [(m["train_s"] / 60, m["eval_success"]) for m in c if "eval_success" in m]
+            if pts:
+                ax.plot(*zip(*pts), color="C0" if key.startswith("paw") else "C1", alpha=0.8,
+                        label=key.split("/")[0] if key.endswith("s1") else None)
+        ax.set_xlabel("training wall-clock (min)")
+        ax.set_ylabel("held-out greedy success")
+        ax.set_title(f"{a.env}, {a.algo}: PaW vs --wm off")
+        ax.legend()
+        fig.savefig(path.replace(".json", ".png"), dpi=120, bbox_inches="tight")
+        print(f"wrote {path.replace('.json', '.png')}")
+    except ImportError:
+        pass
+
+
+# ====================================================================================================
+# loss: the fused chunked lm_head path vs naive full logits, one (variant, N, d, V) per subprocess so that
+# peak memory is clean.
+# ====================================================================================================
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def loss_one(a):
+    """Child process: time forward+backward of one variant and report its peak memory above baseline."""
+    import resource
+
+    import torch
+    import paw
+    torch.manual_seed(0)
+    dev = torch.device(a.device)
+    dtype = dict(float32=torch.float32, bfloat16=torch.bfloat16)[a.dtype]
+    N, d, V = a.N, a.d, a.V
+    h = (torch.randn(N, d, device=dev) * 0.5).to(dtype).requires_grad_(True)
+    W = (torch.randn(V, d, device=dev) * 0.05).to(dtype).requires_grad_(True)
+    t = torch.randint(0, V, (N,), device=dev)
+    gl = torch.randn(N, device=dev)
+
+    def naive(h, W, t):
+        lp_all = torch.log_softmax((h @ W.t()).float(), -1)
+        return lp_all.gather(1, t[:, None]).squeeze(1), -(lp_all.exp() * lp_all).sum(-1)
+
+    backend = "off" if a.variant.endswith("eager") else "inductor"
+    if a.variant.startswith("naive"):
+        fn = naive if backend == "off" else torch.compile(naive, dynamic=False)
+    else:
+        fn = lambda h, W, t: paw.fused_logp_entropy(h, W, t, a.chunk, backend)[:2]  # noqa: E731
+
+    def step():
+        lp, H = fn(h, W, t)
+        (lp * gl).sum().backward()  # the policy/WM losses need logp's gradient; entropy is logged
+        h.grad = W.grad = None
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    t0 = time.time()
+    step()
+    sync()
+    first_s = time.time() - t0  # includes compilation
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = _rss_mb()
+    times = []
+    for _ in range(a.reps):
+        sync()
+        t0 = time.time()
+        step()
+        sync()
+        times.append(time.time() - t0)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20 - (h.numel() + W.numel()) * h.element_size() / 2**20
+    else:  # ru_maxrss also holds the warm-up step's peak, which is the same computation
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    print(json.dumps(dict(variant=a.variant, N=N, d=d, V=V, s=min(times), first_s=first_s, peak_mb=max(0.0, peak))))
+
+
+def gemm_rate(N, d, V, dtype, dev, reps=10):
+    """The card's achieved rate on the [chunk, d] x [d, V] shape, in TFLOP/s."""
+    import torch
+    x = torch.randn(N, d, device=dev, dtype=dtype)
+    w = torch.randn(V, d, device=dev, dtype=dtype)
+    for _ in range(3):
+        x @ w.t()
+    torch.cuda.synchronize()
+    t0 = time.time()
+    for _ in range(reps):
+        x @ w.t()
+    torch.cuda.synchronize()
+    return 2 * N * d * V * reps / (time.time() - t0) / 1e12
+
+
+def bench_loss(a):
+    shapes = [(512, 32768, [2048, 8192]), (896, 151936, [1024, 2048])]
+    if a.device.startswith("cuda"):
+        shapes = [(512, 32768, [8192, 16384]), (896, 151936, [4096, 16384])]
+    variants = ["naive_eager", "naive_compiled", "fused_eager", "fused_compiled"]
+    rows = []
+    for d, V, Ns in shapes:
+        for N in Ns:
+            for v in variants:
+                cmd = [sys.executable, os.path.abspath(__file__), "loss-one", "--variant", v, "--N", str(N),
+                       "--d", str(d), "--V", str(V), "--device", a.device, "--dtype", a.dtype,
+                       "--reps", str(a.reps), "--chunk", str(a.chunk)]
+                r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+                if r.returncode != 0:
+                    print(f"{v} N={N} d={d} V={V}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode})")
+                    rows.append(dict(variant=v, N=N, d=d, V=V, error=(r.stderr or "")[-500:]))
+                    continue
+                row = json.loads(r.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(f"{v:<16} N={N:<6} d={d:<4} V={V:<7} {row['s'] * 1e3:9.1f} ms  peak {row['peak_mb']:8.0f} MiB",
+                      flush=True)
+    print(f"\nbench loss ({a.device}, {a.dtype}) | {machine()}")
+    print(f"{'N':>6}{'d':>5}{'V':>8} | " + "".join(f"{v:>24}" for v in variants) + " | fused_c/naive_e: mem  speed")
+    for d, V, Ns in shapes:
+        for N in Ns:
+            cells = {r["variant"]: r for r in rows if (r["N"], r["d"], r["V"]) == (N, d, V) and "s" in r}
+            line = f"{N:>6}{d:>5}{V:>8} | "
+            line += "".join(f"{cells[v]['s'] * 1e3:>10.1f} ms {cells[v]['peak_mb']:>6.0f} MiB" if v in cells
+                            else f"{'failed':>24}" for v in variants)
+            if "naive_eager" in cells and "fused_compiled" in cells:
+                ne, fc = cells["naive_eager"], cells["fused_compiled"]
+                line += f" | {fc['peak_mb'] / max(1, ne['peak_mb']):.3f}  {ne['s'] / fc['s']:.2f}x"
+            print(line)
+    extra = {}
+    if a.device.startswith("cuda"):
+        import torch
+        dtype = dict(float32=torch.float32, bfloat16=torch.bfloat16)[a.dtype]
+        chunk = a.chunk or __import__("paw").default_chunk(151936)
+        rate = gemm_rate(chunk, 896, 151936, dtype, torch.device(a.device))
+        fc = [r for r in rows if r["variant"] == "fused_compiled" and r["N"] == 16384 and r["V"] == 151936 and "s" in r]
+        if fc:
+            flops = 4 * 2 * 16384 * 896 * 151936  # fwd logits, bwd recompute, dh, dW
+            extra = dict(gemm_tflops=rate, fused_tflops=flops / fc[0]["s"] / 1e12)
+            extra["fraction_of_gemm"] = extra["fused_tflops"] / rate
+            print(f"GEMM [{chunk},896]x[896,151936] {rate:.1f} TFLOP/s; fused path {extra['fused_tflops']:.1f} "
+                  f"TFLOP/s = {100 * extra['fraction_of_gemm']:.0f}% of it")
+    path = write_json(f"loss-{a.device.split(':')[0]}-{a.dtype}.json", dict(machine=machine(), rows=rows, **extra))
+    print(f"wrote {path}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    l = sub.add_parser("learn", help="PaW vs the --wm off baseline, same budget and seeds")
+    l.add_argument("--env", default="textworld-tiny")
+    l.add_argument("--algo", default="grpo", choices=["grpo", "gigpo", "rloo"])
+    l.add_argument("--seeds", type=int, default=3)
+    l.add_argument("--budget", type=float, default=10.0, help="training minutes per run (warm-up included)")
+    l.add_argument("--iters", type=int, default=10000, help="iteration cap per run")
+    l.add_argument("--threads", type=int, default=2)
+    l.add_argument("--eval-every", type=int, default=10)
+    l.add_argument("--eval-every-episodes", type=int, default=50)
+    l.add_argument("--eval-episodes", type=int, default=200)
+    l.add_argument("extra", nargs="*", help="more paw.py flags, after --")
+    o = sub.add_parser("loss", help="fused vs naive loss path: time and peak memory")
+    o.add_argument("--device", default="cpu")
+    o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    o.add_argument("--reps", type=int, default=3)
+    o.add_argument("--chunk", type=int, default=0)
+    one = sub.add_parser("loss-one")
+    for k, typ in (("variant", str), ("N", int), ("d", int), ("V", int), ("device", str), ("dtype", str),
+                   ("reps", int), ("chunk", int)):
+        one.add_argument("--" + k, type=typ, required=True)
+    a = p.parse_args()
+    {"learn": bench_learn, "loss": bench_loss, "loss-one": loss_one}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
