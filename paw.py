@@ -88,12 +88,12 @@ class Config:
     wm_max_tokens: int = arg(48, "§2: the next observation o_{t+1} is truncated to this many tokens")
     wm_grad_cap: float = arg(1.0, "§6 safeguard: WM gradient norm <= cap x RL gradient norm per step (0 = off, one backward)")
     # --- format warm-up (tiny model only) --------------------------------------------------------------
-    warmup_steps: int = arg(300, "supervised steps imitating uniformly random admissible actions (0 = none)")
+    warmup_steps: int = arg(150, "supervised steps imitating uniformly random admissible actions (0 = none)")
     warmup_batch: int = arg(32, "prompts per warm-up step")
-    warmup_lr: float = arg(1e-3, "warm-up learning rate")
+    warmup_lr: float = arg(2e-3, "warm-up learning rate")
     # --- the tiny model ------------------------------------------------------------------------------
-    d_model: int = arg(128, "tiny model: hidden size")
-    n_layers: int = arg(4, "tiny model: decoder layers")
+    d_model: int = arg(96, "tiny model: hidden size")
+    n_layers: int = arg(3, "tiny model: decoder layers")
     n_heads: int = arg(4, "tiny model: attention heads")
     # --- the hot loss path (§7 of this file) ---------------------------------------------------------
     fused_loss: bool = arg(True, "chunked fused lm_head -> log-prob/entropy (never the full logits)")
