@@ -59,7 +59,9 @@ class TextWorldTiny:
     supporter) lies in another room or the same one; a few distractor objects and receptacles. The
     observation is always the feedback to the last action followed by the description of the current
     room and what the player carries, so that the same world state always reads the same.
-    Reward R_max on success (goal object in/on the goal receptacle), 0 otherwise.
+    Reward R_max on success (goal object in/on the goal receptacle), 0 otherwise. `look` and
+    `inventory` are understood (valid) in every state but not listed as admissible: they change nothing,
+    and a listed always-valid no-op is a trap a tiny policy falls into (it learns "always look").
     """
 
     name = "textworld-tiny"
@@ -150,7 +152,7 @@ class TextWorldTiny:
             for k, v in self.recs.items():
                 if v["room"] == self.room and v["open"]:
                     acts.append(f"put {o} {'in' if v['kind'] == 'container' else 'on'} {k}")
-        return acts + ["look", "inventory"]
+        return acts  # `look` and `inventory` are always understood but change nothing, so not listed
 
     def _info(self, valid: bool) -> dict:
         return dict(admissible_actions=self.admissible_actions(), task=self.task, won=self.won, valid=valid)
@@ -161,7 +163,7 @@ class TextWorldTiny:
             return "The game is over.", 0.0, True, self._info(valid=False)
         self.steps += 1
         act = " ".join(str(action).split()) if isinstance(action, str) else ""
-        valid = act in self.admissible_actions()
+        valid = act in self.admissible_actions() or act in ("look", "inventory")
         if not valid:
             feedback = "Nothing happens."
         else:

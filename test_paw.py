@@ -507,3 +507,23 @@ def test_garbage_emitting_model_is_handled_by_env(tiny):
         for s in e.steps:
             assert s.action_ids and len(s.action_ids) <= 4
             assert tok.eos_token_id not in s.action_ids[:-1]  # kept exactly as sampled, cut at EOS
+
+
+def test_gigpo_anchor_states_recur_in_textworld():
+    """Issue: our env must make anchor states recur across the trajectories of a group (same start,
+    exact-match observations): with random policies the mean anchor-cluster size is > 1."""
+    rng = random.Random(0)
+    anchors, group = [], []
+    for g, seed in enumerate((3, 4, 5, 6)):
+        for _ in range(8):
+            e = envs.TextWorldTiny()
+            obs, info = e.reset(seed)
+            for _t in range(e.max_steps):
+                anchors.append(obs)
+                group.append(g)
+                obs, _, done, info = e.step(rng.choice(info["admissible_actions"]))
+                if done:
+                    break
+    _, size = paw.gigpo_step_advantages([0.0] * len(anchors), anchors, group)
+    print(f"textworld-tiny, random policy: mean anchor-cluster size {size.double().mean():.2f}")
+    assert size.double().mean() > 1.0
