@@ -88,7 +88,7 @@ class Config:
     wm_max_tokens: int = arg(48, "§2: the next observation o_{t+1} is truncated to this many tokens")
     wm_grad_cap: float = arg(1.0, "§6 safeguard: WM gradient norm <= cap x RL gradient norm per step (0 = off, one backward)")
     # --- format warm-up (tiny model only) --------------------------------------------------------------
-    warmup_steps: int = arg(150, "supervised steps imitating uniformly random admissible actions (0 = none)")
+    warmup_steps: int = arg(800, "supervised steps imitating uniformly random admissible actions (0 = none)")
     warmup_batch: int = arg(32, "prompts per warm-up step")
     warmup_lr: float = arg(2e-3, "warm-up learning rate")
     # --- the tiny model ------------------------------------------------------------------------------
@@ -772,23 +772,32 @@ def format_warmup(model, tok, env_cls, cfg: Config, rng: random.Random, log=prin
     model.train()
     losses = []
     for step in tqdm(range(cfg.warmup_steps), desc="format warm-up", leave=False, dynamic_ncols=True):
-        steps, weights = [], []
-        while len(steps) < cfg.warmup_batch:  # whole prompts: every admissible action, weight 1/n
+        # The 1/n-weighted objective sum_a (1/n) -log pi(a|h) splits into (i) the first action token, whose
+        # target is the soft distribution over the first tokens of all n admissible actions (exact, from
+        # one position), and (ii) the remaining tokens + EOS of one uniformly sampled action (unbiased).
+        # One sequence per prompt instead of n: ~n times more prompts for the same compute.
+        steps, firsts = [], []
+        for _ in range(cfg.warmup_batch):
             p, acts = pool[rng.randrange(len(pool))]
             for a in acts:
                 if a not in enc:
                     enc[a] = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                steps.append(Step(p, enc[a], [], 0.0, True, ""))
-                weights.append(1.0 / len(acts))
+            steps.append(Step(p, enc[rng.choice(acts)], [], 0.0, True, ""))
+            firsts.append([enc[a][0] for a in acts])
         pk = pack_steps(steps, tok.pad_token_id, with_obs=False)
-        lr_scale = min(1.0, (step + 1) / 20)  # a short linear ramp avoids an early blow-up
-        for g in opt.param_groups:
-            g["lr"] = cfg.warmup_lr * lr_scale
+        first_pos = torch.tensor([r * pk.input_ids.shape[1] + len(s.prompt_ids) - 1 for r, s in enumerate(steps)])
+        is_first = torch.zeros_like(pk.act_pos, dtype=torch.bool)
+        is_first[torch.searchsorted(pk.act_pos, first_pos)] = True  # positions are sorted by row
+        soft_pos = torch.cat([first_pos[r].repeat(len(f)) for r, f in enumerate(firsts)])
+        soft_tgt = torch.tensor([t for f in firsts for t in f])
+        soft_w = torch.tensor([1.0 / len(f) for f in firsts for _ in f])
+        pk.act_pos = torch.cat([soft_pos, pk.act_pos[~is_first]])
+        pk.act_tgt = torch.cat([soft_tgt, pk.act_tgt[~is_first]])
+        w = torch.cat([soft_w, torch.ones(int((~is_first).sum()))])
+        for g in opt.param_groups:  # a short linear ramp avoids an early blow-up
+            g["lr"] = cfg.warmup_lr * min(1.0, (step + 1) / 20)
         (lp, _, _), _ = token_stats(model, pk, cfg, cfg.fused_loss)
-        # sequence log-likelihood of the whole action (sum over its tokens), mean over prompts
-        seq_logp = torch.zeros(len(steps), device=lp.device).index_add(0, pk.act_row.to(lp.device), lp)
-        w = torch.tensor(weights, device=lp.device)
-        loss = -(w * seq_logp).sum() / w.sum()
+        loss = -(w.to(lp.device) * lp).sum() / len(steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
