@@ -46,9 +46,34 @@ def write_json(name: str, obj) -> str:
 # ====================================================================================================
 # learn: does PaW learn, and is it at least as good as plain GRPO with the same budget and seeds?
 # ====================================================================================================
+def read_run(run: str, variant: str, seed: int, wall_s: float | None = None):
+    """One finished paw run folder -> (table row, learning curve)."""
+    summ = json.load(open(os.path.join(run, "summary.json")))
+    metrics = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    curve = [{k: m[k] for k in ("iter", "train_s", "success", "valid_ratio", "action_entropy", "wm_token_acc")
+              if k in m} | {k: m[k] for k in m if k.startswith("eval_")} for m in metrics]
+    row = dict(variant=variant, seed=seed, iters=summ["iters_done"], train_s=summ["train_s"], wall_s=wall_s,
+               peak_rss_mb=summ["peak_rss_mb"], random_success=summ["random"]["success"],
+               warmed_up_success=summ.get("warmed_up_sampled", {}).get("success"),
+               warmed_up_valid=summ.get("warmed_up_sampled", {}).get("valid_ratio"),
+               success=summ["final_greedy"]["success"], valid_ratio=summ["final_greedy"]["valid_ratio"],
+               train_success_last5=sum(m["success"] for m in metrics[-5:]) / len(metrics[-5:]),
+               run_dir=run)
+    return row, curve
+
+
 def bench_learn(a):
     variants = {"paw": ["--wm", "cmae"], "baseline": ["--wm", "off"]}
     rows, curves = [], {}
+    if a.runs:  # report on finished runs: folders named ...-<variant>-s<seed>-...
+        for run in a.runs:
+            base = os.path.basename(run.rstrip("/"))
+            variant = "paw" if "-paw-" in base else "baseline"
+            seed = int(base.split("-s")[-1].split("-")[0])
+            row, curve = read_run(run, variant, seed)
+            rows.append(row)
+            curves[f"{variant}/s{seed}"] = curve
+        return report_learn(a, rows, curves)
     out_root = os.path.join(HERE, "bench_out", "runs")
     for seed in range(1, a.seeds + 1):
         for vname, vargs in variants.items():
@@ -63,43 +88,44 @@ def bench_learn(a):
             if r.returncode != 0:
                 print(r.stdout[-3000:])
                 sys.exit(f"bench: run failed ({vname}, seed {seed})")
-            run = os.path.join(out_root, name)
-            summ = json.load(open(os.path.join(run, "summary.json")))
-            metrics = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
-            curves[f"{vname}/s{seed}"] = [{k: m[k] for k in ("iter", "train_s", "success", "valid_ratio")
-                                            if k in m} | {k: m[k] for k in m if k.startswith("eval_")}
-                                           for m in metrics]
-            row = dict(variant=vname, seed=seed, iters=summ["iters_done"], train_s=summ["train_s"],
-                       wall_s=time.time() - t0, peak_rss_mb=summ["peak_rss_mb"],
-                       random_success=summ["random"]["success"],
-                       warmed_up_success=summ.get("warmed_up_sampled", {}).get("success"),
-                       success=summ["final_greedy"]["success"], valid_ratio=summ["final_greedy"]["valid_ratio"],
-                       run_dir=run)
+            row, curve = read_run(os.path.join(out_root, name), vname, seed, time.time() - t0)
             rows.append(row)
+            curves[f"{vname}/s{seed}"] = curve
             print(f"  -> held-out greedy success {row['success']:.3f}, valid {row['valid_ratio']:.3f}, "
                   f"{row['iters']} iters in {row['train_s']:.0f}s, peak {row['peak_rss_mb']:.0f} MiB", flush=True)
-    # equal iterations: held-out success of both variants at the iterations both reached
+            report_learn(a, rows, curves, quiet=True)  # partial results survive an interrupted bench
+    report_learn(a, rows, curves)
+
+
+def report_learn(a, rows, curves, quiet=False):
+    # equal iterations: held-out success of both variants at the last iteration both evaluated
     eq = {}
-    for seed in range(1, a.seeds + 1):
-        p = {m["iter"]: m.get("eval_success") for m in curves[f"paw/s{seed}"] if "eval_success" in m}
-        b = {m["iter"]: m.get("eval_success") for m in curves[f"baseline/s{seed}"] if "eval_success" in m}
+    for seed in sorted({r["seed"] for r in rows}):
+        p = {m["iter"]: m["eval_success"] for m in curves.get(f"paw/s{seed}", []) if "eval_success" in m}
+        b = {m["iter"]: m["eval_success"] for m in curves.get(f"baseline/s{seed}", []) if "eval_success" in m}
         common = sorted(set(p) & set(b))
         if common:
             eq[seed] = dict(iter=common[-1], paw=p[common[-1]], baseline=b[common[-1]])
-    print(f"\nbench learn: {a.env}, {a.algo}, budget {a.budget} min, {a.seeds} seeds | {machine()}")
+    path = write_json(f"learn-{a.env.replace(':', '.')}-{a.algo}.json",
+                      dict(machine=machine(), args=vars(a), rows=rows, equal_iters=eq, curves=curves))
+    if quiet:
+        return
+    print(f"\nbench learn: {a.env}, {a.algo}, budget {a.budget} min | {machine()}")
     print(f"{'variant':<10}{'seed':>5}{'iters':>7}{'train_s':>9}{'peak MiB':>10}{'random':>8}{'warm-up':>9}"
-          f"{'success':>9}{'valid':>7}")
+          f"{'train@end':>10}{'success':>9}{'valid':>7}")
     for r in rows:
         wu = f"{r['warmed_up_success']:.3f}" if r["warmed_up_success"] is not None else "-"
         print(f"{r['variant']:<10}{r['seed']:>5}{r['iters']:>7}{r['train_s']:>9.0f}{r['peak_rss_mb']:>10.0f}"
-              f"{r['random_success']:>8.3f}{wu:>9}{r['success']:>9.3f}{r['valid_ratio']:>7.3f}")
-    for v in variants:
+              f"{r['random_success']:>8.3f}{wu:>9}{r['train_success_last5']:>10.3f}{r['success']:>9.3f}"
+              f"{r['valid_ratio']:>7.3f}")
+    print("(random: admissible-action policy; warm-up: warmed-up policy, sampled; train@end: training-batch "
+          "success, mean of the last 5 iterations; success/valid: held-out, greedy)")
+    for v in ("paw", "baseline"):
         s = [r["success"] for r in rows if r["variant"] == v]
-        print(f"mean held-out greedy success, {v}: {sum(s) / len(s):.3f}")
+        if s:
+            print(f"mean held-out greedy success, {v}: {sum(s) / len(s):.3f}")
     for seed, e in eq.items():
         print(f"seed {seed}, equal iterations ({e['iter']}): paw {e['paw']:.3f} vs baseline {e['baseline']:.3f}")
-    path = write_json(f"learn-{a.env.replace(':', '.')}-{a.algo}.json",
-                      dict(machine=machine(), args=vars(a), rows=rows, equal_iters=eq, curves=curves))
     print(f"wrote {path}")
     try:  # optional plot (matplotlib is not a dependency)
         import matplotlib
@@ -109,8 +135,7 @@ def bench_learn(a):
         for key, c in curves.items():
             pts = [(m["train_s"] / 60, m["eval_success"]) for m in c if "eval_success" in m]
             if pts:
-                ax.plot(*zip(*pts), color="C0" if key.startswith("paw") else "C1", alpha=0.8,
-                        label=key.split("/")[0] if key.endswith("s1") else None)
+                ax.plot(*zip(*pts), color="C0" if key.startswith("paw") else "C1", alpha=0.8, label=key)
         ax.set_xlabel("training wall-clock (min)")
         ax.set_ylabel("held-out greedy success")
         ax.set_title(f"{a.env}, {a.algo}: PaW vs --wm off")
@@ -260,6 +285,7 @@ def main():
     l.add_argument("--eval-every", type=int, default=10)
     l.add_argument("--eval-every-episodes", type=int, default=50)
     l.add_argument("--eval-episodes", type=int, default=200)
+    l.add_argument("--runs", nargs="*", default=None, help="report on these finished run folders instead of running")
     l.add_argument("extra", nargs="*", help="more paw.py flags, after --")
     o = sub.add_parser("loss", help="fused vs naive loss path: time and peak memory")
     o.add_argument("--device", default="cpu")

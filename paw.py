@@ -308,6 +308,10 @@ def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: 
     return actions
 
 
+class EnvironmentFailure(RuntimeError):
+    """The environment raised inside step(): a bug in the environment, reported in one line."""
+
+
 def decode_action(tok, ids: list[int]) -> str:
     return tok.decode([t for t in ids if t != tok.eos_token_id], skip_special_tokens=True).strip()
 
@@ -339,8 +343,8 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
             try:
                 obs, reward, done, info = s["env"].step(text)
             except Exception as e:  # noqa: BLE001 - a user env that raises is a bug in the env, say so
-                raise RuntimeError(f"environment {cfg.env} raised on action {text[:80]!r}: "
-                                   f"{type(e).__name__}: {e}") from e
+                raise EnvironmentFailure(f"environment {cfg.env} raised on action {text[:80]!r}: "
+                                         f"{type(e).__name__}: {e}") from e
             obs_ids = tok(obs, add_special_tokens=False)["input_ids"][:cfg.wm_max_tokens]
             eps[i].steps.append(Step(p, a, obs_ids, float(reward), bool(info.get("valid", True)), s["obs"]))
             s["hist"].append((s["obs"], text))
@@ -1009,7 +1013,7 @@ def main(argv=None):
           f"| run dir {run_dir}")
 
     summary = dict(random=dict(success=random_policy_success(env_cls, cfg.eval_episodes)))
-    if not cfg.model:  # a random model cannot emit well-formed actions: format warm-up first (§8 of this file)
+    if not cfg.model and cfg.warmup_steps:  # a random model cannot emit actions yet: format warm-up (§8 here)
         summary["warmup"] = format_warmup(model, tok, env_cls, cfg, rng)
         summary["warmed_up_sampled"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=False)
     ref_model = None
@@ -1021,10 +1025,16 @@ def main(argv=None):
     train_s = time.time() - t_start
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     bar = tqdm(range(1, cfg.iters + 1), desc="PaW", dynamic_ncols=True)
+    it = 0
     with open(metrics_path, "w") as mf:
         for it in bar:
             t_it = time.time()
-            m = train_iteration(it, model, tok, opt, env_cls, cfg, rng, fused, ref_model)
+            try:
+                m = train_iteration(it, model, tok, opt, env_cls, cfg, rng, fused, ref_model)
+            except KeyboardInterrupt:  # keep what was learned: evaluate and save below
+                print(f"\ninterrupted at iteration {it}; evaluating and saving what was trained")
+                it -= 1
+                break
             train_s += time.time() - t_it
             m["train_s"] = train_s
             if cfg.eval_every and it % cfg.eval_every == 0:
@@ -1068,4 +1078,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except EnvironmentFailure as e:  # a bug in the environment: one line; config and metrics stay on disk
+        print(f"paw.py: error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -527,3 +527,25 @@ def test_gigpo_anchor_states_recur_in_textworld():
     _, size = paw.gigpo_step_advantages([0.0] * len(anchors), anchors, group)
     print(f"textworld-tiny, random policy: mean anchor-cluster size {size.double().mean():.2f}")
     assert size.double().mean() > 1.0
+
+
+BAD_ENV = '''
+from envs import TextWorldTiny
+
+class Env(TextWorldTiny):
+    def step(self, action):
+        if action not in self.admissible_actions() and action != "xyzzy":
+            raise ValueError("boom")
+        return super().step(action)
+'''
+
+
+def test_env_raising_mid_run_exits_1_with_one_line_and_keeps_metrics(tmp_path):
+    (tmp_path / "badenv.py").write_text(BAD_ENV)
+    args = SMOKE + ["--env", "badenv:Env", "--warmup-steps", "0", "--name", "bad"]
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + str(tmp_path))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "paw.py"), *args, "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "environment badenv:Env raised" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "bad" / "config.json").exists() and (tmp_path / "bad" / "metrics.jsonl").exists()
