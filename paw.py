@@ -201,8 +201,9 @@ def gather_env_text(env_cls, n_episodes: int = 1000, seed: int = 0):
 def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
     """Word-level tokenizer trained with `tokenizers` on environment text; loadable with AutoTokenizer.
     Every admissible action string seen in random rollouts is also kept whole, as one token (what a BPE
-    merge of a frequent command would do): a tiny random model then picks an action with one token +
-    EOS instead of copying several words, which made the format warm-up ~10x slower (measured)."""
+    merge of a frequent command would do): an action is then one token + EOS, so generation needs two
+    decoding steps and the action is one decision. (It did not speed up the format warm-up: 0.66 vs
+    0.71 valid after 300 stochastic warm-up steps at d=128, measured.) Unseen actions fall back to words."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tk = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk_token"]))
