@@ -71,7 +71,7 @@ class Config:
     adv_norm: str = arg("mean_std", "episode-level normalisation of GRPO/GiGPO", choices=["mean_std", "mean"])
     gamma: float = arg(0.95, "GiGPO step level: discount of the return-to-go")
     gigpo_omega: float = arg(1.0, "GiGPO: weight omega of the step-level advantage")
-    invalid_penalty: float = arg(0.01, "subtracted from the RL return per inadmissible action (not from lambda_g); verl-agent's 0.1 vs reward 10")
+    invalid_penalty: float = arg(0.0, "subtracted from the RL return per inadmissible action (not from lambda_g); see README")
     lr: float = arg(3e-4, "AdamW learning rate of the RL phase")
     clip_low: float = arg(0.2, "PPO-clip eps_low")
     clip_high: float = arg(0.28, "PPO-clip eps_high")
