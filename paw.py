@@ -566,8 +566,8 @@ def _chunk_forward(h, W, t):
     z = _upcast(h @ W.t())
     lse = torch.logsumexp(z, dim=-1)
     zt = z.gather(1, t[:, None]).squeeze(1)
-    p = torch.exp(z - lse[:, None])
-    ent = lse - (p * z).sum(-1)
+    logp_all = z - lse[:, None]
+    ent = -(torch.exp(logp_all) * logp_all).sum(-1)  # not lse - sum(p z): that cancels badly in fp32
     hit = zt >= z.max(dim=-1).values
     return zt - lse, ent, lse, hit
 
