@@ -27,7 +27,9 @@ evaluation uses seeds from EVAL_SEED_START on, so the two never overlap.
 from __future__ import annotations
 
 import importlib
+import os
 import random
+import sys
 
 EVAL_SEED_START = 1_000_000  # training seeds are below this, held-out evaluation seeds at or above it
 
@@ -228,7 +230,6 @@ def load_env_class(name: str):
         raise EnvError(f"unknown environment {name!r}; built-in: {', '.join(sorted(ENVS))}, "
                        "or give your own as module:Class")
     mod_name, _, cls_name = name.partition(":")
-    import sys, os
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:

@@ -749,7 +749,7 @@ def token_stats(model, pk: Packed, cfg: Config, fused: bool, return_top: bool = 
 # ====================================================================================================
 # 8. Format warm-up (tiny model only): a random model cannot emit well-formed actions yet.
 # ====================================================================================================
-def format_warmup(model, tok, env_cls, cfg: Config, rng: random.Random, log=print):
+def format_warmup(model, tok, env_cls, cfg: Config, rng: random.Random):
     """Supervised imitation of *uniformly random* admissible actions on real prompts, action tokens only.
     A fresh uniform action per prompt per step is an unbiased estimate of weighting every admissible
     action 1/n (§6: a single fixed random action per prompt left a biased policy). Random targets teach
@@ -881,7 +881,7 @@ def ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg: Config, fus
             opt.zero_grad(set_to_none=True)
             st.update(backward_with_wm_cap(l_rl, l_wm, top, cfg.wm_grad_cap if cfg.wm != "off" else 0.0))
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if gn.item() > 0:  # no signal at all (every advantage 0, WM capped to 0): no optimizer step
+            if gn.item() > 0:  # §6: no RL signal (every advantage 0, so WM scaled to 0): no optimizer step
                 opt.step()
             st.update(policy_loss=l_rl.item(), wm_loss=l_wm.item(), grad_norm=gn.item(),
                       stepped=float(gn.item() > 0))
