@@ -10,7 +10,7 @@ predicts the next observation. Read alongside ../shared/PAPER.md; comments name 
 The file reads top to bottom in the order of the method:
   1. config            2. tokenizer + model     3. prompts + rollout loop     4. advantages (§3)
   5. WM targets (§2, §2.1, §2.3)                6. losses (§2.2, §2.4, §3)    7. the fused loss path
-  8. format warm-up    9. training loop         10. evaluation                11. main
+  8. format warm-up    9. training loop         10. evaluation                11. checkpoints   12. main
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ import dataclasses
 import json
 import math
 import random
+import re
+import shutil
 import sys
 import time
 import warnings
@@ -60,11 +62,16 @@ class Config:
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
     dtype: str = arg("float32", "parameter dtype", choices=["float32", "bfloat16"])
     threads: int = arg(0, "torch CPU threads (0 = torch's default)")
+    grad_checkpointing: bool = arg(False, "recompute activations in backward (less memory for big --model)")
+    save_every: int = arg(0, "write a checkpoint every N iterations (0 = only the final model); the last two are kept")
+    resume: str = arg("", "continue the run in this folder (runs/<name>) from its latest checkpoint")
     # --- rollouts (§2) ---------------------------------------------------------------------------------
     groups: int = arg(8, "tasks per iteration (each a group g of G rollouts from the same initial state)")
     group_size: int = arg(8, "G, rollouts per task")
     history: int = arg(1, "K, past (observation, action) pairs shown in the prompt")
-    max_action_tokens: int = arg(8, "longest action the policy may generate (tokens, EOS included)")
+    max_action_tokens: int = arg(0, "longest response the policy may generate (tokens, EOS included); 0 = auto: 8 plain, 256 think")
+    prompt_format: str = arg("auto", "plain prompt + bare action, or think: chat template + <think>..</think><action>..</action>; "
+                             "auto = think for a --model with a chat template", choices=["auto", "plain", "think"])
     temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature")
     # --- RL (§3) -------------------------------------------------------------------------------------
     algo: str = arg("grpo", "advantage estimator (§3)", choices=["grpo", "gigpo", "rloo"])
@@ -113,13 +120,13 @@ class ConfigError(ValueError):
 
 def validate_config(cfg: Config):
     """Nonsense values get one clear line (main turns it into exit code 2)."""
-    positive = ["iters", "groups", "group_size", "max_action_tokens", "minibatches", "ppo_epochs",
+    positive = ["iters", "groups", "group_size", "minibatches", "ppo_epochs",
                 "wm_max_tokens", "warmup_batch", "d_model", "n_layers", "n_heads", "forward_batch",
                 "eval_every_episodes"]
     for f in positive:
         if getattr(cfg, f) <= 0:
             raise ConfigError(f"--{f.replace('_', '-')} must be > 0 (got {getattr(cfg, f)})")
-    for f in ["history", "warmup_steps", "eval_episodes", "eval_every", "time_budget", "kl_coef",
+    for f in ["max_action_tokens", "save_every", "history", "warmup_steps", "eval_episodes", "eval_every", "time_budget", "kl_coef",
               "invalid_penalty", "loss_chunk", "threads", "wm_grad_cap", "wm_coef", "max_grad_norm"]:
         if getattr(cfg, f) < 0:
             raise ConfigError(f"--{f.replace('_', '-')} must be >= 0 (got {getattr(cfg, f)})")
@@ -147,6 +154,8 @@ def validate_config(cfg: Config):
 
 
 def parse_config(argv=None) -> Config:
+    """argparse from the Config fields. With --resume, the run's saved config.json supplies the defaults,
+    so only flags given again (e.g. a larger --iters) change."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
@@ -157,7 +166,19 @@ def parse_config(argv=None) -> Config:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"],
                            choices=f.metadata.get("choices"))
-    cfg = Config(**vars(p.parse_args(argv)))
+    args = p.parse_args(argv)
+    if args.resume:
+        path = os.path.join(args.resume, "config.json")
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"paw.py: error: --resume {args.resume}: cannot read {path} ({type(e).__name__})", file=sys.stderr)
+            sys.exit(2)
+        known = {f.name for f in dataclasses.fields(Config)}
+        p.set_defaults(**{k: v for k, v in saved.items() if k in known and k != "resume"})
+        args = p.parse_args(argv)
+    cfg = Config(**vars(args))
     try:
         validate_config(cfg)
     except ConfigError as e:
@@ -217,14 +238,16 @@ def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
 
 
 def build_tiny_model(tok, cfg: Config):
-    """A randomly initialised Qwen2-architecture decoder, small enough to train on a laptop CPU."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    mcfg = Qwen2Config(vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
+    """A randomly initialised Llama-architecture decoder, small enough to train on a laptop CPU. (Llama, not
+    Qwen2: transformers 5's AutoTokenizer always rebuilds a qwen2 checkpoint's tokenizer as the byte-level
+    Qwen2Tokenizer, which would silently mis-tokenize our word-level one on reload; measured.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
                        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                        num_key_value_heads=max(1, cfg.n_heads // 2), max_position_embeddings=4096,
                        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, use_cache=True)
-    return Qwen2ForCausalLM(mcfg)
+    return LlamaForCausalLM(mcfg)
 
 
 def load_hf_model(name: str, dtype: torch.dtype):
@@ -256,20 +279,96 @@ def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible
     return "\n".join(lines)
 
 
+def build_think_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible: list[str], k: int,
+                       step: int) -> str:
+    """h_t for an instruct model, in the style of verl-agent's prompts: the same content as build_prompt
+    (task, last K observation/action pairs, current observation, admissible actions) plus the response
+    format: reasoning inside <think> </think>, then exactly one admissible action inside <action> </action>."""
+    lines = [f"You are an agent in a text environment. Your task is: {task}."]
+    recent = history[-k:] if k > 0 else []
+    if recent:
+        lines.append(f"You have taken {step} step(s) so far. Your most recent observations and actions:")
+        for i, (o, a) in enumerate(recent):
+            lines.append(f"[Observation {step - len(recent) + i + 1}: {o!r}, Action {step - len(recent) + i + 1}: {a!r}]")
+    lines.append(f"You are now at step {step + 1}. Current observation: {obs!r}")
+    lines.append("Admissible actions: [" + ", ".join(repr(a) for a in admissible) + "]")
+    lines.append("First reason step by step about the situation; this reasoning MUST be enclosed within "
+                 "<think> </think> tags. Then choose one admissible action for this step and present it "
+                 "within <action> </action> tags.")
+    return "\n".join(lines)
+
+
+@dataclass
+class PromptFormat:
+    """How prompts are rendered and responses turned into actions (decided once per run)."""
+    think: bool             # <think>/<action> responses, projected by project_action
+    chat: bool              # the tokenizer's chat template wraps the prompt
+    prefilled_think: bool   # the template ends the generation prompt with "<think>" (e.g. some reasoning models)
+    stop_ids: list          # generation ends at any of these ids (EOS, end-of-turn)
+    max_new_tokens: int
+
+
+def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
+    chat = getattr(tok, "chat_template", None) is not None
+    think = cfg.prompt_format == "think" or (cfg.prompt_format == "auto" and bool(cfg.model) and chat)
+    prefilled = False
+    if think and chat:
+        rendered = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
+        prefilled = rendered.rstrip().endswith("<think>")
+    stop = {tok.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    stop.discard(None)
+    budget = cfg.max_action_tokens or (256 if think else 8)
+    return PromptFormat(think, chat and think, prefilled, sorted(stop), budget)
+
+
+def render_prompt(tok, fmt: PromptFormat, task, history, obs, admissible, k: int) -> list[int]:
+    """Prompt text -> token ids: the plain prompt (tiny model) or the think prompt in the chat template."""
+    if not fmt.think:
+        return encode_prompt(tok, build_prompt(task, history, obs, admissible, k))
+    text = build_think_prompt(task, history, obs, admissible, k, len(history))
+    if fmt.chat:  # the template carries its own BOS / role tokens
+        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return encode_prompt(tok, text + "\n")
+
+
 def encode_prompt(tok, text: str) -> list[int]:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
+
+
+def project_action(response: str, think: bool, prefilled_think: bool = False) -> tuple[str, bool]:
+    """Response text -> (action for the environment, format_ok). Plain format: the stripped text.
+    Think format (verl-agent's projection, made strict): well-formed is `<think> ... </think>` followed by
+    exactly one non-empty `<action> ... </action>`; a template that pre-fills "<think>" means the response
+    starts inside the thought. A malformed response is a format violation: the environment still gets
+    the raw text (and answers it in-game) and the step is penalised like an inadmissible one."""
+    if not think:
+        return " ".join(response.split()), True
+    text = ("<think>" + response) if prefilled_think and "<think>" not in response[:20] else response
+    ok = (text.count("<think>") == 1 and text.count("</think>") == 1 and text.count("<action>") == 1
+          and text.count("</action>") == 1)
+    if ok:
+        t0, t1, a0, a1 = (text.index(s) for s in ("<think>", "</think>", "<action>", "</action>"))
+        ok = t0 < t1 < a0 < a1 and text[:t0].strip() == ""
+    if not ok:
+        return " ".join(response.split()), False
+    action = " ".join(text[a0 + len("<action>"):a1].split())
+    return action, bool(action)
 
 
 @dataclass
 class Step:
     """One transition (h_t, a_t, r_t, o_{t+1}) of §2, as token ids kept exactly as sampled."""
     prompt_ids: list
-    action_ids: list      # generated ids, up to and including the EOS that ended the action (§2 Decision)
+    action_ids: list      # generated ids (for think: all of think + action), up to and including the stop id
     obs_ids: list         # o_{t+1}, tokenized and truncated to --wm-max-tokens (§2 Decision)
     reward: float         # task reward of this step
-    valid: bool           # the action was admissible
+    valid: bool           # the response was well-formed AND the action admissible (penalised if not)
     anchor: str           # the raw current observation o_t, GiGPO's anchor state (§3)
+    format_ok: bool = True  # the response had a well-formed action (always True in the plain format)
 
 
 @dataclass
@@ -278,6 +377,7 @@ class Episode:
     seed: int
     steps: list = field(default_factory=list)
     won: bool = False
+    task_type: str = ""   # info["task_type"] when the environment reports one (per-type evaluation)
 
     @property
     def task_return(self) -> float:
@@ -285,9 +385,11 @@ class Episode:
 
 
 @torch.no_grad()
-def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: bool) -> list[list[int]]:
-    """Batched generation with a KV cache. Returns, per prompt, the sampled ids up to and including EOS
-    (or max_action_tokens ids when the model never ended the action)."""
+def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: bool,
+                     fmt: PromptFormat | None = None) -> list[list[int]]:
+    """Batched generation with a KV cache. Returns, per prompt, the sampled ids up to and including the
+    first stop id (or the whole budget when the model never stopped), exactly as sampled."""
+    fmt = fmt or make_prompt_format(tok, model, cfg)
     dev = next(model.parameters()).device
     L = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), L), tok.pad_token_id, dtype=torch.long)
@@ -296,14 +398,14 @@ def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: 
         ids[i, L - len(p):] = torch.tensor(p)
         mask[i, L - len(p):] = 1
     gen_kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
-    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=cfg.max_action_tokens,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **gen_kw)
-    actions = []
+    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=fmt.max_new_tokens,
+                         eos_token_id=fmt.stop_ids, pad_token_id=tok.pad_token_id, **gen_kw)
+    stop, actions = set(fmt.stop_ids), []
     for row in out[:, L:].tolist():
         a = []
         for t in row:
             a.append(t)
-            if t == tok.eos_token_id:
+            if t in stop:
                 break
         actions.append(a)
     return actions
@@ -313,14 +415,16 @@ class EnvironmentFailure(RuntimeError):
     """The environment raised inside step(): a bug in the environment, reported in one line."""
 
 
-def decode_action(tok, ids: list[int]) -> str:
-    return tok.decode([t for t in ids if t != tok.eos_token_id], skip_special_tokens=True).strip()
+def decode_action(tok, ids: list[int], stop_ids=()) -> str:
+    stop = set(stop_ids) | {tok.eos_token_id}
+    return tok.decode([t for t in ids if t not in stop], skip_special_tokens=True).strip()
 
 
 def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg: Config,
-                     greedy: bool = False) -> list[Episode]:
+                     greedy: bool = False, fmt: PromptFormat | None = None) -> list[Episode]:
     """§2: run len(seeds) x group_size episodes in lock-step (all G rollouts of a group share the seed,
     so they start from the same state); one batched generate call per environment step."""
+    fmt = fmt or make_prompt_format(tok, model, cfg)
     was_training = model.training
     model.eval()
     eps, live = [], []
@@ -328,26 +432,26 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
         for _ in range(group_size):
             env = env_cls()
             obs, info = env.reset(seed)
-            eps.append(Episode(group=g, seed=seed))
+            eps.append(Episode(group=g, seed=seed, task_type=str(info.get("task_type", ""))))
             live.append(dict(env=env, obs=obs, info=info, hist=[], done=False))
     for _t in range(env_cls.max_steps):
         active = [i for i, s in enumerate(live) if not s["done"]]
         if not active:
             break
-        prompts = [encode_prompt(tok, build_prompt(live[i]["info"]["task"], live[i]["hist"], live[i]["obs"],
-                                                   live[i]["info"]["admissible_actions"], cfg.history))
-                   for i in active]
-        actions = generate_actions(model, tok, prompts, cfg, greedy)
+        prompts = [render_prompt(tok, fmt, live[i]["info"]["task"], live[i]["hist"], live[i]["obs"],
+                                 live[i]["info"]["admissible_actions"], cfg.history) for i in active]
+        actions = generate_actions(model, tok, prompts, cfg, greedy, fmt)
         for i, p, a in zip(active, prompts, actions):
             s = live[i]
-            text = decode_action(tok, a)
+            text, format_ok = project_action(decode_action(tok, a, fmt.stop_ids), fmt.think, fmt.prefilled_think)
             try:
                 obs, reward, done, info = s["env"].step(text)
             except Exception as e:  # noqa: BLE001 - a user env that raises is a bug in the env, say so
                 raise EnvironmentFailure(f"environment {cfg.env} raised on action {text[:80]!r}: "
                                          f"{type(e).__name__}: {e}") from e
             obs_ids = tok(obs, add_special_tokens=False)["input_ids"][:cfg.wm_max_tokens]
-            eps[i].steps.append(Step(p, a, obs_ids, float(reward), bool(info.get("valid", True)), s["obs"]))
+            valid = bool(info.get("valid", True)) and format_ok
+            eps[i].steps.append(Step(p, a, obs_ids, float(reward), valid, s["obs"], format_ok))
             s["hist"].append((s["obs"], text))
             s["obs"], s["info"] = obs, info
             eps[i].won = bool(info.get("won", False))
@@ -893,18 +997,25 @@ def ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg: Config, fus
 
 
 def episode_stats(episodes: list[Episode], prefix: str = "") -> dict:
+    """Success, return, length, admissible-action ratio, format-valid ratio; success per task type when
+    the environment reports types (e.g. alfworld-tiny's six)."""
     steps = [s for e in episodes for s in e.steps]
-    return {prefix + "success": float(np.mean([e.won for e in episodes])),
-            prefix + "return": float(np.mean([e.task_return for e in episodes])),
-            prefix + "episode_len": float(np.mean([len(e.steps) for e in episodes])),
-            prefix + "valid_ratio": float(np.mean([s.valid for s in steps])) if steps else 0.0}
+    out = {prefix + "success": float(np.mean([e.won for e in episodes])),
+           prefix + "return": float(np.mean([e.task_return for e in episodes])),
+           prefix + "episode_len": float(np.mean([len(e.steps) for e in episodes])),
+           prefix + "valid_ratio": float(np.mean([s.valid for s in steps])) if steps else 0.0,
+           prefix + "format_valid_ratio": float(np.mean([s.format_ok for s in steps])) if steps else 0.0}
+    for t in sorted({e.task_type for e in episodes if e.task_type}):
+        out[f"{prefix}success/{t}"] = float(np.mean([e.won for e in episodes if e.task_type == t]))
+    return out
 
 
-def train_iteration(it, model, tok, opt, env_cls, cfg: Config, rng, fused, ref_model=None) -> dict:
+def train_iteration(it, model, tok, opt, env_cls, cfg: Config, rng, fused, ref_model=None,
+                    fmt: PromptFormat | None = None) -> dict:
     """One PaW iteration: rollouts -> scoring pass -> advantages -> WM targets -> PPO + WM update."""
     t0 = time.time()
     seeds = [rng.randrange(paw_envs.EVAL_SEED_START) for _ in range(cfg.groups)]
-    episodes = collect_rollouts(model, tok, env_cls, seeds, cfg.group_size, cfg)
+    episodes = collect_rollouts(model, tok, env_cls, seeds, cfg.group_size, cfg, fmt=fmt)
     steps = [s for e in episodes for s in e.steps]
     t1 = time.time()
     old_logp, act_entropy, ref_logp, wm_acc = score_steps(model, steps, cfg, fused, tok.pad_token_id, ref_model)
@@ -923,31 +1034,141 @@ def train_iteration(it, model, tok, opt, env_cls, cfg: Config, rng, fused, ref_m
 # ====================================================================================================
 # 10. Evaluation on held-out seeds
 # ====================================================================================================
-def evaluate(model, tok, env_cls, cfg: Config, n: int, greedy: bool = True, batch: int = 64) -> dict:
+def evaluate(model, tok, env_cls, cfg: Config, n: int, greedy: bool = True, batch: int = 64,
+             fmt: PromptFormat | None = None) -> dict:
     """Held-out seeds from EVAL_SEED_START on (never used in training): success rate, mean return, mean
-    episode length, valid-action ratio."""
+    episode length, valid-action and format-valid ratios, success per task type."""
     seeds = [paw_envs.EVAL_SEED_START + i for i in range(n)]
     episodes = []
     for i in range(0, n, batch):
-        episodes += collect_rollouts(model, tok, env_cls, seeds[i:i + batch], 1, cfg, greedy=greedy)
+        episodes += collect_rollouts(model, tok, env_cls, seeds[i:i + batch], 1, cfg, greedy=greedy, fmt=fmt)
     return episode_stats(episodes)
 
 
-def random_policy_success(env_cls, n: int, seed: int = 0) -> float:
+def random_policy_success(env_cls, n: int, seed: int = 0) -> dict:
+    """The uniformly random admissible-action policy on the held-out seeds (success, per task type)."""
     rng = random.Random(seed)
     env = env_cls()
-    return float(np.mean([paw_envs.random_rollout(env, paw_envs.EVAL_SEED_START + i, rng)[0] for i in range(n)]))
+    wins, types = [], []
+    for i in range(n):
+        types.append(str(env.reset(paw_envs.EVAL_SEED_START + i)[1].get("task_type", "")))
+        wins.append(paw_envs.random_rollout(env, paw_envs.EVAL_SEED_START + i, rng)[0])
+    out = dict(success=float(np.mean(wins)))
+    for t in sorted(set(types) - {""}):
+        out[f"success/{t}"] = float(np.mean([w for w, u in zip(wins, types) if u == t]))
+    return out
 
 
 def print_eval_table(rows: dict):
-    cols = ["success", "return", "episode_len", "valid_ratio"]
-    print(f"\n{'policy':<26}" + "".join(f"{c:>13}" for c in cols))
+    cols = ["success", "return", "episode_len", "valid_ratio", "format_valid_ratio"]
+    print(f"\n{'policy':<26}" + "".join(f"{c.replace('_ratio', ''):>13}" for c in cols))
     for name, r in rows.items():
         print(f"{name:<26}" + "".join(f"{r[c]:>13.3f}" if c in r else f"{'-':>13}" for c in cols))
+    types = sorted({k.split("/", 1)[1] for r in rows.values() for k in r if k.startswith("success/")})
+    if types:  # per-task-type success (environments that report info["task_type"])
+        print(f"\n{'success per task type':<26}" + "".join(f"{n[:12]:>13}" for n in rows))
+        for t in types:
+            print(f"{t:<26}" + "".join(f"{r[f'success/{t}']:>13.3f}" if f"success/{t}" in r else f"{'-':>13}"
+                                     for r in rows.values()))
 
 
 # ====================================================================================================
-# 11. Main
+# 11. Checkpoints (atomic, the last two kept) and exact resume
+# ====================================================================================================
+CKPT_NAME = re.compile(r"iter-\d{6}")
+
+
+def save_checkpoint(run_dir: str, it: int, model, tok, opt, rng: random.Random, summary: dict, train_s: float,
+                    ref_model=None, keep: int = 2) -> str:
+    """Write model + tokenizer (save_pretrained), optimizer, every RNG state and the iteration to
+    checkpoints/iter-N. Atomic: everything goes to a .tmp folder first and one os.rename publishes it, so a
+    run killed mid-save leaves no half-written iter-N (resume ignores .tmp folders; the next save removes
+    them). Only the newest `keep` checkpoints are kept."""
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    _quiet_transformers()
+    for d in os.listdir(root):  # leftovers of a save that was killed
+        if d.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    tmp, final = os.path.join(root, f".tmp-iter-{it:06d}"), os.path.join(root, f"iter-{it:06d}")
+    model.save_pretrained(os.path.join(tmp, "model"))
+    tok.save_pretrained(os.path.join(tmp, "model"))
+    if ref_model is not None:
+        ref_model.save_pretrained(os.path.join(tmp, "ref_model"))
+    torch.save(dict(iteration=it, optimizer=opt.state_dict(), rng=rng.getstate(), py_random=random.getstate(),
+                    numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    summary=summary, train_s=train_s), os.path.join(tmp, "trainer.pt"))
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for d in sorted(d for d in os.listdir(root) if CKPT_NAME.fullmatch(d))[:-keep]:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    return final
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would break the training bar's line
+
+
+def find_checkpoint(path: str) -> str:
+    """--resume accepts a run folder (its newest complete checkpoint) or a checkpoint folder."""
+    if os.path.isfile(os.path.join(path, "trainer.pt")):
+        return path
+    root = os.path.join(path, "checkpoints")
+    done = sorted(d for d in os.listdir(root) if CKPT_NAME.fullmatch(d)) if os.path.isdir(root) else []
+    if not done:
+        raise ConfigError(f"--resume {path}: no complete checkpoint under {root} (train with --save-every N)")
+    return os.path.join(root, done[-1])
+
+
+def load_checkpoint(ckpt: str, dtype: torch.dtype):
+    """-> (tokenizer, model, reference model or None, trainer state). A damaged folder is one clear error."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
+        missing = {"iteration", "optimizer", "rng", "py_random", "numpy", "torch", "summary", "train_s"} - set(state)
+        if missing:
+            raise ValueError(f"trainer.pt lacks {', '.join(sorted(missing))}")
+        tok = AutoTokenizer.from_pretrained(os.path.join(ckpt, "model"))
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "model"), dtype=dtype)
+        ref = None
+        if os.path.isdir(os.path.join(ckpt, "ref_model")):
+            ref = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "ref_model"), dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - any damage (missing/truncated file) is reported in one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"cannot resume from {ckpt}: the checkpoint is damaged or incomplete "
+                          f"({type(e).__name__}: {msg[:200]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok, model, ref, state
+
+
+def restore_rng(state: dict, rng: random.Random):
+    rng.setstate(state["rng"])
+    random.setstate(state["py_random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_final(run_dir: str, model, tok):
+    """The final model + tokenizer in run_dir/model, loadable with AutoModelForCausalLM (atomic too)."""
+    _quiet_transformers()
+    final, tmp = os.path.join(run_dir, "model"), os.path.join(run_dir, ".tmp-model")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
+# ====================================================================================================
+# 12. Main
 # ====================================================================================================
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux/macOS), in MiB."""
@@ -973,6 +1194,7 @@ def main(argv=None):
     try:
         env_cls = paw_envs.load_env_class(cfg.env)
         dev = pick_device(cfg.device)
+        ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
     except (paw_envs.EnvError, ConfigError) as e:
         print(f"paw.py: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -981,27 +1203,38 @@ def main(argv=None):
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     dtype = dict(float32=torch.float32, bfloat16=torch.bfloat16)[cfg.dtype]
-    name = cfg.name or f"{cfg.env.replace(':', '.')}-{cfg.algo}-{cfg.wm}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = os.path.join(cfg.out, name)
-    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-        print(f"paw.py: error: {run_dir} already holds a run; pick another --name", file=sys.stderr)
+    if cfg.resume:
+        run_dir = cfg.resume.rstrip("/")
+    else:
+        name = cfg.name or f"{cfg.env.replace(':', '.')}-{cfg.algo}-{cfg.wm}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = os.path.join(cfg.out, name)
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+            print(f"paw.py: error: {run_dir} already holds a run; pick another --name or --resume it", file=sys.stderr)
+            sys.exit(2)
+    t_start = time.time()
+
+    # --- model and tokenizer (§2 of this file) ---
+    ref_model, state = None, None
+    try:
+        if ckpt:
+            tok, model, ref_model, state = load_checkpoint(ckpt, dtype)
+        elif cfg.model:
+            tok, model = load_hf_model(cfg.model, dtype)
+        else:
+            tok = build_tiny_tokenizer(*gather_env_text(env_cls, seed=cfg.seed))
+            model = build_tiny_model(tok, cfg).to(dtype)
+    except ConfigError as e:
+        print(f"paw.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
-    t_start = time.time()
-
-    # --- model and tokenizer (§2 of this file) ---
-    if cfg.model:
-        try:
-            tok, model = load_hf_model(cfg.model, dtype)
-        except ConfigError as e:
-            print(f"paw.py: error: {e}", file=sys.stderr)
-            sys.exit(2)
-    else:
-        tok = build_tiny_tokenizer(*gather_env_text(env_cls, seed=cfg.seed))
-        model = build_tiny_model(tok, cfg).to(dtype)
     model.to(dev)
+    if ref_model is not None:
+        ref_model.to(dev).eval().requires_grad_(False)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+    fmt = make_prompt_format(tok, model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     fused = cfg.fused_loss
     if fused:
@@ -1009,29 +1242,41 @@ def main(argv=None):
         if not ok:
             warnings.warn(f"fused loss path disabled: {why}; using the naive full-logits path")
             fused = False
-    print(f"paw: {cfg.env} | model {cfg.model or 'tiny Qwen2'} ({n_params / 1e6:.2f}M params, vocab {len(tok)}) "
-          f"| {cfg.algo} + WM {cfg.wm} | device {dev} | loss path {'fused/' + cfg.compile if fused else 'naive'} "
-          f"| run dir {run_dir}")
+    print(f"paw: {cfg.env} | model {cfg.model or 'tiny Llama'} ({n_params / 1e6:.2f}M params, vocab {len(tok)}) "
+          f"| {cfg.algo} + WM {cfg.wm} | prompt {'think' if fmt.think else 'plain'}"
+          f"{' (chat template)' if fmt.chat else ''} | device {dev} | loss path "
+          f"{'fused/' + cfg.compile if fused else 'naive'} | run dir {run_dir}")
 
-    summary = dict(random=dict(success=random_policy_success(env_cls, cfg.eval_episodes)))
-    if not cfg.model and cfg.warmup_steps:  # a random model cannot emit actions yet: format warm-up (§8 here)
-        summary["warmup"] = format_warmup(model, tok, env_cls, cfg, rng)
-        summary["warmed_up_sampled"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=False)
-    ref_model = None
-    if cfg.kl_coef > 0:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if state is not None:  # exact resume: optimizer, every RNG, the metrics written up to the checkpoint
+        opt.load_state_dict(state["optimizer"])
+        restore_rng(state, rng)
+        summary, train_s, start = state["summary"], state["train_s"], state["iteration"]
+        kept = []
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("iter", 0) <= start]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+        print(f"resuming from {ckpt} (iteration {start})")
+    else:
+        summary, start = dict(random=random_policy_success(env_cls, cfg.eval_episodes)), 0
+        if not cfg.model and cfg.warmup_steps:  # a random model cannot emit actions yet: format warm-up (§8)
+            summary["warmup"] = format_warmup(model, tok, env_cls, cfg, rng)
+            summary["warmed_up_sampled"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=False, fmt=fmt)
+        if cfg.kl_coef > 0:
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        train_s = time.time() - t_start
 
     # --- RL with PaW ---
-    train_s = time.time() - t_start
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    bar = tqdm(range(1, cfg.iters + 1), desc="PaW", dynamic_ncols=True)
-    it = 0
-    with open(metrics_path, "w") as mf:
+    bar = tqdm(range(start + 1, cfg.iters + 1), desc="PaW", dynamic_ncols=True, initial=start, total=cfg.iters)
+    it = start
+    with open(metrics_path, "a") as mf:
         for it in bar:
             t_it = time.time()
             try:
-                m = train_iteration(it, model, tok, opt, env_cls, cfg, rng, fused, ref_model)
+                m = train_iteration(it, model, tok, opt, env_cls, cfg, rng, fused, ref_model, fmt)
             except KeyboardInterrupt:  # keep what was learned: evaluate and save below
                 print(f"\ninterrupted at iteration {it}; evaluating and saving what was trained")
                 it -= 1
@@ -1039,7 +1284,7 @@ def main(argv=None):
             train_s += time.time() - t_it
             m["train_s"] = train_s
             if cfg.eval_every and it % cfg.eval_every == 0:
-                ev = evaluate(model, tok, env_cls, cfg, cfg.eval_every_episodes, greedy=True)
+                ev = evaluate(model, tok, env_cls, cfg, cfg.eval_every_episodes, greedy=True, fmt=fmt)
                 m.update({"eval_" + k: v for k, v in ev.items()})
             mf.write(json.dumps(m) + "\n")
             mf.flush()
@@ -1049,6 +1294,8 @@ def main(argv=None):
                 print(f"paw.py: error: non-finite metric at iteration {it}; stopping (metrics kept in {metrics_path})",
                       file=sys.stderr)
                 sys.exit(1)
+            if cfg.save_every and it % cfg.save_every == 0:
+                save_checkpoint(run_dir, it, model, tok, opt, rng, summary, train_s, ref_model)
             if cfg.time_budget and train_s > 60 * cfg.time_budget:
                 print(f"time budget of {cfg.time_budget} min reached after {it} iterations")
                 break
@@ -1056,25 +1303,24 @@ def main(argv=None):
     summary["train_s"] = train_s
 
     # --- evaluation and saving ---
-    summary["final_greedy"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=True)
+    summary["final_greedy"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=True, fmt=fmt)
     if cfg.eval_sampled:
-        summary["final_sampled"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=False)
+        summary["final_sampled"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=False, fmt=fmt)
     rows = {"random (admissible)": summary["random"]}
     if "warmed_up_sampled" in summary:
         rows["warmed-up (sampled)"] = summary["warmed_up_sampled"]
-    rows[f"trained (greedy)"] = summary["final_greedy"]
+    rows["trained (greedy)"] = summary["final_greedy"]
     if "final_sampled" in summary:
         rows["trained (sampled)"] = summary["final_sampled"]
     print_eval_table(rows)
     summary["peak_rss_mb"] = peak_rss_mb()
     if dev.type == "cuda":
         summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-    model_dir = os.path.join(run_dir, "model")
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    save_final(run_dir, model, tok)
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\nsaved: {run_dir}/ (config.json, metrics.jsonl, summary.json, model/)")
+    print(f"\nsaved: {run_dir}/ (config.json, metrics.jsonl, summary.json, model/"
+          f"{', checkpoints/' if cfg.save_every else ''})")
     return summary
 
 
