@@ -551,3 +551,154 @@ def test_env_raising_mid_run_exits_1_with_one_line_and_keeps_metrics(tmp_path):
     assert r.returncode == 1, r.stderr[-2000:]
     assert "environment badenv:Env raised" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "bad" / "config.json").exists() and (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 7: your own Hugging Face model, the <think>/<action> format, checkpoints and exact resume
+# ------------------------------------------------------------------------------------------------
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_chat_model(folder, template=CHATML):
+    """A small randomly initialised Qwen2-architecture model with a byte-level BPE tokenizer (trained here
+    on environment text) that has a ChatML chat template, saved like a hub checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    texts, _ = paw.gather_env_text(envs.TextWorldTiny, n_episodes=50)
+    texts += ["<think> I should act. </think> <action> go north </action>",
+              paw.build_think_prompt("t", [("o", "a")], "o", ["a"], 1, 1)]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = template
+    torch.manual_seed(0)
+    c = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    Qwen2ForCausalLM(c).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return tok
+
+
+@pytest.mark.parametrize("response,prefilled,action,ok", [
+    ("<think> the fridge is north </think> <action> go north </action>", False, "go north", True),
+    ("<think>x</think><action>take  apple</action>", False, "take apple", True),     # whitespace normalised
+    ("go north", False, "go north", False),                                           # no tags
+    ("<think> hm </think> go north", False, "<think> hm </think> go north", False),   # no action tag
+    ("<action> go north </action>", False, "<action> go north </action>", False),     # no think
+    ("<think>a</think><action>go north</action><action>go south</action>", False,
+     "<think>a</think><action>go north</action><action>go south</action>", False),   # two actions
+    ("<think> a </think> <action> </action>", False, "", False),                      # empty action
+    ("<action> go north </action><think> late </think>", False,
+     "<action> go north </action><think> late </think>", False),                     # wrong order
+    (" north is best </think> <action> go north </action>", True, "go north", True),  # pre-filled <think>
+    (" north is best </think> <action> go north </action>", False,
+     "north is best </think> <action> go north </action>", False),                   # same, not pre-filled
+    ("<think> 北 → </think> <action> gö nörth ✓ </action>", False, "gö nörth ✓", True),  # unicode passes through
+])
+def test_project_action_table(response, prefilled, action, ok):
+    assert paw.project_action(response, think=True, prefilled_think=prefilled) == (action, ok)
+
+
+def test_project_action_plain_format():
+    assert paw.project_action("  go   north ", think=False) == ("go north", True)
+
+
+def test_prefilled_think_template_detected(tmp_path):
+    make_chat_model(tmp_path, CHATML.replace("assistant\n", "assistant\n<think>"))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    fmt = paw.make_prompt_format(tok, AutoModelForCausalLM.from_pretrained(tmp_path), cfg(model=str(tmp_path)))
+    assert fmt.think and fmt.chat and fmt.prefilled_think and fmt.max_new_tokens == 256
+    assert tok.eos_token_id in fmt.stop_ids
+
+
+def test_think_format_rollout_penalises_format_violations(tmp_path):
+    """A random chat model almost never writes well-formed tags: every such step is a format violation,
+    counted in format_valid_ratio, marked invalid (so --invalid-penalty applies) and still sent to the env."""
+    tok0 = make_chat_model(tmp_path)
+    tok, model = paw.load_hf_model(str(tmp_path), torch.float32)
+    assert tok("Task: put the apple")["input_ids"] == tok0("Task: put the apple")["input_ids"]  # reload intact
+    c = cfg(model=str(tmp_path), max_action_tokens=12)
+    fmt = paw.make_prompt_format(tok, model, c)
+    assert fmt.think and fmt.chat and not fmt.prefilled_think
+    eps = paw.collect_rollouts(model, tok, envs.TextWorldTiny, [3], 2, c, fmt=fmt)
+    steps = [s for e in eps for s in e.steps]
+    for s in steps:
+        text = tok.decode(s.prompt_ids)
+        assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
+        assert "<action> </action>" in text and "Admissible actions:" in text
+        assert len(s.action_ids) <= 12
+        assert s.valid <= s.format_ok  # a format violation is never valid
+    stats = paw.episode_stats(eps)
+    assert stats["format_valid_ratio"] == pytest.approx(sum(s.format_ok for s in steps) / len(steps))
+    R = paw.rl_returns(eps[0], 0.5)
+    assert R == pytest.approx(eps[0].task_return - 0.5 * sum(not s.valid for s in eps[0].steps))
+
+
+def test_model_folder_end_to_end_and_checkpoint_loads(tmp_path):
+    make_chat_model(tmp_path / "m")
+    r = run_paw(["--model", str(tmp_path / "m"), "--iters", "2", "--groups", "1", "--group-size", "2",
+                 "--eval-episodes", "2", "--max-action-tokens", "16", "--compile", "off", "--save-every", "1",
+                 "--name", "hf", "--kl-coef", "0.01", "--grad-checkpointing"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "prompt think (chat template)" in r.stdout
+    lines = [json.loads(x) for x in (tmp_path / "hf" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and 0.0 <= lines[-1]["format_valid_ratio"] <= 1.0 and "approx_kl" in lines[-1]
+    ckpts = sorted(os.listdir(tmp_path / "hf" / "checkpoints"))
+    assert ckpts == ["iter-000001", "iter-000002"]
+    assert (tmp_path / "hf" / "checkpoints" / "iter-000002" / "ref_model").is_dir()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    for d in (tmp_path / "hf" / "model", tmp_path / "hf" / "checkpoints" / "iter-000002" / "model"):
+        model, tok = AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d)
+        ids = tok.apply_chat_template([{"role": "user", "content": "go?"}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert out.shape[1] > ids.shape[1]
+
+
+RESUME = SMOKE + ["--groups", "2", "--group-size", "3", "--warmup-steps", "20", "--wm", "cmae", "--threads", "1"]
+
+
+def _metrics(path):
+    timing = ("rollout_s", "update_s", "tokens_per_s", "train_s")
+    return [{k: v for k, v in json.loads(x).items() if k not in timing} for x in open(path)]
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
+    full = run_paw(RESUME + ["--iters", "4", "--save-every", "2", "--name", "full"], tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    part = run_paw(RESUME + ["--iters", "2", "--save-every", "2", "--name", "part"], tmp_path)
+    assert part.returncode == 0, part.stderr[-3000:]
+    res = run_paw(["--resume", str(tmp_path / "part"), "--iters", "4"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _metrics(tmp_path / "full" / "metrics.jsonl"), _metrics(tmp_path / "part" / "metrics.jsonl")
+    assert [m["iter"] for m in b] == [1, 2, 3, 4]
+    assert a == b  # every logged number of iterations 3-4 equal (CPU, fixed seed)
+    sa = json.loads((tmp_path / "full" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert sa["final_greedy"] == sb["final_greedy"]
+    # the last two checkpoints are kept
+    assert sorted(os.listdir(tmp_path / "full" / "checkpoints")) == ["iter-000002", "iter-000004"]
+
+
+def test_damaged_or_partial_checkpoint_gives_clear_error(tmp_path):
+    r = run_paw(RESUME + ["--iters", "1", "--save-every", "1", "--name", "run"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = tmp_path / "run" / "checkpoints" / "iter-000001"
+    (ck / "model" / "model.safetensors").write_bytes(b"truncated")
+    r = run_paw(["--resume", str(tmp_path / "run"), "--iters", "2"], tmp_path)
+    assert r.returncode == 2 and "damaged or incomplete" in r.stderr and "Traceback" not in r.stderr
+    # a save killed before its rename leaves only a .tmp folder: not a checkpoint
+    import shutil
+    shutil.rmtree(ck)
+    (tmp_path / "run" / "checkpoints" / ".tmp-iter-000002" / "model").mkdir(parents=True)
+    r = run_paw(["--resume", str(tmp_path / "run"), "--iters", "2"], tmp_path)
+    assert r.returncode == 2 and "no complete checkpoint" in r.stderr and "Traceback" not in r.stderr
+    r = run_paw(["--resume", str(tmp_path / "nowhere")], tmp_path)
+    assert r.returncode == 2 and "cannot read" in r.stderr
