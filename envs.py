@@ -69,11 +69,14 @@ class TextWorldTiny:
     name = "textworld-tiny"
     max_steps = 16
     R_max = 1.0
+    room_counts = (2, 3, 3)   # drawn uniformly per seed
+    n_objects, n_containers, n_supporters = 3, 2, 2
+    closed_goal = False       # the goal receptacle is always a closed container (sparse variant)
 
     # --- world generation --------------------------------------------------------------------------
     def reset(self, seed: int):
         rng = random.Random(int(seed))
-        n_rooms = rng.choice([2, 3, 3])
+        n_rooms = rng.choice(self.room_counts)
         names = rng.sample(ROOMS, n_rooms)
         pos = {names[0]: (0, 0)}
         self.exits = {r: {} for r in names}
@@ -87,9 +90,9 @@ class TextWorldTiny:
             pos[r] = p
             self.exits[base][d] = r
             self.exits[r][DIRECTIONS[d]] = base
-        objs = rng.sample(OBJECTS, 3)
-        conts = rng.sample(CONTAINERS, 2)
-        sups = rng.sample(SUPPORTERS, 2)
+        objs = rng.sample(OBJECTS, self.n_objects)
+        conts = rng.sample(CONTAINERS, self.n_containers)
+        sups = rng.sample(SUPPORTERS, self.n_supporters)
         # receptacles: name -> dict(kind, room, open, items)
         self.recs = {}
         for c in conts:
@@ -98,7 +101,9 @@ class TextWorldTiny:
             self.recs[s] = dict(kind="supporter", room=rng.choice(names), open=True, items=[])
         self.floor = {r: [] for r in names}
         goal_obj = objs[0]
-        goal_rec = rng.choice(conts + sups)
+        goal_rec = rng.choice(conts if self.closed_goal else conts + sups)
+        if self.closed_goal:
+            self.recs[goal_rec]["open"] = False
         for o in objs:  # each object on a floor, a supporter or an *open* container, never the goal rec
             spots = [("floor", r) for r in names] + [
                 ("rec", k) for k, v in self.recs.items() if v["open"] and k != goal_rec]
@@ -212,10 +217,532 @@ class TextWorldTiny:
                 "You see In On the floor is Exits: and , You carry nothing. You look around."]
 
 
+class TextWorldTinySparse(TextWorldTiny):
+    """textworld-tiny's sparse variant: 5-6 rooms, more objects and receptacles, the goal receptacle always
+    a closed container, so more steps are needed; the
+    reward is still only the final success, so the random policy almost never gets any signal."""
+    name = "textworld-tiny-sparse"
+    max_steps = 20
+    room_counts = (5, 6)
+    n_objects, n_containers, n_supporters = 6, 5, 4
+    closed_goal = True
+
+
+# ----------------------------------------------------------------------------------------------------
+# alfworld-tiny: ALFWorld's household and its six task types, as text. One room of numbered receptacles
+# (some closed), numbered objects; the agent walks to receptacles ("go to fridge 1"), opens them, holds
+# one object at a time and uses the sink, microwave, fridge and desk lamp to clean, heat, cool, examine.
+# ----------------------------------------------------------------------------------------------------
+ALF_RECEPTACLES = {  # name -> openable
+    "countertop 1": False, "countertop 2": False, "sinkbasin 1": False, "microwave 1": True, "fridge 1": True,
+    "drawer 1": True, "drawer 2": True, "cabinet 1": True, "cabinet 2": True, "desk 1": False,
+    "shelf 1": False, "diningtable 1": False, "garbagecan 1": False, "sidetable 1": False}
+ALF_APPLIANCES = {"clean": "sinkbasin 1", "heat": "microwave 1", "cool": "fridge 1"}
+ALF_OBJECTS = {  # type -> which transformations make sense for it
+    "apple": {"clean", "heat", "cool"}, "potato": {"clean", "heat", "cool"}, "egg": {"heat", "cool"},
+    "tomato": {"clean", "heat", "cool"}, "mug": {"clean", "heat", "cool", "examine"},
+    "cup": {"clean", "heat", "cool", "examine"}, "plate": {"clean", "cool"}, "bowl": {"clean", "heat", "cool"},
+    "book": {"examine"}, "pen": {"examine"}, "cd": {"examine"}, "keychain": {"examine"},
+    "creditcard": {"examine"}, "pencil": {"examine"}, "spoon": {"clean"}, "knife": {"clean"}}
+ALF_TASK_TYPES = ["pick_and_place", "look_at_obj_in_light", "pick_clean_then_place", "pick_heat_then_place",
+                  "pick_cool_then_place", "pick_two_obj"]
+ALF_TARGETS = ["countertop 1", "countertop 2", "drawer 1", "drawer 2", "cabinet 1", "cabinet 2", "shelf 1",
+               "diningtable 1", "sidetable 1", "garbagecan 1", "fridge 1", "microwave 1"]
+
+
+class AlfWorldTiny:
+    """ALFWorld in miniature, generated from the seed: 7 receptacles (microwave, fridge and drawer
+    closed at the start), 3-5 objects, one task of one of ALFWorld's six types. Observations are
+    ALFWorld-style feedback ("You arrive at fridge 1. The fridge 1 is closed."), so the same state and
+    action read the same. Reward R_max on success, 0 otherwise; `info["task_type"]` names the type."""
+
+    name = "alfworld-tiny"
+    max_steps = 24
+    R_max = 1.0
+    n_objects = (3, 4)
+    task_types = ALF_TASK_TYPES
+    receptacles = ["countertop 1", "sinkbasin 1", "microwave 1", "fridge 1", "drawer 1", "desk 1", "shelf 1"]
+
+    def reset(self, seed: int):
+        rng = random.Random(int(seed))
+        self.task_type = rng.choice(self.task_types)
+        need = {"pick_clean_then_place": "clean", "pick_heat_then_place": "heat", "pick_cool_then_place": "cool",
+                "look_at_obj_in_light": "examine"}.get(self.task_type)
+        goal_type = rng.choice(sorted(t for t, caps in ALF_OBJECTS.items() if need is None or need in caps))
+        n_goal = 2 if self.task_type == "pick_two_obj" else 1
+        target = None
+        if self.task_type != "look_at_obj_in_light":
+            target = rng.choice([r for r in ALF_TARGETS if r != ALF_APPLIANCES.get(need) and r in self.receptacles])
+        others = rng.sample(sorted(t for t in ALF_OBJECTS if t != goal_type), rng.randint(*self.n_objects) - n_goal)
+        types = [goal_type] * (n_goal + rng.randint(0, 1)) + others
+        self.contents = {r: [] for r in self.receptacles}
+        self.is_open = {r: not ALF_RECEPTACLES[r] for r in self.receptacles}
+        count: dict = {}
+        spots = [r for r in self.receptacles if r not in (target, "garbagecan 1")]
+        for t in types:
+            count[t] = count.get(t, 0) + 1
+            self.contents[rng.choice(spots)].append(f"{t} {count[t]}")
+        self.goal_type, self.n_goal, self.target = goal_type, n_goal, target
+        self.state = {o: set() for r in self.contents for o in self.contents[r]}  # object -> {clean, hot, cool}
+        self.location, self.holding, self.steps, self.won = "middle", None, 0, False
+        self.lamp_on = False
+        where = f"{'in' if ALF_RECEPTACLES[target] else 'on'} {target}" if target else ""
+        self.task = {"pick_and_place": f"put a {goal_type} {where}",
+                     "look_at_obj_in_light": f"look at the {goal_type} under the desklamp",
+                     "pick_clean_then_place": f"put a clean {goal_type} {where}",
+                     "pick_heat_then_place": f"put a hot {goal_type} {where}",
+                     "pick_cool_then_place": f"put a cool {goal_type} {where}",
+                     "pick_two_obj": f"put two {goal_type} {where}"}[self.task_type]
+        seen = ", ".join("a " + r for r in self.receptacles)
+        obs = f"You are in the middle of a room. Looking quickly around you, you see {seen}."
+        return obs, self._info(True)
+
+    # --- helpers -----------------------------------------------------------------------------------
+    def _listing(self, r: str) -> str:
+        items = self.contents[r]
+        what = ", ".join("a " + o for o in items) if items else "nothing"
+        return f"{'In' if ALF_RECEPTACLES[r] else 'On'} the {r}, you see {what}."
+
+    def admissible_actions(self) -> list[str]:
+        acts = [f"go to {r}" for r in self.receptacles if r != self.location]
+        r = self.location
+        if r != "middle":
+            if ALF_RECEPTACLES[r]:
+                acts.append(f"{'close' if self.is_open[r] else 'open'} {r}")
+            if self.is_open[r]:
+                if self.holding is None:
+                    acts += [f"take {o} from {r}" for o in self.contents[r]]
+                else:
+                    acts.append(f"put {self.holding} {'in' if ALF_RECEPTACLES[r] else 'on'} {r}")
+            if self.holding is not None:
+                for verb, app in ALF_APPLIANCES.items():
+                    if r == app and verb in ALF_OBJECTS[self.holding.split()[0]]:
+                        acts.append(f"{verb} {self.holding} with {app}")
+            if r == "desk 1":
+                acts.append("use desklamp 1")
+        return acts
+
+    def _info(self, valid: bool) -> dict:
+        return dict(admissible_actions=self.admissible_actions(), task=self.task, won=self.won, valid=valid,
+                    task_type=self.task_type)
+
+    def _check_goal(self):
+        if self.task_type == "look_at_obj_in_light":
+            return self.lamp_on and self.holding is not None and self.holding.split()[0] == self.goal_type
+        need = {"pick_clean_then_place": "clean", "pick_heat_then_place": "hot", "pick_cool_then_place": "cool"}
+        ok = [o for o in self.contents[self.target] if o.split()[0] == self.goal_type
+              and (self.task_type not in need or need[self.task_type] in self.state[o])]
+        return len(ok) >= self.n_goal
+
+    # --- dynamics ----------------------------------------------------------------------------------
+    def step(self, action: str):
+        if self.won or self.steps >= self.max_steps:
+            return "The game is over.", 0.0, True, self._info(False)
+        self.steps += 1
+        act = " ".join(action.split()) if isinstance(action, str) else ""
+        valid = act in self.admissible_actions() or act in ("look", "inventory")
+        if not valid:
+            fb = "Nothing happens."
+        elif act == "look":
+            fb = "You are in the middle of a room." if self.location == "middle" else f"You are facing the {self.location}."
+        elif act == "inventory":
+            fb = f"You are carrying: a {self.holding}." if self.holding else "You are not carrying anything."
+        elif act.startswith("go to "):
+            r = self.location = act[6:]
+            fb = f"You arrive at {r}. " + (self._listing(r) if self.is_open[r] else f"The {r} is closed.")
+        elif act.startswith(("open ", "close ")):
+            verb, r = act.split(" ", 1)
+            self.is_open[r] = verb == "open"
+            fb = f"You open the {r}. " + self._listing(r) if verb == "open" else f"You close the {r}."
+        elif act.startswith("take "):
+            o, r = act[5:].split(" from ")
+            self.contents[r].remove(o)
+            self.holding = o
+            fb = f"You pick up the {o} from the {r}."
+        elif act.startswith("put "):
+            o, r = act[4:].split(" in " if " in " in act else " on ")
+            self.contents[r].append(o)
+            self.holding = None
+            fb = f"You put the {o} {'in' if ALF_RECEPTACLES[r] else 'on'} the {r}."
+        elif act == "use desklamp 1":
+            self.lamp_on = True
+            fb = "You turn on the desklamp 1."
+        else:  # clean / heat / cool
+            verb = act.split()[0]
+            self.state[self.holding].add({"clean": "clean", "heat": "hot", "cool": "cool"}[verb])
+            fb = f"You {verb} the {self.holding} using the {ALF_APPLIANCES[verb]}."
+        if valid and not act.startswith("use") and self.location != "desk 1":
+            self.lamp_on = False  # the lamp only counts while the agent stands at the desk with the object
+        self.won = self._check_goal()
+        if self.won:
+            fb += " You won!"
+        done = self.won or self.steps >= self.max_steps
+        return fb, (self.R_max if self.won else 0.0), done, self._info(valid)
+
+    def vocabulary_text(self) -> list[str]:
+        words = [f"{t} {i}" for t in ALF_OBJECTS for i in (1, 2, 3)] + list(ALF_RECEPTACLES) + list(ALF_TASK_TYPES)
+        return [" ".join(words), "You are in the middle of a room. Looking quickly around you, you see a",
+                "You arrive at The is closed. In On the you see nothing. You open close pick up from put in on",
+                "You turn on the desklamp 1. You clean heat cool using You are facing carrying: not anything.",
+                "put a clean hot cool two look at under Nothing happens. The game is over. You won! use with"]
+
+
+class AlfWorldTinySparse(AlfWorldTiny):
+    """alfworld-tiny's sparse variant: only the two-stage task types (clean/heat/cool then place, pick two),
+    all 14 receptacles, 10-13 objects, a longer horizon; the random policy almost never succeeds."""
+    name = "alfworld-tiny-sparse"
+    max_steps = 40
+    n_objects = (9, 12)
+    receptacles = list(ALF_RECEPTACLES)
+    task_types = ["pick_clean_then_place", "pick_heat_then_place", "pick_cool_then_place", "pick_two_obj"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# webshop-tiny: WebShop in miniature. An instruction asks for a product with attributes, an option and a
+# price limit; the agent searches with free text, reads a results page of products with random IDs, brands
+# and prices (the unpredictable tokens that motivate CMAE, PAPER.md §2.2), opens a product, picks an
+# option and buys. Reward = fraction of the requested attributes/option/price matched.
+# ----------------------------------------------------------------------------------------------------
+WS_CATEGORIES = ["shirt", "jacket", "dress", "sneakers", "boots", "hat", "backpack", "scarf", "jeans", "sweater"]
+WS_COLORS = ["red", "blue", "black", "white", "green", "grey", "brown", "pink"]
+WS_MATERIALS = ["cotton", "wool", "leather", "linen", "denim", "silk", "polyester"]
+WS_SIZES = ["xs", "small", "medium", "large", "xl"]
+WS_BRANDS = ["acme", "nordik", "zentro", "bellamy", "orvo", "quilla", "tamsin", "brisa", "kovak", "lumen",
+             "marlo", "pexa", "rivon", "solace", "trevi", "umbra", "vesta", "wilder", "yarrow", "zephyr"]
+WS_IDS = [f"B0{c1}{c2}{d}" for c1 in "ADFHKMPRTX" for c2 in "CGJLNQSVWZ" for d in "2468"]  # 400 random-looking IDs
+
+
+def _tokens(text: str) -> list[str]:
+    return "".join(ch.lower() if ch.isalnum() else " " for ch in text).split()
+
+
+class WebShopTiny:
+    """A shop of ~30 generated products per seed (every attribute combination drawn at random, with near
+    misses of the requested item: right category but wrong colour, over the price limit, ...). Pages:
+    search -> results (by word overlap with the query, 5 per page, with random IDs, brands, prices) -> product
+    (options, price) -> buy. Actions: `search <any text>`, `click <id>`, `next page`, `prev page`,
+    `select <size>`, `buy now`, `back to search`. The admissible list offers a few search queries built from the instruction's words
+    and the shop's vocabulary; any `search ...` text is accepted on the search page."""
+
+    name = "webshop-tiny"
+    max_steps = 10
+    R_max = 1.0
+    n_products = 30
+    n_near_misses = 7
+    sizes_per_product = 3
+    partial_reward = True
+
+    def reset(self, seed: int):
+        rng = random.Random(int(seed))
+        ids = rng.sample(WS_IDS, self.n_products)
+        want = dict(category=rng.choice(WS_CATEGORIES), color=rng.choice(WS_COLORS),
+                    material=rng.choice(WS_MATERIALS), size=rng.choice(WS_SIZES), budget=rng.choice([30, 40, 50, 60, 80]))
+        self.want = want
+        self.products = []
+        for i, pid in enumerate(ids):
+            p = dict(id=pid, brand=rng.choice(WS_BRANDS), category=rng.choice(WS_CATEGORIES),
+                     color=rng.choice(WS_COLORS), material=rng.choice(WS_MATERIALS),
+                     sizes=sorted(rng.sample(WS_SIZES, self.sizes_per_product), key=WS_SIZES.index),
+                     price=round(rng.uniform(10, 120), 2))
+            if i == 0:  # the exact match exists
+                p.update(category=want["category"], color=want["color"], material=want["material"],
+                         price=round(rng.uniform(8, want["budget"] - 1), 2))
+                if want["size"] not in p["sizes"]:
+                    p["sizes"] = sorted(p["sizes"][1:] + [want["size"]], key=WS_SIZES.index)
+            elif i <= self.n_near_misses:  # near misses: the requested category with one thing wrong
+                p["category"] = want["category"]
+                wrong = rng.choice(["color", "material", "price"])
+                if wrong == "price":
+                    p.update(color=want["color"], material=want["material"],
+                             price=round(rng.uniform(want["budget"] + 1, want["budget"] + 60), 2))
+                else:
+                    p.update({k: want[k] for k in ("color", "material") if k != wrong})
+                    p[wrong] = rng.choice([v for v in (WS_COLORS if wrong == "color" else WS_MATERIALS) if v != want[wrong]])
+            self.products.append(p)
+        rng.shuffle(self.products)
+        self.task = (f"find a {want['color']} {want['material']} {want['category']} in size {want['size']}, "
+                     f"price lower than {want['budget']} dollars")
+        self.page, self.ranked, self.page_no, self.item, self.size = "search", [], 0, None, None
+        self.steps, self.won, self.done = 0, False, False
+        return self._render("Welcome to the shop."), self._info(True)
+
+    # --- pages -------------------------------------------------------------------------------------
+    def _title(self, p) -> str:
+        return f"{p['brand']} {p['color']} {p['material']} {p['category']}"
+
+    def _render(self, feedback: str) -> str:
+        if self.page == "search":
+            return f"{feedback} [search page] Type a search query."
+        if self.page == "results":
+            rows = " ".join(f"[{p['id']}] {self._title(p)} ${p['price']:.2f} ;" for p in self.results)
+            return f"{feedback} [results page {self.page_no + 1}] {rows or 'no products found.'}"
+        p = self.item
+        chosen = f" Selected size: {self.size}." if self.size else ""
+        return (f"{feedback} [product {p['id']}] {self._title(p)}. Price: ${p['price']:.2f}. "
+                f"Sizes: {' '.join(p['sizes'])}.{chosen}")
+
+    def _queries(self) -> list[str]:
+        w = self.want
+        return [f"search {w['category']}", f"search {w['color']} {w['category']}",
+                f"search {w['material']} {w['category']}", f"search {w['color']} {w['material']} {w['category']}"]
+
+    def admissible_actions(self) -> list[str]:
+        if self.page == "search":
+            return self._queries()
+        if self.page == "results":
+            more = ["next page"] if 5 * (self.page_no + 1) < len(self.ranked) else []
+            return ([f"click {p['id']}" for p in self.results] + more + (["prev page"] if self.page_no else [])
+                    + ["back to search"])
+        return [f"select {s}" for s in self.item["sizes"]] + ["buy now", "back to search"]
+
+    def _info(self, valid: bool) -> dict:
+        return dict(admissible_actions=self.admissible_actions(), task=self.task, won=self.won, valid=valid)
+
+    @property
+    def results(self) -> list[dict]:
+        return self.ranked[5 * self.page_no:5 * self.page_no + 5]
+
+    def search(self, query: str) -> list[dict]:
+        """Products sharing a word with the query, most shared words first (ties: shop order, which is
+        random per seed); shown five per results page."""
+        q = set(_tokens(query))
+        scored = [(-len(q & set(_tokens(self._title(p)))), i) for i, p in enumerate(self.products)]
+        return [self.products[i] for s, i in sorted(scored) if s < 0]
+
+    def score(self, p, size) -> float:
+        w = self.want
+        hits = [p["category"] == w["category"], p["color"] == w["color"], p["material"] == w["material"],
+                size == w["size"], p["price"] < w["budget"]]
+        return sum(hits) / len(hits)
+
+    # --- dynamics ----------------------------------------------------------------------------------
+    def step(self, action: str):
+        if self.done or self.steps >= self.max_steps:
+            return "The episode is over.", 0.0, True, self._info(False)
+        self.steps += 1
+        act = " ".join(action.split()).lower() if isinstance(action, str) else ""
+        reward, fb = 0.0, ""
+        valid = act in [a.lower() for a in self.admissible_actions()] or (self.page == "search" and act.startswith("search ")
+                                                    and len(_tokens(act)) > 1)
+        if not valid:
+            fb = "Nothing happens."
+        elif act.startswith("search "):
+            self.ranked, self.page, self.page_no = self.search(act[7:]), "results", 0
+            fb = f"You search for: {' '.join(_tokens(act[7:])[:12])}."
+        elif act in ("next page", "prev page"):
+            self.page_no += 1 if act == "next page" else -1
+            fb = f"You go to results page {self.page_no + 1}."
+        elif act == "back to search":
+            self.page, self.item, self.size = "search", None, None
+            fb = "You go back to the search page."
+        elif act.startswith("click "):
+            self.item = next(p for p in self.results if p["id"] == act[6:].upper())
+            self.page, self.size = "product", None
+            fb = f"You open {self.item['id']}."
+        elif act.startswith("select "):
+            self.size = act[7:]
+            fb = f"You select size {self.size}."
+        else:  # buy now
+            s = self.score(self.item, self.size)
+            self.won, self.done = s == 1.0, True
+            reward = s * self.R_max if self.partial_reward else float(self.won) * self.R_max
+            fb = f"You bought {self.item['id']}. Match {s:.2f}." + (" You won!" if self.won else "")
+        done = self.done or self.steps >= self.max_steps
+        return self._render(fb), reward, done, self._info(valid)
+
+    def vocabulary_text(self) -> list[str]:
+        return [" ".join(WS_CATEGORIES + WS_COLORS + WS_MATERIALS + WS_SIZES + WS_BRANDS),
+                " ".join(WS_IDS), " ".join(f"{i}" for i in range(200)),
+                "Welcome to the shop. [search page] Type a search query. [results page ] [product ] $ . ; Price: Sizes:",
+                "next page prev page You go to results no products found.",
+                "Selected size: You search for: You go back to the search page. You open select click buy now",
+                "back to search find a in size , price lower than dollars You bought Match You won! Nothing happens.",
+                "The episode is over."]
+
+
+class WebShopTinySparse(WebShopTiny):
+    """webshop-tiny's sparse variant (PAPER.md's sparse WebShop case): reward only for a full match (no
+    partial credit), a bigger shop with more near misses; the random policy almost never succeeds."""
+    name = "webshop-tiny-sparse"
+    max_steps = 15
+    n_products = 60
+    n_near_misses = 24
+    sizes_per_product = 4
+    partial_reward = False
+
+
+# ----------------------------------------------------------------------------------------------------
+# search-tiny: search-augmented QA over a generated knowledge base. Single-hop and two-hop questions;
+# `search <query>` returns the top documents of a TF-IDF retriever (numpy), `answer <text>` ends the
+# episode; reward = exact match after normalisation.
+# ----------------------------------------------------------------------------------------------------
+SQ_FIRST = ["alma", "bruno", "carys", "dario", "elin", "farid", "greta", "hugo", "ines", "jonas", "kira", "lars",
+            "mira", "nils", "olga", "pavel", "rosa", "soren", "tara", "viktor"]
+SQ_LAST = ["reyes", "holt", "marsh", "okafor", "lindqvist", "moreau", "tanaka", "varga", "keane", "dupont",
+           "novak", "silva", "brandt", "castel", "ferro", "hale", "ivanova", "jensen", "kowal", "laine"]
+SQ_CITIES = ["velmora", "dunmere", "ostrava", "karsh", "lumenport", "brightwater", "talon", "emberly",
+             "corvale", "mistral", "northhaven", "saltmere", "ravelin", "quarry", "windrow", "ashby"]
+SQ_COUNTRIES = ["tarsk", "olvania", "bretmark", "sundria", "kaloria", "vessen", "marivo", "drelland"]
+SQ_COMPANIES = ["quill labs", "ironleaf", "bluefen", "corvid works", "northwind", "silverline", "tidewater",
+                "amberforge", "kestrel", "lanternhouse"]
+SQ_JOBS = ["painter", "engineer", "chemist", "pilot", "composer", "architect", "surgeon", "poet"]
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation or articles, single spaces (the usual QA exact-match normalisation)."""
+    words = "".join(ch.lower() if ch.isalnum() or ch.isspace() else " " for ch in text).split()
+    return " ".join(w for w in words if w not in ("a", "an", "the"))
+
+
+class SearchTiny:
+    """A knowledge base generated from the seed: people (job, birth city), cities (country), companies
+    (founder, headquarters city), one short document each. A question is single-hop ("Where was Alma Reyes
+    born?") or two-hop ("In which country was the founder of Ironleaf born?"). `search <query>` returns
+    the top-k documents of a TF-IDF retriever; `answer <text>` ends the episode. The admissible list offers
+    `search <entity>` for every entity seen so far (question and retrieved documents) and `answer <entity>`
+    for every entity seen in a retrieved document; any `search ...` / `answer ...` text is accepted."""
+
+    name = "search-tiny"
+    max_steps = 6
+    R_max = 1.0
+    two_hop_prob = 0.5
+    top_k = 3
+    sizes = dict(people=6, cities=6, countries=4, companies=4)
+
+    def reset(self, seed: int):
+        rng = random.Random(int(seed))
+        n = self.sizes
+        names = rng.sample([f"{f} {l}" for f in SQ_FIRST for l in SQ_LAST], n["people"])
+        cities, countries = rng.sample(SQ_CITIES, n["cities"]), rng.sample(SQ_COUNTRIES, n["countries"])
+        companies = rng.sample(SQ_COMPANIES, n["companies"])
+        self.country_of = {c: rng.choice(countries) for c in cities}
+        self.born = {p: rng.choice(cities) for p in names}
+        self.job = {p: rng.choice(SQ_JOBS) for p in names}
+        self.founder = {c: rng.choice(names) for c in companies}
+        self.hq = {c: rng.choice(cities) for c in companies}
+        docs = {p: f"{p} is a {self.job[p]}. {p} was born in {self.born[p]}." for p in names}
+        docs.update({c: f"{c} is a city in {self.country_of[c]}." for c in cities})
+        docs.update({c: f"{c} is a company founded by {self.founder[c]}. {c} is based in {self.hq[c]}."
+                     for c in companies})
+        self.entities = names + cities + countries + companies
+        self.doc_keys, self.docs = list(docs), [docs[k] for k in docs]
+        self._index()
+        if rng.random() < self.two_hop_prob:
+            kind = rng.choice(["country_born", "founder_born", "hq_country"])
+            if kind == "country_born":
+                p = rng.choice(names)
+                self.question, self.answer = f"in which country was {p} born?", self.country_of[self.born[p]]
+            elif kind == "founder_born":
+                c = rng.choice(companies)
+                self.question, self.answer = f"where was the founder of {c} born?", self.born[self.founder[c]]
+            else:
+                c = rng.choice(companies)
+                self.question, self.answer = f"in which country is {c} based?", self.country_of[self.hq[c]]
+            self.hops = 2
+        else:
+            kind = rng.choice(["born", "country", "founder", "hq"])
+            if kind == "born":
+                p = rng.choice(names)
+                self.question, self.answer = f"where was {p} born?", self.born[p]
+            elif kind == "country":
+                c = rng.choice(cities)
+                self.question, self.answer = f"in which country is {c}?", self.country_of[c]
+            elif kind == "founder":
+                c = rng.choice(companies)
+                self.question, self.answer = f"who founded {c}?", self.founder[c]
+            else:
+                c = rng.choice(companies)
+                self.question, self.answer = f"where is {c} based?", self.hq[c]
+            self.hops = 1
+        self.task = f"answer the question: {self.question}"
+        self.seen = [e for e in self.entities if e in self.question]  # entities the agent can search for
+        self.candidates: list[str] = []  # entities seen in retrieved documents
+        self.steps, self.won, self.done = 0, False, False
+        return f"Question: {self.question} Search the knowledge base, then answer.", self._info(True)
+
+    # --- the retriever: TF-IDF with cosine similarity, in numpy ------------------------------------
+    def _index(self):
+        import numpy as np
+        toks = [_tokens(d) for d in self.docs]
+        self.vocab = {w: i for i, w in enumerate(sorted({w for t in toks for w in t}))}
+        tf = np.zeros((len(toks), len(self.vocab)))
+        for i, t in enumerate(toks):
+            for w in t:
+                tf[i, self.vocab[w]] += 1
+        self.idf = np.log((1 + len(toks)) / (1 + (tf > 0).sum(0))) + 1.0
+        m = tf * self.idf
+        self.doc_vecs = m / np.linalg.norm(m, axis=1, keepdims=True)
+
+    def retrieve(self, query: str) -> list[int]:
+        """Indices of the top_k documents for the query (ties: document order)."""
+        import numpy as np
+        q = np.zeros(len(self.vocab))
+        for w in _tokens(query):
+            if w in self.vocab:
+                q[self.vocab[w]] += 1
+        q = q * self.idf
+        if not q.any():
+            return []
+        s = self.doc_vecs @ (q / np.linalg.norm(q))
+        return [int(i) for i in np.argsort(-s, kind="stable")[:self.top_k] if s[i] > 0]
+
+    # --- protocol ----------------------------------------------------------------------------------
+    def admissible_actions(self) -> list[str]:
+        return [f"search {e}" for e in self.seen] + [f"answer {e}" for e in self.candidates]
+
+    def _info(self, valid: bool) -> dict:
+        return dict(admissible_actions=self.admissible_actions(), task=self.task, won=self.won, valid=valid,
+                    task_type=f"{self.hops}-hop")
+
+    def step(self, action: str):
+        if self.done or self.steps >= self.max_steps:
+            return "The episode is over.", 0.0, True, self._info(False)
+        self.steps += 1
+        act = " ".join(action.split()).lower() if isinstance(action, str) else ""
+        verb, _, arg = act.partition(" ")
+        reward = 0.0
+        if verb == "search" and _tokens(arg):
+            hits = self.retrieve(arg)
+            for i in hits:  # every entity named in a retrieved document becomes searchable / answerable
+                for e in self.entities:
+                    if e in self.docs[i] and e not in self.candidates:
+                        self.candidates.append(e)
+                    if e in self.docs[i] and e not in self.seen:
+                        self.seen.append(e)
+            found = " ".join(f"[{k + 1}] {self.docs[i]}" for k, i in enumerate(hits)) or "no documents found."
+            obs, valid = f"Results for {' '.join(_tokens(arg)[:12])}: {found}", True
+        elif verb == "answer" and _tokens(arg):
+            self.won, self.done = normalize_answer(arg) == normalize_answer(self.answer), True
+            reward = self.R_max if self.won else 0.0
+            obs, valid = f"You answered {' '.join(_tokens(arg)[:12])}. " + ("Correct! You won!" if self.won else "Wrong."), True
+        else:
+            obs, valid = "Nothing happens. Use search <query> or answer <text>.", False
+        done = self.done or self.steps >= self.max_steps
+        return obs, reward, done, self._info(valid)
+
+    def vocabulary_text(self) -> list[str]:
+        return [" ".join(SQ_FIRST + SQ_LAST + SQ_CITIES + SQ_COUNTRIES + SQ_COMPANIES + SQ_JOBS),
+                "is a was born in city company founded by based Results for : [1] [2] [3] [4] no documents found.",
+                "You answered Correct! You won! Wrong. Nothing happens. Use search <query> or answer <text>.",
+                "Question: Search the knowledge base, then answer. answer the question: in which country who founded",
+                "where was the founder of born? is based? The episode is over."]
+
+
+class SearchTinySparse(SearchTiny):
+    """search-tiny's sparse variant: two-hop questions only, a bigger knowledge base, four documents per
+    search (more distractor candidates to answer), a longer horizon."""
+    name = "search-tiny-sparse"
+    max_steps = 8
+    two_hop_prob = 1.0
+    top_k = 4
+    sizes = dict(people=10, cities=10, countries=6, companies=6)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Registry and loading of user environments (`--env module:Class`)
 # ----------------------------------------------------------------------------------------------------
-ENVS = {"textworld-tiny": TextWorldTiny}
+ENVS = {c.name: c for c in (TextWorldTiny, TextWorldTinySparse, AlfWorldTiny, AlfWorldTinySparse, WebShopTiny,
+                             WebShopTinySparse, SearchTiny, SearchTinySparse)}
 
 
 class EnvError(ValueError):
