@@ -46,9 +46,12 @@ def write_json(name: str, obj) -> str:
 # ====================================================================================================
 # learn: does PaW learn, and is it at least as good as plain GRPO with the same budget and seeds?
 # ====================================================================================================
-def read_run(run: str, variant: str, seed: int, wall_s: float | None = None):
-    """One finished paw run folder -> (table row, learning curve)."""
+def read_run(run: str, variant: str, seed: int, wall_s: float | None = None, warm: str | None = None):
+    """One finished paw run folder -> (table row, learning curve). With a shared warm-up, the warmed-up
+    policy's numbers come from the warm-up run."""
     summ = json.load(open(os.path.join(run, "summary.json")))
+    if warm:
+        summ["warmed_up_sampled"] = json.load(open(os.path.join(warm, "summary.json")))["warmed_up_sampled"]
     metrics = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
     curve = [{k: m[k] for k in ("iter", "train_s", "success", "valid_ratio", "action_entropy", "wm_token_acc")
               if k in m} | {k: m[k] for k in m if k.startswith("eval_")} for m in metrics]
@@ -62,8 +65,26 @@ def read_run(run: str, variant: str, seed: int, wall_s: float | None = None):
     return row, curve
 
 
+def warm_up_once(a, seed: int) -> str:
+    """--shared-warmup: the format warm-up of (env, seed) runs once (paw.py --iters 0) and every variant
+    starts from that model with --model, so the variants differ only in what the comparison is about.
+    Cached in bench_out/warm/ across bench invocations."""
+    name = f"{a.env.replace(':', '.')}-s{seed}"
+    root = os.path.join(HERE, "bench_out", "warm")
+    if not os.path.exists(os.path.join(root, name, "summary.json")):
+        cmd = [sys.executable, os.path.join(HERE, "paw.py"), "--env", a.env, "--seed", str(seed), "--iters", "0",
+               "--eval-episodes", str(a.eval_episodes), "--out", root, "--name", name, "--threads", str(a.threads),
+               *a.extra, "--iters", "0"]
+        print(f"[warm-up seed {seed}] {' '.join(cmd[1:])}", flush=True)
+        r = subprocess.run(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if r.returncode != 0:
+            print(r.stdout[-3000:])
+            sys.exit(f"bench: warm-up failed (seed {seed})")
+    return os.path.join(root, name)
+
+
 def bench_learn(a):
-    variants = {"paw": ["--wm", "cmae"], "baseline": ["--wm", "off"]}
+    variants = {v: {"paw": ["--wm", "cmae"], "baseline": ["--wm", "off"]}[v] for v in a.variants.split(",")}
     rows, curves = [], {}
     if a.runs:  # report on finished runs: folders named ...-<variant>-s<seed>-...
         for run in a.runs:
@@ -75,20 +96,23 @@ def bench_learn(a):
             curves[f"{variant}/s{seed}"] = curve
         return report_learn(a, rows, curves)
     out_root = os.path.join(HERE, "bench_out", "runs")
-    for seed in range(1, a.seeds + 1):
+    for seed in range(a.first_seed, a.first_seed + a.seeds):
+        warm = warm_up_once(a, seed) if a.shared_warmup else None
         for vname, vargs in variants.items():
             name = f"{a.env.replace(':', '.')}-{a.algo}-{vname}-s{seed}-{int(time.time())}"
             cmd = [sys.executable, os.path.join(HERE, "paw.py"), "--env", a.env, "--algo", a.algo, "--seed", str(seed),
                    "--iters", str(a.iters), "--time-budget", str(a.budget), "--eval-every", str(a.eval_every),
                    "--eval-every-episodes", str(a.eval_every_episodes), "--eval-episodes", str(a.eval_episodes),
                    "--out", out_root, "--name", name, "--threads", str(a.threads), *vargs, *a.extra]
+            if warm:
+                cmd += ["--model", os.path.join(warm, "model")]
             print(f"[{vname} seed {seed}] {' '.join(cmd[1:])}", flush=True)
             t0 = time.time()
             r = subprocess.run(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             if r.returncode != 0:
                 print(r.stdout[-3000:])
                 sys.exit(f"bench: run failed ({vname}, seed {seed})")
-            row, curve = read_run(os.path.join(out_root, name), vname, seed, time.time() - t0)
+            row, curve = read_run(os.path.join(out_root, name), vname, seed, time.time() - t0, warm)
             rows.append(row)
             curves[f"{vname}/s{seed}"] = curve
             print(f"  -> held-out greedy success {row['success']:.3f}, valid {row['valid_ratio']:.3f}, "
@@ -106,11 +130,12 @@ def report_learn(a, rows, curves, quiet=False):
         common = sorted(set(p) & set(b))
         if common:
             eq[seed] = dict(iter=common[-1], paw=p[common[-1]], baseline=b[common[-1]])
-    path = write_json(f"learn-{a.env.replace(':', '.')}-{a.algo}.json",
+    path = write_json(f"learn-{a.env.replace(':', '.')}-{a.algo}{('-' + a.tag) if a.tag else ''}.json",
                       dict(machine=machine(), args=vars(a), rows=rows, equal_iters=eq, curves=curves))
     if quiet:
         return
-    print(f"\nbench learn: {a.env}, {a.algo}, budget {a.budget} min | {machine()}")
+    print(f"\nbench learn: {a.env}, {a.algo}, budget {a.budget} min "
+          f"({'RL only, shared warm-up' if a.shared_warmup else 'warm-up included'}) | {machine()}")
     print(f"{'variant':<10}{'seed':>5}{'iters':>7}{'train_s':>9}{'peak MiB':>10}{'random':>8}{'warm-up':>9}"
           f"{'train@end':>10}{'success':>9}{'valid':>7}")
     for r in rows:
@@ -278,8 +303,14 @@ def main():
     l = sub.add_parser("learn", help="PaW vs the --wm off baseline, same budget and seeds")
     l.add_argument("--env", default="textworld-tiny")
     l.add_argument("--algo", default="grpo", choices=["grpo", "gigpo", "rloo"])
-    l.add_argument("--seeds", type=int, default=3)
-    l.add_argument("--budget", type=float, default=10.0, help="training minutes per run (warm-up included)")
+    l.add_argument("--seeds", type=int, default=3, help="how many seeds")
+    l.add_argument("--first-seed", type=int, default=1, help="seeds first-seed .. first-seed + seeds - 1")
+    l.add_argument("--variants", default="paw,baseline", help="comma list of paw (--wm cmae), baseline (--wm off)")
+    l.add_argument("--shared-warmup", action="store_true",
+                   help="warm up once per seed (cached) and start every variant from it; the budget is then RL only")
+    l.add_argument("--tag", default="", help="suffix of the JSON file name (to run benches side by side)")
+    l.add_argument("--budget", type=float, default=10.0,
+                   help="training minutes per run (warm-up included, unless --shared-warmup)")
     l.add_argument("--iters", type=int, default=10000, help="iteration cap per run")
     l.add_argument("--threads", type=int, default=2)
     l.add_argument("--eval-every", type=int, default=10)

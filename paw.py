@@ -55,7 +55,8 @@ class Config:
     env: str = arg("textworld-tiny", "built-in environment name, or module:Class of your own (see envs.py)")
     model: str = arg("", "Hugging Face causal LM (hub id or local folder); empty = build the tiny model locally")
     seed: int = arg(1, "random seed (python, numpy, torch, task sampling)")
-    iters: int = arg(200, "RL iterations (each: rollouts of groups x group-size episodes, then an update)")
+    iters: int = arg(200, "RL iterations (each: rollouts of groups x group-size episodes, then an update); "
+                          "0 = only the format warm-up, saved for reuse with --model")
     time_budget: float = arg(0.0, "stop training after this many minutes of wall-clock (warm-up included); 0 = no limit")
     out: str = arg("runs", "folder under which runs/<name>/ is written")
     name: str = arg("", "run name; empty = <env>-<algo>-<wm>-s<seed>-<time>")
@@ -120,13 +121,13 @@ class ConfigError(ValueError):
 
 def validate_config(cfg: Config):
     """Nonsense values get one clear line (main turns it into exit code 2)."""
-    positive = ["iters", "groups", "group_size", "minibatches", "ppo_epochs",
+    positive = ["groups", "group_size", "minibatches", "ppo_epochs",
                 "wm_max_tokens", "warmup_batch", "d_model", "n_layers", "n_heads", "forward_batch",
                 "eval_every_episodes"]
     for f in positive:
         if getattr(cfg, f) <= 0:
             raise ConfigError(f"--{f.replace('_', '-')} must be > 0 (got {getattr(cfg, f)})")
-    for f in ["max_action_tokens", "save_every", "history", "warmup_steps", "eval_episodes", "eval_every", "time_budget", "kl_coef",
+    for f in ["iters", "max_action_tokens", "save_every", "history", "warmup_steps", "eval_episodes", "eval_every", "time_budget", "kl_coef",
               "invalid_penalty", "loss_chunk", "threads", "wm_grad_cap", "wm_coef", "max_grad_norm"]:
         if getattr(cfg, f) < 0:
             raise ConfigError(f"--{f.replace('_', '-')} must be >= 0 (got {getattr(cfg, f)})")
