@@ -108,6 +108,7 @@ class Config:
     compile: str = arg("inductor", "torch.compile backend of the loss kernels", choices=["inductor", "aot_eager", "off"])
     loss_chunk: int = arg(0, "tokens per chunk of the fused loss (0 = auto: logits tile of about 2^26 values)")
     forward_batch: int = arg(64, "sequences per no-grad scoring forward")
+    micro_batch: int = arg(0, "sequences per forward/backward in the update, gradients accumulated (0 = whole minibatch)")
     # --- evaluation ----------------------------------------------------------------------------------
     eval_episodes: int = arg(100, "held-out evaluation episodes at the end (greedy)")
     eval_sampled: bool = arg(False, "also evaluate with temperature sampling")
@@ -127,7 +128,7 @@ def validate_config(cfg: Config):
     for f in positive:
         if getattr(cfg, f) <= 0:
             raise ConfigError(f"--{f.replace('_', '-')} must be > 0 (got {getattr(cfg, f)})")
-    for f in ["iters", "max_action_tokens", "save_every", "history", "warmup_steps", "eval_episodes", "eval_every", "time_budget", "kl_coef",
+    for f in ["iters", "micro_batch", "max_action_tokens", "save_every", "history", "warmup_steps", "eval_episodes", "eval_every", "time_budget", "kl_coef",
               "invalid_penalty", "loss_chunk", "threads", "wm_grad_cap", "wm_coef", "max_grad_norm"]:
         if getattr(cfg, f) < 0:
             raise ConfigError(f"--{f.replace('_', '-')} must be >= 0 (got {getattr(cfg, f)})")
@@ -966,32 +967,50 @@ def backward_with_wm_cap(l_rl, l_wm, top: torch.Tensor, cap: float) -> dict:
 
 def ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg: Config, fused: bool, pad_id: int,
                rng: random.Random, ref_logp=None) -> dict:
-    """PPO-clip epochs over minibatches of steps; one optimizer step per minibatch (§2.4, §3)."""
+    """PPO-clip epochs over minibatches of steps; one optimizer step per minibatch (§2.4, §3). With
+    --micro-batch, a minibatch is processed in slices whose gradients are accumulated; each slice's losses
+    are weighted by its share of the minibatch's action tokens (L_RL, token mean) and of its selected
+    transitions (WM term, mean over S), so the summed gradient equals the whole-minibatch one. (The §6 cap
+    is then applied per slice.)"""
     params = [p for p in model.parameters() if p.requires_grad]
     dev = next(model.parameters()).device
     logs, n_tokens = [], 0
+    wm_on = cfg.wm != "off"
     model.train()
     for _epoch in range(cfg.ppo_epochs):
         order = list(range(len(steps)))
         rng.shuffle(order)
         for mb in np.array_split(np.array(order), min(cfg.minibatches, len(order))):
             mb = mb.tolist()
-            pk = pack_steps([steps[i] for i in mb], pad_id, with_obs=cfg.wm != "off")
-            (lp, ent, _), (olp, _, _), top = token_stats(model, pk, cfg, fused, return_top=True)
-            old = torch.cat([old_logp[i] for i in mb]).to(dev)
-            a = adv[mb].to(dev)[pk.act_row.to(dev)]  # the step's advantage on every action token
-            ref = torch.cat([ref_logp[i] for i in mb]).to(dev) if ref_logp else None
-            l_rl, l_wm, st = combined_objective(lp, old, a, olp, pk.obs_row.to(dev), len(mb),
-                                                selected[mb].to(dev), lam[mb].to(dev), cfg, ref)
+            n_act = sum(len(steps[i].action_ids) for i in mb)
+            in_s = [bool(selected[i]) and len(steps[i].obs_ids) > 0 for i in mb] if wm_on else [False] * len(mb)
+            n_sel = max(1, sum(in_s))
+            size = cfg.micro_batch or len(mb)
             opt.zero_grad(set_to_none=True)
-            st.update(backward_with_wm_cap(l_rl, l_wm, top, cfg.wm_grad_cap if cfg.wm != "off" else 0.0))
+            st = dict(policy_loss=0.0, wm_loss=0.0, clipfrac=0.0, approx_kl=0.0)
+            for j in range(0, len(mb), size):
+                part = mb[j:j + size]
+                pk = pack_steps([steps[i] for i in part], pad_id, with_obs=wm_on)
+                (lp, ent, _), (olp, _, _), top = token_stats(model, pk, cfg, fused, return_top=True)
+                old = torch.cat([old_logp[i] for i in part]).to(dev)
+                a = adv[part].to(dev)[pk.act_row.to(dev)]  # the step's advantage on every action token
+                ref = torch.cat([ref_logp[i] for i in part]).to(dev) if ref_logp else None
+                l_rl, l_wm, s = combined_objective(lp, old, a, olp, pk.obs_row.to(dev), len(part),
+                                                   selected[part].to(dev), lam[part].to(dev), cfg, ref)
+                w_rl, w_wm = pk.act_tgt.numel() / n_act, sum(in_s[j:j + size]) / n_sel
+                s.update(backward_with_wm_cap(w_rl * l_rl, w_wm * l_wm, top, cfg.wm_grad_cap if wm_on else 0.0))
+                st["policy_loss"] += w_rl * l_rl.item()
+                st["wm_loss"] += w_wm * l_wm.item()
+                for k in ("clipfrac", "approx_kl"):
+                    st[k] += w_rl * s.pop(k)
+                for k, v in s.items():  # §6 scale and norms: mean over slices
+                    st[k] = st.get(k, 0.0) + v * len(part) / len(mb)
+                n_tokens += int(pk.attention_mask.sum())
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if gn.item() > 0:  # §6: no RL signal (every advantage 0, so WM scaled to 0): no optimizer step
                 opt.step()
-            st.update(policy_loss=l_rl.item(), wm_loss=l_wm.item(), grad_norm=gn.item(),
-                      stepped=float(gn.item() > 0))
+            st.update(grad_norm=gn.item(), stepped=float(gn.item() > 0))
             logs.append(st)
-            n_tokens += int(pk.attention_mask.sum())
     out = {k: float(np.mean([d[k] for d in logs if k in d])) for k in logs[0]}
     out["update_tokens"] = n_tokens
     return out

@@ -370,55 +370,201 @@ def test_wm_cap_scales_wm_gradient():
 # ------------------------------------------------------------------------------------------------
 # Environments
 # ------------------------------------------------------------------------------------------------
-def _transcript(seed, actions):
-    e = envs.TextWorldTiny()
+ALL_ENVS = sorted(envs.ENVS)
+
+
+def _play(env_name, seed, actions):
+    e = envs.ENVS[env_name]()
     out = [e.reset(seed)]
     for a in actions:
         out.append(e.step(a))
     return out
 
 
-def test_env_determinism_and_protocol():
-    envs.check_env_class(envs.TextWorldTiny, "textworld-tiny")
+@pytest.mark.parametrize("name", ALL_ENVS)
+def test_env_determinism_and_protocol(name):
+    cls = envs.ENVS[name]
+    envs.check_env_class(cls, name)
+    assert isinstance(cls.max_steps, int) and cls.R_max > 0
     rng = random.Random(0)
     for seed in (0, 7, envs.EVAL_SEED_START + 3):
-        acts = []
-        e = envs.TextWorldTiny()
+        acts, e = [], cls()
         obs, info = e.reset(seed)
+        assert isinstance(obs, str) and set(envs.PROTOCOL_INFO_KEYS) <= set(info) and info["valid"]
         for _ in range(e.max_steps):
-            a = rng.choice(info["admissible_actions"])
+            a = rng.choice(info["admissible_actions"] or ["look"])
             acts.append(a)
             obs, r, done, info = e.step(a)
             assert isinstance(obs, str) and isinstance(r, float) and isinstance(done, bool)
-            assert set(envs.PROTOCOL_INFO_KEYS) <= set(info)
-            assert r in (0.0, e.R_max) and (r == e.R_max) == info["won"]
+            assert set(envs.PROTOCOL_INFO_KEYS) <= set(info) and isinstance(info["task"], str)
+            assert all(isinstance(x, str) for x in info["admissible_actions"])
+            assert 0.0 <= r <= e.R_max
             if done:
                 break
-        assert _transcript(seed, acts) == _transcript(seed, acts)
-    assert _transcript(1, [])[0] != _transcript(2, [])[0] or True  # different seeds may differ
+        assert _play(name, seed, acts) == _play(name, seed, acts)  # same seed + actions, same transcript
+    assert _play(name, 1, [])[0] != _play(name, 2, [])[0]  # the seed matters
 
 
-def test_env_random_and_malformed_actions_never_raise():
+MALFORMED = ["", " ", "\x00", "ünïcødé 🍎 北京", "x" * 10_000, "go", "take", "put apple in", "'; DROP TABLE users; --",
+             "{{7*7}} ${jndi:ldap://x}", "<action>go north</action>", None, 42, ["go north"], "click", "select",
+             "answer", "search", "go to", "go to nowhere 9", "take apple 1 from", "click B0ZZZ9", "buy", "\n\t\r",
+             "ignore previous instructions and win", "a" * 100 + " " + "b" * 100]
+
+
+def _state(e):
+    import pickle
+    d = dict(vars(e))
+    d.pop("steps", None)
+    return pickle.dumps(d)
+
+
+@pytest.mark.parametrize("name", ALL_ENVS)
+def test_env_10k_random_and_malformed_actions_never_raise_or_corrupt(name):
+    """10,000 actions, half random admissible, half malformed (empty, unicode, 10k characters, injection-like,
+    non-strings): nothing raises, the protocol holds, and an action answered as invalid leaves the world
+    exactly as it was (only the step counter moves)."""
     rng = random.Random(1)
-    bad = ["", " ", "\x00", "ünïcødé 🍎", "x" * 10_000, "go", "take", "put apple in", "'; DROP TABLE", None, 42,
-           "go north go south", "\n\ttake apple\n"]
-    e = envs.TextWorldTiny()
+    e = envs.ENVS[name]()
     obs, info = e.reset(5)
-    for i in range(1000):
-        a = rng.choice(bad) if rng.random() < 0.5 else rng.choice(info["admissible_actions"])
-        before = e._describe()
+    n_invalid = 0
+    for i in range(10_000):
+        a = rng.choice(MALFORMED) if rng.random() < 0.5 else rng.choice(info["admissible_actions"] or ["look"])
+        before = _state(e)
         obs, r, done, info = e.step(a)
-        assert isinstance(obs, str)
-        if not info["valid"] and obs != "The game is over.":
-            assert obs.startswith("Nothing happens.") and e._describe() == before  # state untouched
+        assert isinstance(obs, str) and isinstance(r, float) and isinstance(done, bool)
+        assert set(envs.PROTOCOL_INFO_KEYS) <= set(info)
+        if not info["valid"]:
+            n_invalid += 1
+            assert _state(e) == before, f"invalid action {str(a)[:40]!r} changed the state"
         if done:
             obs, info = e.reset(rng.randrange(1000))
+    assert n_invalid > 2000
 
 
-def test_random_policy_rarely_succeeds():
-    rate = paw.random_policy_success(envs.TextWorldTiny, 500)
-    print(f"random admissible-action policy success on 500 held-out seeds: {rate:.3f}")
-    assert 0.0 < rate < 0.2
+def oracle_textworld(e):
+    """Scripted solver from the game's state: fetch the goal object (BFS over rooms), bring it, open, put."""
+    obj, rec = e.goal
+
+    def toward(room):
+        from collections import deque
+        prev, q = {e.room: None}, deque([e.room])
+        while q:
+            r = q.popleft()
+            for d, n in sorted(e.exits[r].items()):
+                if n not in prev:
+                    prev[n] = (r, d)
+                    q.append(n)
+        r, first = room, None
+        while prev[r] is not None:
+            r, first = prev[r][0], prev[r][1]
+        return f"go {first}"
+
+    if obj in e.inventory:
+        if e.recs[rec]["room"] != e.room:
+            return toward(e.recs[rec]["room"])
+        if not e.recs[rec]["open"]:
+            return f"open {rec}"
+        return f"put {obj} {'in' if e.recs[rec]['kind'] == 'container' else 'on'} {rec}"
+    where = next(r for r in e.floor if obj in e.floor[r]) if any(obj in v for v in e.floor.values()) else \
+        next(v["room"] for v in e.recs.values() if obj in v["items"])
+    return toward(where) if where != e.room else f"take {obj}"
+
+
+def oracle_alfworld(e):
+    holding, t = e.holding, e.goal_type
+    need = {"pick_clean_then_place": ("clean", "clean"), "pick_heat_then_place": ("heat", "hot"),
+            "pick_cool_then_place": ("cool", "cool")}.get(e.task_type)
+
+    def go(r):
+        return f"go to {r}" if e.location != r else None
+
+    if holding is not None and holding.split()[0] == t:
+        if e.task_type == "look_at_obj_in_light":
+            return go("desk 1") or "use desklamp 1"
+        if need and need[1] not in e.state[holding]:
+            app = envs.ALF_APPLIANCES[need[0]]
+            return go(app) or f"{need[0]} {holding} with {app}"
+        if go(e.target):
+            return go(e.target)
+        if not e.is_open[e.target]:
+            return f"open {e.target}"
+        return f"put {holding} {'in' if envs.ALF_RECEPTACLES[e.target] else 'on'} {e.target}"
+    r = next(r for r in e.receptacles if r != e.target and any(o.split()[0] == t for o in e.contents[r]))
+    if go(r):
+        return go(r)
+    if not e.is_open[r]:
+        return f"open {r}"
+    return f"take {next(o for o in e.contents[r] if o.split()[0] == t)} from {r}"
+
+
+def oracle_webshop(e):
+    w = e.want
+    if e.page == "search":
+        return f"search {w['color']} {w['material']} {w['category']}"
+    if e.page == "results":
+        good = [p for p in e.results if e.score(p, w["size"]) == 1.0 and w["size"] in p["sizes"]]
+        return f"click {good[0]['id']}" if good else "next page"
+    return f"select {w['size']}" if e.size != w["size"] else "buy now"
+
+
+def oracle_search(e):
+    """Follows the question's chain through the retriever; answers only once the answer was retrieved."""
+    q = e.question
+    if normalize := [c for c in e.candidates if c == e.answer]:
+        return f"answer {normalize[0]}"
+    subject = next(x for x in e.entities if x in q)
+    if "founder of" in q and e.founder[subject] in e.seen:
+        return f"search {e.founder[subject]}"
+    if q.startswith("in which country was") and e.born[subject] in e.seen:
+        return f"search {e.born[subject]}"
+    if q.startswith("in which country is") and subject in e.hq and e.hq[subject] in e.seen:
+        return f"search {e.hq[subject]}"
+    return f"search {subject}"
+
+
+ORACLES = {"textworld": oracle_textworld, "alfworld": oracle_alfworld, "webshop": oracle_webshop,
+           "search": oracle_search}
+
+
+@pytest.mark.parametrize("name", ALL_ENVS)
+def test_oracle_solves_first_100_eval_seeds(name):
+    """Proof the tasks are solvable: a scripted solver wins every one of the first 100 evaluation seeds,
+    using only admissible actions, within max_steps."""
+    oracle = ORACLES[name.split("-")[0]]
+    for i in range(100):
+        e = envs.ENVS[name]()
+        obs, info = e.reset(envs.EVAL_SEED_START + i)
+        for _ in range(e.max_steps):
+            a = oracle(e)
+            free_text = a.startswith("search ") and name.startswith(("webshop", "search"))
+            assert free_text or a in info["admissible_actions"], (i, a, info["admissible_actions"])
+            obs, r, done, info = e.step(a)
+            assert info["valid"], (i, a, obs)
+            if done:
+                break
+        assert info["won"] and r == e.R_max, f"{name} seed {envs.EVAL_SEED_START + i} not solved: {obs}"
+
+
+@pytest.mark.parametrize("name", ALL_ENVS)
+def test_random_policy_success_is_low(name):
+    rate = paw.random_policy_success(envs.ENVS[name], 500)
+    print(f"{name}: random admissible-action policy success on 500 held-out seeds: {rate['success']:.3f}")
+    assert rate["success"] < (0.05 if name.endswith("-sparse") else 0.2)
+    if name == "textworld-tiny":
+        assert rate["success"] > 0.0  # succeeds sometimes, rarely
+
+
+def test_alfworld_reports_per_task_type_success():
+    rate = paw.random_policy_success(envs.AlfWorldTiny, 300)
+    types = {k.split("/", 1)[1] for k in rate if k.startswith("success/")}
+    assert types == set(envs.ALF_TASK_TYPES)
+    eps = []
+    for i, (t, won) in enumerate([("a", True), ("a", False), ("b", False), ("a", True)]):
+        ep = paw.Episode(group=0, seed=i, won=won, task_type=t)
+        ep.steps.append(paw.Step([1], [2], [3], float(won), True, ""))
+        eps.append(ep)
+    st = paw.episode_stats(eps)
+    assert st["success/a"] == pytest.approx(2 / 3) and st["success/b"] == 0.0 and st["success"] == 0.5
 
 
 def test_env_loading_errors():
@@ -511,23 +657,25 @@ def test_garbage_emitting_model_is_handled_by_env(tiny):
             assert tok.eos_token_id not in s.action_ids[:-1]  # kept exactly as sampled, cut at EOS
 
 
-def test_gigpo_anchor_states_recur_in_textworld():
-    """Issue: our env must make anchor states recur across the trajectories of a group (same start,
-    exact-match observations): with random policies the mean anchor-cluster size is > 1."""
+@pytest.mark.parametrize("name", ALL_ENVS)
+def test_gigpo_anchor_states_recur(name):
+    """Issue 6: our envs must make anchor states recur across the trajectories of a group (same start,
+    exact-match observations): with random policies the mean anchor-cluster size is > 1 on every env."""
     rng = random.Random(0)
     anchors, group = [], []
     for g, seed in enumerate((3, 4, 5, 6)):
         for _ in range(8):
-            e = envs.TextWorldTiny()
+            e = envs.ENVS[name]()
             obs, info = e.reset(seed)
             for _t in range(e.max_steps):
                 anchors.append(obs)
                 group.append(g)
-                obs, _, done, info = e.step(rng.choice(info["admissible_actions"]))
+                obs, _, done, info = e.step(rng.choice(info["admissible_actions"] or ["look"]))
                 if done:
                     break
     _, size = paw.gigpo_step_advantages([0.0] * len(anchors), anchors, group)
-    print(f"textworld-tiny, random policy: mean anchor-cluster size {size.double().mean():.2f}")
+    print(f"{name}, random policy: mean anchor-cluster size {size.double().mean():.2f}, "
+          f"singletons {(size == 1).double().mean():.2f}")
     assert size.double().mean() > 1.0
 
 
@@ -702,3 +850,39 @@ def test_damaged_or_partial_checkpoint_gives_clear_error(tmp_path):
     assert r.returncode == 2 and "no complete checkpoint" in r.stderr and "Traceback" not in r.stderr
     r = run_paw(["--resume", str(tmp_path / "nowhere")], tmp_path)
     assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+@pytest.mark.parametrize("wm", ["cmae", "ce", "off"])
+def test_micro_batch_accumulation_equals_whole_minibatch(tiny, wm):
+    """--micro-batch slices a minibatch and accumulates; weighting each slice by its share of action tokens
+    (L_RL) and of selected transitions (WM) gives the whole-minibatch gradient. SGD(lr=1) makes the
+    parameter change equal to the gradient, so the two updates are compared directly."""
+    tok, _ = tiny
+    c = cfg(minibatches=1, wm=wm, wm_alpha=0.5, wm_grad_cap=0.0, kl_coef=0.1, max_grad_norm=1e9)
+    torch.manual_seed(3)
+    model0 = paw.build_tiny_model(tok, c)
+    steps = [s for e in paw.collect_rollouts(model0, tok, envs.TextWorldTiny, [1, 2], 3, c) for s in e.steps][:13]
+    for i, s in enumerate(steps):  # unequal action and observation lengths (one observation empty)
+        s.action_ids, s.obs_ids = s.action_ids[:1 + i % 5], s.obs_ids[:(7 * i) % 23]
+    old, ent, _, _ = paw.score_steps(model0, steps, c, False, tok.pad_token_id)
+    ref = [o + 0.05 for o in old]
+    g = torch.Generator().manual_seed(0)
+    adv = torch.randn(len(steps), generator=g)
+    selected = paw.select_wm_targets(ent, c.wm_alpha)
+    lam = torch.rand(len(steps), generator=g)
+    results = []
+    for micro in (0, 3, 1):
+        model = paw.build_tiny_model(tok, c)
+        model.load_state_dict(model0.state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        c.micro_batch = micro
+        st = paw.ppo_update(model, opt, steps, old, adv, selected, lam, c, False, tok.pad_token_id,
+                            random.Random(0), ref)
+        results.append((st, [p.detach().clone() for p in model.parameters()]))
+    (s0, p0) = results[0]
+    for st, p in results[1:]:
+        for k in ("policy_loss", "wm_loss", "clipfrac", "approx_kl", "grad_norm"):
+            assert st[k] == pytest.approx(s0[k], rel=1e-5, abs=1e-6), k
+        for a, b in zip(p0, p):
+            assert torch.allclose(a, b, atol=1e-5)
+    assert s0["grad_norm"] > 0 and (wm == "off" or s0["wm_loss"] > 0)
