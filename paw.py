@@ -248,7 +248,7 @@ def build_tiny_model(tok, cfg: Config):
                        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                        num_key_value_heads=max(1, cfg.n_heads // 2), max_position_embeddings=4096,
                        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, use_cache=True)
+                       pad_token_id=tok.pad_token_id, use_cache=True, attention_bias=True)
     return LlamaForCausalLM(mcfg)
 
 
@@ -454,7 +454,7 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
             obs_ids = tok(obs, add_special_tokens=False)["input_ids"][:cfg.wm_max_tokens]
             valid = bool(info.get("valid", True)) and format_ok
             eps[i].steps.append(Step(p, a, obs_ids, float(reward), valid, s["obs"], format_ok))
-            s["hist"].append((s["obs"], text))
+            s["hist"].append((s["obs"], text if format_ok else text[:200]))  # a rambling violation stays short
             s["obs"], s["info"] = obs, info
             eps[i].won = bool(info.get("won", False))
             s["done"] = bool(done) or len(eps[i].steps) >= env_cls.max_steps
@@ -864,20 +864,25 @@ def format_warmup(model, tok, env_cls, cfg: Config, rng: random.Random):
         return {}
     t0 = time.time()
     env = env_cls()
-    pool = []  # (prompt ids, admissible actions) from random-policy episodes on training seeds
-    while len(pool) < 2000:
+    # (prompt, admissible actions) from random-policy episodes on training seeds, one fresh prompt per
+    # example (a fixed pool of 2,000 prompts reused ~13 times gave the same validity: 0.81 vs 0.80, measured)
+    texts, pool = [], []
+    while len(texts) < cfg.warmup_steps * cfg.warmup_batch:
         obs, info = env.reset(rng.randrange(paw_envs.EVAL_SEED_START))
         hist = []
         for _ in range(env_cls.max_steps):
             acts = info["admissible_actions"]
             if not acts:
                 break
-            pool.append((encode_prompt(tok, build_prompt(info["task"], hist, obs, acts, cfg.history)), acts))
+            texts.append(build_prompt(info["task"], hist, obs, acts, cfg.history))
+            pool.append(acts)
             a = rng.choice(acts)
             hist.append((obs, a))
             obs, _, done, info = env.step(a)
             if done:
                 break
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    pool = [(bos + ids, acts) for ids, acts in zip(tok(texts, add_special_tokens=False)["input_ids"], pool)]
     enc = {}  # action text -> ids + EOS
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
     model.train()
@@ -888,8 +893,8 @@ def format_warmup(model, tok, env_cls, cfg: Config, rng: random.Random):
         # one position), and (ii) the remaining tokens + EOS of one uniformly sampled action (unbiased).
         # One sequence per prompt instead of n: ~n times more prompts for the same compute.
         steps, firsts = [], []
-        for _ in range(cfg.warmup_batch):
-            p, acts = pool[rng.randrange(len(pool))]
+        for j in range(cfg.warmup_batch):
+            p, acts = pool[step * cfg.warmup_batch + j]
             for a in acts:
                 if a not in enc:
                     enc[a] = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
