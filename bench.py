@@ -60,6 +60,9 @@ def read_run(run: str, variant: str, seed: int, wall_s: float | None = None, war
                warmed_up_success=summ.get("warmed_up_sampled", {}).get("success"),
                warmed_up_valid=summ.get("warmed_up_sampled", {}).get("valid_ratio"),
                success=summ["final_greedy"]["success"], valid_ratio=summ["final_greedy"]["valid_ratio"],
+               sampled_success=summ.get("final_sampled", {}).get("success"),
+               per_type={k: v for k, v in summ["final_greedy"].items() if k.startswith("success/")},
+               per_type_sampled={k: v for k, v in summ.get("final_sampled", {}).items() if k.startswith("success/")},
                train_success_last5=sum(m["success"] for m in metrics[-5:]) / len(metrics[-5:]),
                run_dir=run)
     return row, curve
@@ -137,18 +140,21 @@ def report_learn(a, rows, curves, quiet=False):
     print(f"\nbench learn: {a.env}, {a.algo}, budget {a.budget} min "
           f"({'RL only, shared warm-up' if a.shared_warmup else 'warm-up included'}) | {machine()}")
     print(f"{'variant':<10}{'seed':>5}{'iters':>7}{'train_s':>9}{'peak MiB':>10}{'random':>8}{'warm-up':>9}"
-          f"{'train@end':>10}{'success':>9}{'valid':>7}")
+          f"{'train@end':>10}{'greedy':>8}{'valid':>7}{'sampled':>9}")
+    fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
     for r in rows:
-        wu = f"{r['warmed_up_success']:.3f}" if r["warmed_up_success"] is not None else "-"
         print(f"{r['variant']:<10}{r['seed']:>5}{r['iters']:>7}{r['train_s']:>9.0f}{r['peak_rss_mb']:>10.0f}"
-              f"{r['random_success']:>8.3f}{wu:>9}{r['train_success_last5']:>10.3f}{r['success']:>9.3f}"
-              f"{r['valid_ratio']:>7.3f}")
+              f"{r['random_success']:>8.3f}{fmt(r['warmed_up_success']):>9}{r['train_success_last5']:>10.3f}"
+              f"{r['success']:>8.3f}{r['valid_ratio']:>7.3f}{fmt(r.get('sampled_success')):>9}")
+        for k, v in r.get("per_type", {}).items():
+            print(f"{'':<15}{k:<36} greedy {v:.3f}  sampled {fmt(r.get('per_type_sampled', {}).get(k))}")
     print("(random: admissible-action policy; warm-up: warmed-up policy, sampled; train@end: training-batch "
-          "success, mean of the last 5 iterations; success/valid: held-out, greedy)")
+          "success, mean of the last 5 iterations; greedy/valid/sampled: held-out success, valid ratio, success)")
     for v in ("paw", "baseline"):
-        s = [r["success"] for r in rows if r["variant"] == v]
-        if s:
-            print(f"mean held-out greedy success, {v}: {sum(s) / len(s):.3f}")
+        for key, what in (("success", "greedy"), ("sampled_success", "sampled")):
+            s = [r[key] for r in rows if r["variant"] == v and r.get(key) is not None]
+            if s:
+                print(f"mean held-out {what} success, {v}: {sum(s) / len(s):.3f} over {len(s)} seed(s)")
     for seed, e in eq.items():
         print(f"seed {seed}, equal iterations ({e['iter']}): paw {e['paw']:.3f} vs baseline {e['baseline']:.3f}")
     print(f"wrote {path}")
