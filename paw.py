@@ -311,6 +311,8 @@ class PromptFormat:
 
 
 def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
+    """think for --prompt-format think, or auto with a --model whose tokenizer has a chat template; stop at
+    the tokenizer's EOS and at every EOS of the model's generation config (e.g. <|im_end|>, <|eot_id|>)."""
     chat = getattr(tok, "chat_template", None) is not None
     think = cfg.prompt_format == "think" or (cfg.prompt_format == "auto" and bool(cfg.model) and chat)
     prefilled = False
