@@ -31,6 +31,8 @@ import os
 import random
 import sys
 
+import numpy as np
+
 EVAL_SEED_START = 1_000_000  # training seeds are below this, held-out evaluation seeds at or above it
 
 PROTOCOL_INFO_KEYS = ("admissible_actions", "task", "won", "valid")
@@ -662,7 +664,6 @@ class SearchTiny:
 
     # --- the retriever: TF-IDF with cosine similarity, in numpy ------------------------------------
     def _index(self):
-        import numpy as np
         toks = [_tokens(d) for d in self.docs]
         self.vocab = {w: i for i, w in enumerate(sorted({w for t in toks for w in t}))}
         tf = np.zeros((len(toks), len(self.vocab)))
@@ -675,7 +676,6 @@ class SearchTiny:
 
     def retrieve(self, query: str) -> list[int]:
         """Indices of the top_k documents for the query (ties: document order)."""
-        import numpy as np
         q = np.zeros(len(self.vocab))
         for w in _tokens(query):
             if w in self.vocab:

@@ -1290,7 +1290,7 @@ def main(argv=None):
         print(f"resuming from {ckpt} (iteration {start})")
     else:
         summary, start = dict(random=random_policy_success(env_cls, cfg.eval_episodes)), 0
-        if not cfg.model and cfg.warmup_steps:  # a random model cannot emit actions yet: format warm-up (§8)
+        if not cfg.model and cfg.warmup_steps:  # a random model cannot emit actions yet: format warm-up (part 8 of this file)
             summary["warmup"] = format_warmup(model, tok, env_cls, cfg, rng)
             summary["warmed_up_sampled"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=False, fmt=fmt)
         if cfg.kl_coef > 0:
