@@ -166,6 +166,21 @@ class TextWorldTiny:
     def _info(self, valid: bool) -> dict:
         return dict(admissible_actions=self.admissible_actions(), task=self.task, won=self.won, valid=valid)
 
+    def decision_points(self) -> dict[str, list[str]]:
+        """The key decisions of the current state and the actions that get each one right (optional
+        protocol method; paw logs how often the policy gets each right, `decision/<name>`):
+        take_goal: the goal object is in sight; open_goal: carrying it before the closed goal container;
+        put_goal: carrying it before the open goal receptacle; move: nothing here helps, any exit is right."""
+        obj, rec = self.goal
+        carrying, rec_here = obj in self.inventory, self.recs[rec]["room"] == self.room
+        if not carrying and obj in self._visible_objects():
+            return {"take_goal": [f"take {obj}"]}
+        if carrying and rec_here and not self.recs[rec]["open"]:
+            return {"open_goal": [f"open {rec}"]}
+        if carrying and rec_here:
+            return {"put_goal": [f"put {obj} {'in' if self.recs[rec]['kind'] == 'container' else 'on'} {rec}"]}
+        return {"move": [f"go {d}" for d in sorted(self.exits[self.room])]}
+
     # --- dynamics ----------------------------------------------------------------------------------
     def step(self, action: str):
         if self.won or self.steps >= self.max_steps:

@@ -74,6 +74,9 @@ class Config:
     prompt_format: str = arg("auto", "plain prompt + bare action, or think: chat template + <think>..</think><action>..</action>; "
                              "auto = think for a --model with a chat template", choices=["auto", "plain", "think"])
     temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature")
+    action_mask: str = arg("auto", "decode only admissible actions (a prefix mask over their tokenizations; log-probs "
+                           "and entropies of the renormalised distribution); auto = on for the plain prompt, off for "
+                           "think", choices=["auto", "on", "off"])
     # --- RL (§3) -------------------------------------------------------------------------------------
     algo: str = arg("grpo", "advantage estimator (§3)", choices=["grpo", "gigpo", "rloo"])
     adv_norm: str = arg("mean_std", "episode-level normalisation of GRPO/GiGPO", choices=["mean_std", "mean"])
@@ -95,8 +98,14 @@ class Config:
     wm_coef: float = arg(1.0, "§2.3: global coefficient multiplying lambda")
     wm_max_tokens: int = arg(48, "§2: the next observation o_{t+1} is truncated to this many tokens")
     wm_grad_cap: float = arg(1.0, "§6 safeguard: WM gradient norm <= cap x RL gradient norm per step (0 = off, one backward)")
+    # --- language prior (tiny model only) -------------------------------------------------------------
+    prior_steps: int = arg(150, "next-token pretraining steps on observation text alone (0 = none): the tiny model "
+                                "learns the language of the env, not its dynamics, as a pretrained LLM would")
+    prior_batch: int = arg(32, "observations per language-prior step")
+    prior_lr: float = arg(2e-3, "language-prior learning rate")
     # --- format warm-up (tiny model only) --------------------------------------------------------------
-    warmup_steps: int = arg(800, "supervised steps imitating uniformly random admissible actions (0 = none)")
+    warmup_steps: int = arg(0, "supervised steps imitating uniformly random admissible actions (0 = none; "
+                               "needed only with --action-mask off)")
     warmup_batch: int = arg(32, "prompts per warm-up step")
     warmup_lr: float = arg(2e-3, "warm-up learning rate")
     # --- the tiny model ------------------------------------------------------------------------------
@@ -122,13 +131,13 @@ class ConfigError(ValueError):
 
 def validate_config(cfg: Config):
     """Nonsense values get one clear line (main turns it into exit code 2)."""
-    positive = ["groups", "group_size", "minibatches", "ppo_epochs",
+    positive = ["groups", "group_size", "minibatches", "ppo_epochs", "prior_batch",
                 "wm_max_tokens", "warmup_batch", "d_model", "n_layers", "n_heads", "forward_batch",
                 "eval_every_episodes"]
     for f in positive:
         if getattr(cfg, f) <= 0:
             raise ConfigError(f"--{f.replace('_', '-')} must be > 0 (got {getattr(cfg, f)})")
-    for f in ["iters", "micro_batch", "max_action_tokens", "save_every", "history", "warmup_steps", "eval_episodes", "eval_every", "time_budget", "kl_coef",
+    for f in ["iters", "micro_batch", "max_action_tokens", "save_every", "history", "warmup_steps", "prior_steps", "eval_episodes", "eval_every", "time_budget", "kl_coef",
               "invalid_penalty", "loss_chunk", "threads", "wm_grad_cap", "wm_coef", "max_grad_norm"]:
         if getattr(cfg, f) < 0:
             raise ConfigError(f"--{f.replace('_', '-')} must be >= 0 (got {getattr(cfg, f)})")
@@ -149,8 +158,8 @@ def validate_config(cfg: Config):
         raise ConfigError("--clip-low must be in [0, 1) and --clip-high >= 0")
     if not 0 < cfg.gamma <= 1:
         raise ConfigError(f"--gamma must be in (0, 1] (got {cfg.gamma})")
-    if not cfg.lr > 0 or not cfg.warmup_lr > 0:
-        raise ConfigError("--lr and --warmup-lr must be > 0")
+    if not cfg.lr > 0 or not cfg.warmup_lr > 0 or not cfg.prior_lr > 0:
+        raise ConfigError("--lr, --warmup-lr and --prior-lr must be > 0")
     if cfg.d_model % cfg.n_heads:
         raise ConfigError(f"--d-model ({cfg.d_model}) must be divisible by --n-heads ({cfg.n_heads})")
 
@@ -223,17 +232,15 @@ def gather_env_text(env_cls, n_episodes: int = 1000, seed: int = 0):
 
 def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
     """Word-level tokenizer trained with `tokenizers` on environment text; loadable with AutoTokenizer.
-    Every admissible action string seen in random rollouts is also kept whole, as one token (what a BPE
-    merge of a frequent command would do): an action is then one token + EOS, so generation needs two
-    decoding steps and the action is one decision. (It did not speed up the format warm-up: 0.66 vs
-    0.71 valid after 300 stochastic warm-up steps at d=128, measured.) Unseen actions fall back to words."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    Actions are plain words too ("take apple" = take + apple + EOS): the object word of an action is then
+    the same token as in the task and the observation, so the policy can learn to copy it (see the README's
+    design decisions for the measurement against whole-action tokens). `actions` only enter the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tk = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk_token"]))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
-    tk.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=list(SPECIALS.values())))
-    tk.add_tokens([AddedToken(a, single_word=True, normalized=False) for a in actions if " " in a])
+    tk.train_from_iterator(list(texts) + list(actions), trainers.WordLevelTrainer(special_tokens=list(SPECIALS.values())))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, **SPECIALS)
     tok.padding_side = "left"
     return tok
@@ -308,6 +315,7 @@ class PromptFormat:
     prefilled_think: bool   # the template ends the generation prompt with "<think>" (e.g. some reasoning models)
     stop_ids: list          # generation ends at any of these ids (EOS, end-of-turn)
     max_new_tokens: int
+    mask: bool = False      # decode only admissible actions (AdmissiblePrefixMask)
 
 
 def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
@@ -324,7 +332,10 @@ def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
     stop.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
     stop.discard(None)
     budget = cfg.max_action_tokens or (256 if think else 8)
-    return PromptFormat(think, chat and think, prefilled, sorted(stop), budget)
+    mask = cfg.action_mask == "on" or (cfg.action_mask == "auto" and not think)
+    if mask and think:
+        raise ConfigError("--action-mask on needs --prompt-format plain (a think response is free text)")
+    return PromptFormat(think, chat and think, prefilled, sorted(stop), budget, mask)
 
 
 def render_prompt(tok, fmt: PromptFormat, task, history, obs, admissible, k: int) -> list[int]:
@@ -373,6 +384,8 @@ class Step:
     valid: bool           # the response was well-formed AND the action admissible (penalised if not)
     anchor: str           # the raw current observation o_t, GiGPO's anchor state (§3)
     format_ok: bool = True  # the response had a well-formed action (always True in the plain format)
+    allowed: list | None = None  # with the action mask: per action token, the token ids the mask allowed there
+    decisions: dict = field(default_factory=dict)  # decision name -> got it right (envs with decision_points())
 
 
 @dataclass
@@ -388,11 +401,53 @@ class Episode:
         return sum(s.reward for s in self.steps)
 
 
+def action_trie(tok, admissible: list[str], eos_id: int, cache: dict) -> dict:
+    """The admissible actions as a prefix tree of token ids, each action ending in EOS: {id: subtree}.
+    Decoding restricted to this tree can only emit an admissible action (standard action masking)."""
+    trie: dict = {}
+    for a in admissible:
+        if a not in cache:
+            cache[a] = tok(a, add_special_tokens=False)["input_ids"] + [eos_id]
+        node = trie
+        for t in cache[a]:
+            node = node.setdefault(t, {})
+    return trie
+
+
+def allowed_along(trie: dict, ids: list[int]) -> list[list[int]]:
+    """For each token of a decoded action, the ids the mask allowed at that position."""
+    out, node = [], trie
+    for t in ids:
+        out.append(sorted(node))
+        node = node.get(t, {})
+    return out
+
+
+class AdmissiblePrefixMask:
+    """A transformers logits processor: row r may only continue a prefix of one of its admissible actions
+    (scores of every other token -> -inf, so sampling and argmax renormalise over the allowed ones). A row
+    that has finished its action is left alone (generate pads it)."""
+
+    def __init__(self, tries: list[dict], prompt_len: int):
+        self.tries, self.prompt_len = tries, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        block = torch.zeros_like(scores, dtype=torch.bool)
+        for r, node in enumerate(self.tries):
+            for t in input_ids[r, self.prompt_len:].tolist():
+                node = node.get(t) if node else None
+            if node:
+                block[r] = True
+                block[r, list(node)] = False
+        return scores.masked_fill(block, float("-inf"))
+
+
 @torch.no_grad()
 def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: bool,
-                     fmt: PromptFormat | None = None) -> list[list[int]]:
+                     fmt: PromptFormat | None = None, tries: list[dict] | None = None) -> list[list[int]]:
     """Batched generation with a KV cache. Returns, per prompt, the sampled ids up to and including the
-    first stop id (or the whole budget when the model never stopped), exactly as sampled."""
+    first stop id (or the whole budget when the model never stopped), exactly as sampled. With `tries`
+    (the action mask), each row can only produce one of its admissible actions."""
     fmt = fmt or make_prompt_format(tok, model, cfg)
     dev = next(model.parameters()).device
     L = max(len(p) for p in prompts)
@@ -402,7 +457,12 @@ def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: 
         ids[i, L - len(p):] = torch.tensor(p)
         mask[i, L - len(p):] = 1
     gen_kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
-    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=fmt.max_new_tokens,
+    budget = fmt.max_new_tokens
+    if tries is not None:
+        from transformers import LogitsProcessorList
+        gen_kw["logits_processor"] = LogitsProcessorList([AdmissiblePrefixMask(tries, L)])
+        budget = max(trie_depth(t) for t in tries) or 1  # the longest admissible action + EOS
+    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=budget,
                          eos_token_id=fmt.stop_ids, pad_token_id=tok.pad_token_id, **gen_kw)
     stop, actions = set(fmt.stop_ids), []
     for row in out[:, L:].tolist():
@@ -413,6 +473,10 @@ def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: 
                 break
         actions.append(a)
     return actions
+
+
+def trie_depth(trie: dict) -> int:
+    return 1 + max(map(trie_depth, trie.values())) if trie else 0
 
 
 class EnvironmentFailure(RuntimeError):
@@ -431,7 +495,7 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
     fmt = fmt or make_prompt_format(tok, model, cfg)
     was_training = model.training
     model.eval()
-    eps, live = [], []
+    eps, live, enc_cache = [], [], {}
     for g, seed in enumerate(seeds):
         for _ in range(group_size):
             env = env_cls()
@@ -444,10 +508,13 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
             break
         prompts = [render_prompt(tok, fmt, live[i]["info"]["task"], live[i]["hist"], live[i]["obs"],
                                  live[i]["info"]["admissible_actions"], cfg.history) for i in active]
-        actions = generate_actions(model, tok, prompts, cfg, greedy, fmt)
-        for i, p, a in zip(active, prompts, actions):
+        tries = [action_trie(tok, live[i]["info"]["admissible_actions"], tok.eos_token_id, enc_cache)
+                 for i in active] if fmt.mask else None
+        actions = generate_actions(model, tok, prompts, cfg, greedy, fmt, tries)
+        for n, (i, p, a) in enumerate(zip(active, prompts, actions)):
             s = live[i]
             text, format_ok = project_action(decode_action(tok, a, fmt.stop_ids), fmt.think, fmt.prefilled_think)
+            points = s["env"].decision_points() if hasattr(s["env"], "decision_points") else {}
             try:
                 obs, reward, done, info = s["env"].step(text)
             except Exception as e:  # noqa: BLE001 - a user env that raises is a bug in the env, say so
@@ -455,7 +522,9 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
                                          f"{type(e).__name__}: {e}") from e
             obs_ids = tok(obs, add_special_tokens=False)["input_ids"][:cfg.wm_max_tokens]
             valid = bool(info.get("valid", True)) and format_ok
-            eps[i].steps.append(Step(p, a, obs_ids, float(reward), valid, s["obs"], format_ok))
+            allowed = allowed_along(tries[n], a) if tries is not None else None
+            eps[i].steps.append(Step(p, a, obs_ids, float(reward), valid, s["obs"], format_ok, allowed,
+                                     {k: text in right for k, right in points.items()}))
             s["hist"].append((s["obs"], text if format_ok else text[:200]))  # a rambling violation stays short
             s["obs"], s["info"] = obs, info
             eps[i].won = bool(info.get("won", False))
@@ -758,13 +827,27 @@ def fused_logp_entropy(h, W, targets, chunk: int = 0, backend: str = "off"):
     return FusedLinearLogpEntropy.apply(h, W, targets, chunk or default_chunk(W.shape[0]), backend)
 
 
-def naive_logp_entropy(logits, targets):
-    """The reference: full log_softmax over the vocabulary, gather, entropy, autograd."""
-    logp_all = torch.log_softmax(logits.float(), dim=-1)
+def naive_logp_entropy(logits, targets, allowed: torch.Tensor | None = None):
+    """The reference: full log_softmax over the vocabulary, gather, entropy, autograd. With `allowed`
+    ([N, V] bool, the action mask) the distribution is renormalised over the allowed tokens."""
+    z = logits.float()
+    if allowed is not None:
+        z = z.masked_fill(~allowed, float("-inf"))
+    logp_all = torch.log_softmax(z, dim=-1)
     logp = logp_all.gather(1, targets[:, None]).squeeze(1)
-    ent = -(logp_all.exp() * logp_all).sum(-1)
-    hit = logits.gather(1, targets[:, None]).squeeze(1) >= logits.max(-1).values
+    plogp = logp_all.exp() * logp_all
+    ent = -(plogp if allowed is None else plogp.masked_fill(~allowed, 0.0)).sum(-1)
+    hit = z.gather(1, targets[:, None]).squeeze(1) >= z.max(-1).values
     return logp, ent, hit
+
+
+def allowed_matrix(pk, n_act: int, vocab: int, device) -> torch.Tensor | None:
+    """The action mask of a packed batch as a dense [action tokens, vocab] bool matrix (None: no mask)."""
+    if pk.act_allowed is None:
+        return None
+    m = torch.zeros(n_act, vocab, dtype=torch.bool, device=device)
+    m[pk.act_allowed[0].to(device), pk.act_allowed[1].to(device)] = True
+    return m
 
 
 def plain_linear_head(model) -> tuple[bool, str]:
@@ -801,6 +884,7 @@ class Packed:
     obs_pos: torch.Tensor
     obs_tgt: torch.Tensor
     obs_row: torch.Tensor
+    act_allowed: tuple | None = None  # action mask: (action-token index, allowed id) pairs, or None (no mask)
 
 
 def pack_steps(steps: list[Step], pad_id: int, with_obs: bool = True) -> Packed:
@@ -823,7 +907,11 @@ def pack_steps(steps: list[Step], pad_id: int, with_obs: bool = True) -> Packed:
             ot += s.obs_ids
             orow += [r] * len(s.obs_ids)
     L = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    return Packed(ids, mask, L(ap), L(at), L(ar), L(op), L(ot), L(orow))
+    allowed = None
+    if steps and all(s.allowed is not None for s in steps):
+        flat = [ids_j for s in steps for ids_j in s.allowed]
+        allowed = (L([k for k, a in enumerate(flat) for _ in a]), L([t for a in flat for t in a]))
+    return Packed(ids, mask, L(ap), L(at), L(ar), L(op), L(ot), L(orow), allowed)
 
 
 def token_stats(model, pk: Packed, cfg: Config, fused: bool, return_top: bool = False):
@@ -837,26 +925,83 @@ def token_stats(model, pk: Packed, cfg: Config, fused: bool, return_top: bool = 
     pos = torch.cat([pk.act_pos, pk.obs_pos]).to(dev)
     tgt = torch.cat([pk.act_tgt, pk.obs_tgt]).to(dev)
     n_act = pk.act_pos.numel()
+    W = model.get_output_embeddings().weight
+    allowed = allowed_matrix(pk, n_act, W.shape[0], dev)
     if fused:
         hidden = model.get_decoder()(input_ids=ids).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1])[pos]
-        scale = torch.ones(h.shape[0], 1, dtype=h.dtype, device=dev)
-        scale[:n_act] = 1.0 / cfg.temperature  # logits / T == (h / T) W^T
-        W = model.get_output_embeddings().weight
-        logp, ent, hit = fused_logp_entropy(h * scale, W, tgt, cfg.loss_chunk, cfg.compile)
+        if allowed is None:
+            scale = torch.ones(h.shape[0], 1, dtype=h.dtype, device=dev)
+            scale[:n_act] = 1.0 / cfg.temperature  # logits / T == (h / T) W^T
+            logp, ent, hit = fused_logp_entropy(h * scale, W, tgt, cfg.loss_chunk, cfg.compile)
+        else:  # masked actions are few tokens: their logits in full, the observation tokens fused
+            act = naive_logp_entropy((h[:n_act] @ W.t()) / cfg.temperature, tgt[:n_act], allowed)
+            obs = fused_logp_entropy(h[n_act:], W, tgt[n_act:], cfg.loss_chunk, cfg.compile)
+            logp, ent, hit = (torch.cat([a.to(o.dtype) if a.is_floating_point() else a, o]) for a, o in zip(act, obs))
     else:
         out = model(input_ids=ids, output_hidden_states=return_top)
         hidden, logits = (out.hidden_states[-1] if return_top else None), out.logits
         z = logits.reshape(-1, logits.shape[-1])[pos].float()
-        z[:n_act] = z[:n_act] / cfg.temperature
-        logp, ent, hit = naive_logp_entropy(z, tgt)
+        act = naive_logp_entropy(z[:n_act] / cfg.temperature, tgt[:n_act], allowed)
+        obs = naive_logp_entropy(z[n_act:], tgt[n_act:])
+        logp, ent, hit = (torch.cat(x) for x in zip(act, obs))
     res = (logp[:n_act], ent[:n_act], hit[:n_act]), (logp[n_act:], ent[n_act:], hit[n_act:])
     return res + (hidden,) if return_top else res
 
 
 # ====================================================================================================
-# 8. Format warm-up (tiny model only): a random model cannot emit well-formed actions yet.
+# 8. Language prior and format warm-up (tiny model only)
 # ====================================================================================================
+def observation_corpus(env_cls, n: int, rng: random.Random) -> list[str]:
+    """Observations of random-policy episodes on training seeds, each on its own (no action before it)."""
+    env, texts = env_cls(), []
+    while len(texts) < n:
+        obs, info = env.reset(rng.randrange(paw_envs.EVAL_SEED_START))
+        texts.append(obs)
+        for _ in range(env_cls.max_steps):
+            acts = info["admissible_actions"]
+            if not acts or len(texts) >= n:
+                break
+            obs, _, done, info = env.step(rng.choice(acts))
+            texts.append(obs)
+            if done:
+                break
+    return texts
+
+
+def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random) -> dict:
+    """Next-token pretraining on observation text alone: BOS o EOS, with no action in the context. A real
+    LLM starts PaW knowing the language of the environment but not its dynamics; this gives the tiny model
+    the same start, so the CMAE gradient p(1-p) of §2.2 is not ~0 (a random model has p ~ 1/V for every
+    token). It cannot teach the transition [h ; a] -> o': no sequence holds an action."""
+    if cfg.prior_steps == 0:
+        return {}
+    t0 = time.time()
+    texts = observation_corpus(env_cls, cfg.prior_steps * cfg.prior_batch, rng)
+    rng.shuffle(texts)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.prior_lr, weight_decay=0.0)
+    model.train()
+    losses, accs = [], []
+    for step in tqdm(range(cfg.prior_steps), desc="language prior", leave=False, dynamic_ncols=True):
+        batch = ids[step * cfg.prior_batch:(step + 1) * cfg.prior_batch]
+        steps = [Step(bos, [], x[:4 * cfg.wm_max_tokens] + [tok.eos_token_id], 0.0, True, "") for x in batch]
+        for g in opt.param_groups:  # a short linear ramp avoids an early blow-up
+            g["lr"] = cfg.prior_lr * min(1.0, (step + 1) / 20)
+        _, (lp, _, hit) = token_stats(model, pack_steps(steps, tok.pad_token_id), cfg, cfg.fused_loss)
+        loss = -lp.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        accs.append(hit.float().mean().item())
+    return dict(prior_loss=float(np.mean(losses[-20:])), prior_token_acc=float(np.mean(accs[-20:])),
+                prior_s=time.time() - t0)
+
+
+# Format warm-up: without the action mask, a random model cannot emit well-formed actions yet.
 def format_warmup(model, tok, env_cls, cfg: Config, rng: random.Random):
     """Supervised imitation of *uniformly random* admissible actions on real prompts, action tokens only.
     A fresh uniform action per prompt per step is an unbiased estimate of weighting every admissible
@@ -1035,6 +1180,8 @@ def episode_stats(episodes: list[Episode], prefix: str = "") -> dict:
            prefix + "format_valid_ratio": float(np.mean([s.format_ok for s in steps])) if steps else 0.0}
     for t in sorted({e.task_type for e in episodes if e.task_type}):
         out[f"{prefix}success/{t}"] = float(np.mean([e.won for e in episodes if e.task_type == t]))
+    for d in sorted({k for s in steps for k in s.decisions}):  # how often each key decision is right
+        out[f"{prefix}decision/{d}"] = float(np.mean([s.decisions[d] for s in steps if d in s.decisions]))
     return out
 
 
@@ -1290,6 +1437,8 @@ def main(argv=None):
         print(f"resuming from {ckpt} (iteration {start})")
     else:
         summary, start = dict(random=random_policy_success(env_cls, cfg.eval_episodes)), 0
+        if not cfg.model and cfg.prior_steps:  # the language prior (part 8 of this file)
+            summary["prior"] = language_prior(model, tok, env_cls, cfg, rng)
         if not cfg.model and cfg.warmup_steps:  # a random model cannot emit actions yet: format warm-up (part 8 of this file)
             summary["warmup"] = format_warmup(model, tok, env_cls, cfg, rng)
             summary["warmed_up_sampled"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=False, fmt=fmt)
