@@ -114,10 +114,14 @@ class Config:
     n_heads: int = arg(4, "tiny model: attention heads")
     # --- the hot loss path (§7 of this file) ---------------------------------------------------------
     fused_loss: bool = arg(True, "chunked fused lm_head -> log-prob/entropy (never the full logits)")
-    compile: str = arg("inductor", "torch.compile backend of the loss kernels", choices=["inductor", "aot_eager", "off"])
+    compile: str = arg("auto", "torch.compile backend of the loss kernels; auto = inductor from a 32k vocabulary "
+                       "(where it pays, measured), off below", choices=["auto", "inductor", "aot_eager", "off"])
     loss_chunk: int = arg(0, "tokens per chunk of the fused loss (0 = auto: logits tile of about 2^26 values)")
     forward_batch: int = arg(64, "sequences per no-grad scoring forward")
-    micro_batch: int = arg(0, "sequences per forward/backward in the update, gradients accumulated (0 = whole minibatch)")
+    rescore: str = arg("auto", "recompute the behaviour log-probs in a no-grad pass (on) or take them from "
+                       "generation (off); auto = off in float32, where both agree", choices=["auto", "on", "off"])
+    micro_batch: int = arg(64, "sequences per forward/backward in the update (sorted by length, gradients "
+                              "accumulated with exact weights; 0 = the whole minibatch at once)")
     # --- evaluation ----------------------------------------------------------------------------------
     eval_episodes: int = arg(100, "held-out evaluation episodes at the end (greedy)")
     eval_sampled: bool = arg(False, "also evaluate with temperature sampling")
@@ -386,6 +390,8 @@ class Step:
     format_ok: bool = True  # the response had a well-formed action (always True in the plain format)
     allowed: list | None = None  # with the action mask: per action token, the token ids the mask allowed there
     decisions: dict = field(default_factory=dict)  # decision name -> got it right (envs with decision_points())
+    gen_logp: torch.Tensor | None = None   # per action token: log-prob under the sampling distribution
+    gen_entropy: torch.Tensor | None = None  # per action token: entropy of the sampling distribution
 
 
 @dataclass
@@ -444,10 +450,11 @@ class AdmissiblePrefixMask:
 
 @torch.no_grad()
 def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: bool,
-                     fmt: PromptFormat | None = None, tries: list[dict] | None = None) -> list[list[int]]:
+                     fmt: PromptFormat | None = None, tries: list[dict] | None = None) -> list[tuple]:
     """Batched generation with a KV cache. Returns, per prompt, the sampled ids up to and including the
-    first stop id (or the whole budget when the model never stopped), exactly as sampled. With `tries`
-    (the action mask), each row can only produce one of its admissible actions."""
+    first stop id (or the whole budget when the model never stopped), exactly as sampled, with the
+    per-token log-prob and entropy of the distribution they were drawn from (at temperature T, after the
+    mask). With `tries` (the action mask), each row can only produce one of its admissible actions."""
     fmt = fmt or make_prompt_format(tok, model, cfg)
     dev = next(model.parameters()).device
     L = max(len(p) for p in prompts)
@@ -463,15 +470,17 @@ def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: 
         gen_kw["logits_processor"] = LogitsProcessorList([AdmissiblePrefixMask(tries, L)])
         budget = max(trie_depth(t) for t in tries) or 1  # the longest admissible action + EOS
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=budget,
-                         eos_token_id=fmt.stop_ids, pad_token_id=tok.pad_token_id, **gen_kw)
+                         eos_token_id=fmt.stop_ids, pad_token_id=tok.pad_token_id, repetition_penalty=1.0,
+                         output_scores=True, return_dict_in_generate=True, **gen_kw)
+    # The scores generate sampled from (logits / T, masked): their log-softmax is the behaviour policy.
+    logp_all = torch.log_softmax(torch.stack(out.scores, 1).float(), dim=-1)  # [B, new tokens, V]
+    new = out.sequences[:, L:]
+    tok_logp = logp_all.gather(2, new[:, :, None]).squeeze(2)
+    tok_ent = -(logp_all.exp() * logp_all.clamp(min=torch.finfo(logp_all.dtype).min)).sum(-1)
     stop, actions = set(fmt.stop_ids), []
-    for row in out[:, L:].tolist():
-        a = []
-        for t in row:
-            a.append(t)
-            if t in stop:
-                break
-        actions.append(a)
+    for r, row in enumerate(new.tolist()):
+        n = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
+        actions.append((row[:n], tok_logp[r, :n].cpu(), tok_ent[r, :n].cpu()))
     return actions
 
 
@@ -511,7 +520,7 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
         tries = [action_trie(tok, live[i]["info"]["admissible_actions"], tok.eos_token_id, enc_cache)
                  for i in active] if fmt.mask else None
         actions = generate_actions(model, tok, prompts, cfg, greedy, fmt, tries)
-        for n, (i, p, a) in enumerate(zip(active, prompts, actions)):
+        for n, (i, p, (a, a_logp, a_ent)) in enumerate(zip(active, prompts, actions)):
             s = live[i]
             text, format_ok = project_action(decode_action(tok, a, fmt.stop_ids), fmt.think, fmt.prefilled_think)
             points = s["env"].decision_points() if hasattr(s["env"], "decision_points") else {}
@@ -524,7 +533,7 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
             valid = bool(info.get("valid", True)) and format_ok
             allowed = allowed_along(tries[n], a) if tries is not None else None
             eps[i].steps.append(Step(p, a, obs_ids, float(reward), valid, s["obs"], format_ok, allowed,
-                                     {k: text in right for k, right in points.items()}))
+                                     {k: text in right for k, right in points.items()}, a_logp, a_ent))
             s["hist"].append((s["obs"], text if format_ok else text[:200]))  # a rambling violation stays short
             s["obs"], s["info"] = obs, info
             eps[i].won = bool(info.get("won", False))
@@ -927,16 +936,17 @@ def token_stats(model, pk: Packed, cfg: Config, fused: bool, return_top: bool = 
     n_act = pk.act_pos.numel()
     W = model.get_output_embeddings().weight
     allowed = allowed_matrix(pk, n_act, W.shape[0], dev)
+    backend = cfg.compile if cfg.compile != "auto" else ("inductor" if W.shape[0] >= 32768 else "off")
     if fused:
         hidden = model.get_decoder()(input_ids=ids).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1])[pos]
         if allowed is None:
             scale = torch.ones(h.shape[0], 1, dtype=h.dtype, device=dev)
             scale[:n_act] = 1.0 / cfg.temperature  # logits / T == (h / T) W^T
-            logp, ent, hit = fused_logp_entropy(h * scale, W, tgt, cfg.loss_chunk, cfg.compile)
+            logp, ent, hit = fused_logp_entropy(h * scale, W, tgt, cfg.loss_chunk, backend)
         else:  # masked actions are few tokens: their logits in full, the observation tokens fused
             act = naive_logp_entropy((h[:n_act] @ W.t()) / cfg.temperature, tgt[:n_act], allowed)
-            obs = fused_logp_entropy(h[n_act:], W, tgt[n_act:], cfg.loss_chunk, cfg.compile)
+            obs = fused_logp_entropy(h[n_act:], W, tgt[n_act:], cfg.loss_chunk, backend)
             logp, ent, hit = (torch.cat([a.to(o.dtype) if a.is_floating_point() else a, o]) for a, o in zip(act, obs))
     else:
         out = model(input_ids=ids, output_hidden_states=return_top)
@@ -1074,28 +1084,31 @@ def format_warmup(model, tok, env_cls, cfg: Config, rng: random.Random):
 # 9. Training loop
 # ====================================================================================================
 @torch.no_grad()
-def score_steps(model, steps: list[Step], cfg: Config, fused: bool, pad_id: int, ref_model=None):
+def score_steps(model, steps: list[Step], cfg: Config, fused: bool, pad_id: int, ref_model=None,
+                policy: bool = True):
     """The no-grad scoring pass (§2.1 Decision): rollout-time (old) log-probs of every action token at
     the sampling temperature, per-token entropy, the WM token accuracy, and (with --kl-coef) the
-    reference policy's log-probs. Same weights as at generation, so these are the behaviour log-probs."""
+    reference policy's log-probs. Same weights as at generation, so these are the behaviour log-probs.
+    policy=False: only the reference log-probs (generation already gave the behaviour ones)."""
     was_training = model.training
     model.eval()
     old, ent_mean, ref, hits, n_obs = [], [], [], 0, 0
     for i in range(0, len(steps), cfg.forward_batch):
         chunk = steps[i:i + cfg.forward_batch]
-        pk = pack_steps(chunk, pad_id)
-        (lp, en, _), (_, _, ohit) = token_stats(model, pk, cfg, fused)
-        lp, en = lp.float().cpu(), en.float().cpu()
+        pk = pack_steps(chunk, pad_id, with_obs=policy)
         cnt = torch.bincount(pk.act_row, minlength=len(chunk)).tolist()
-        old += list(torch.split(lp, cnt))
-        ent_mean += [x.mean().item() if x.numel() else 0.0 for x in torch.split(en, cnt)]  # H(a_t|h_t), §2.1
-        hits += int(ohit.sum())
-        n_obs += ohit.numel()
+        if policy:
+            (lp, en, _), (_, _, ohit) = token_stats(model, pk, cfg, fused)
+            lp, en = lp.float().cpu(), en.float().cpu()
+            old += list(torch.split(lp, cnt))
+            ent_mean += [x.mean().item() if x.numel() else 0.0 for x in torch.split(en, cnt)]  # H(a_t|h_t), §2.1
+            hits += int(ohit.sum())
+            n_obs += ohit.numel()
         if ref_model is not None:
             (rlp, _, _), _ = token_stats(ref_model, pk, cfg, fused)
             ref += list(torch.split(rlp.float().cpu(), cnt))
     model.train(was_training)
-    return old, torch.tensor(ent_mean), ref, hits / max(1, n_obs)
+    return old, torch.tensor(ent_mean), ref, (hits / n_obs if n_obs else None)
 
 
 def backward_with_wm_cap(l_rl, l_wm, top: torch.Tensor, cap: float) -> dict:
@@ -1127,14 +1140,16 @@ def ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg: Config, fus
     is then applied per slice.)"""
     params = [p for p in model.parameters() if p.requires_grad]
     dev = next(model.parameters()).device
-    logs, n_tokens = [], 0
+    logs, n_tokens, n_padded, hits, n_obs = [], 0, 0, 0, 0
     wm_on = cfg.wm != "off"
+    seq_len = [len(s.prompt_ids) + len(s.action_ids) + (len(s.obs_ids) if wm_on else 0) for s in steps]
     model.train()
-    for _epoch in range(cfg.ppo_epochs):
+    for epoch in range(cfg.ppo_epochs):
         order = list(range(len(steps)))
         rng.shuffle(order)
         for mb in np.array_split(np.array(order), min(cfg.minibatches, len(order))):
-            mb = mb.tolist()
+            # membership is random; within the minibatch, slices of similar length waste little on padding
+            mb = sorted(mb.tolist(), key=lambda i: seq_len[i])
             n_act = sum(len(steps[i].action_ids) for i in mb)
             in_s = [bool(selected[i]) and len(steps[i].obs_ids) > 0 for i in mb] if wm_on else [False] * len(mb)
             n_sel = max(1, sum(in_s))
@@ -1144,7 +1159,9 @@ def ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg: Config, fus
             for j in range(0, len(mb), size):
                 part = mb[j:j + size]
                 pk = pack_steps([steps[i] for i in part], pad_id, with_obs=wm_on)
-                (lp, ent, _), (olp, _, _), top = token_stats(model, pk, cfg, fused, return_top=True)
+                (lp, ent, _), (olp, _, ohit), top = token_stats(model, pk, cfg, fused, return_top=True)
+                if epoch == 0:  # WM token accuracy of the policy that generated the rollouts (first pass)
+                    hits, n_obs = hits + int(ohit.sum()), n_obs + ohit.numel()
                 old = torch.cat([old_logp[i] for i in part]).to(dev)
                 a = adv[part].to(dev)[pk.act_row.to(dev)]  # the step's advantage on every action token
                 ref = torch.cat([ref_logp[i] for i in part]).to(dev) if ref_logp else None
@@ -1159,13 +1176,16 @@ def ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg: Config, fus
                 for k, v in s.items():  # §6 scale and norms: mean over slices
                     st[k] = st.get(k, 0.0) + v * len(part) / len(mb)
                 n_tokens += int(pk.attention_mask.sum())
+                n_padded += pk.attention_mask.numel()
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if gn.item() > 0:  # §6: no RL signal (every advantage 0, so WM scaled to 0): no optimizer step
                 opt.step()
             st.update(grad_norm=gn.item(), stepped=float(gn.item() > 0))
             logs.append(st)
     out = {k: float(np.mean([d[k] for d in logs if k in d])) for k in logs[0]}
-    out["update_tokens"] = n_tokens
+    out.update(update_tokens=n_tokens, update_pad_frac=1 - n_tokens / max(1, n_padded))
+    if n_obs:
+        out["wm_token_acc"] = hits / n_obs
     return out
 
 
@@ -1185,6 +1205,12 @@ def episode_stats(episodes: list[Episode], prefix: str = "") -> dict:
     return out
 
 
+def behaviour_from_generation(cfg: Config) -> bool:
+    """Take the behaviour (old) log-probs and H(a_t|h_t) from generation instead of a scoring pass? In
+    float32, cached decoding and a full forward give the same numbers (tested); in bf16 they do not."""
+    return cfg.rescore == "off" or (cfg.rescore == "auto" and cfg.dtype == "float32")
+
+
 def train_iteration(it, model, tok, opt, env_cls, cfg: Config, rng, fused, ref_model=None,
                     fmt: PromptFormat | None = None) -> dict:
     """One PaW iteration: rollouts -> scoring pass -> advantages -> WM targets -> PPO + WM update."""
@@ -1193,14 +1219,20 @@ def train_iteration(it, model, tok, opt, env_cls, cfg: Config, rng, fused, ref_m
     episodes = collect_rollouts(model, tok, env_cls, seeds, cfg.group_size, cfg, fmt=fmt)
     steps = [s for e in episodes for s in e.steps]
     t1 = time.time()
-    old_logp, act_entropy, ref_logp, wm_acc = score_steps(model, steps, cfg, fused, tok.pad_token_id, ref_model)
+    if behaviour_from_generation(cfg):  # the sampler's own log-probs: no second pass over the rollouts
+        old_logp = [s.gen_logp for s in steps]
+        act_entropy = torch.tensor([s.gen_entropy.mean().item() if len(s.action_ids) else 0.0 for s in steps])
+        _, _, ref_logp, wm_acc = score_steps(model, steps, cfg, fused, tok.pad_token_id, ref_model, policy=False)
+    else:
+        old_logp, act_entropy, ref_logp, wm_acc = score_steps(model, steps, cfg, fused, tok.pad_token_id, ref_model)
     adv, adv_stats = compute_advantages(episodes, cfg)
     selected = select_wm_targets(act_entropy, cfg.wm_alpha) if cfg.wm != "off" else torch.zeros(len(steps), dtype=torch.bool)
     lam = wm_weights(episodes, cfg, env_cls.R_max)
     upd = ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg, fused, tok.pad_token_id, rng, ref_logp)
     t2 = time.time()
-    m = dict(iter=it, **episode_stats(episodes), **adv_stats, **{k: v for k, v in upd.items() if k != "update_tokens"},
-             action_entropy=act_entropy.mean().item(), wm_token_acc=wm_acc,
+    m = dict(iter=it, **episode_stats(episodes), **adv_stats, **{k: v for k, v in upd.items() if k not in ("update_tokens", "wm_token_acc")},
+             action_entropy=act_entropy.mean().item(),
+             wm_token_acc=wm_acc if wm_acc is not None else upd.get("wm_token_acc", 0.0),
              wm_selected_frac=selected.float().mean().item(), wm_lambda_mean=lam.mean().item(),
              rollout_s=t1 - t0, update_s=t2 - t1, tokens_per_s=upd["update_tokens"] / max(1e-9, t2 - t1))
     return m
