@@ -99,6 +99,7 @@ def bench_learn(a):
             curves[f"{variant}/s{seed}"] = curve
         return report_learn(a, rows, curves)
     out_root = os.path.join(HERE, "bench_out", "runs")
+    jobs = []
     for seed in range(a.first_seed, a.first_seed + a.seeds):
         warm = warm_up_once(a, seed) if a.shared_warmup else None
         for vname, vargs in variants.items():
@@ -109,17 +110,30 @@ def bench_learn(a):
                    "--out", out_root, "--name", name, "--threads", str(a.threads), *vargs, *a.extra]
             if warm:
                 cmd += ["--model", os.path.join(warm, "model")]
+            jobs.append((vname, seed, name, cmd, warm))
+    running = []  # --parallel N: N runs at a time (alternating variants, so both see the same machine load)
+    while jobs or running:
+        while jobs and len(running) < a.parallel:
+            vname, seed, name, cmd, warm = jobs.pop(0)
             print(f"[{vname} seed {seed}] {' '.join(cmd[1:])}", flush=True)
-            t0 = time.time()
-            r = subprocess.run(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            if r.returncode != 0:
-                print(r.stdout[-3000:])
+            os.makedirs(out_root, exist_ok=True)
+            log = open(os.path.join(out_root, name + ".log"), "w")
+            running.append((vname, seed, name, warm, time.time(), log,
+                            subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(1)
+        for job in [j for j in running if j[-1].poll() is not None]:
+            running.remove(job)
+            vname, seed, name, warm, t0, log, proc = job
+            log.close()
+            if proc.returncode != 0:
+                print(open(os.path.join(out_root, name + ".log")).read()[-3000:])
                 sys.exit(f"bench: run failed ({vname}, seed {seed})")
             row, curve = read_run(os.path.join(out_root, name), vname, seed, time.time() - t0, warm)
             rows.append(row)
             curves[f"{vname}/s{seed}"] = curve
-            print(f"  -> held-out greedy success {row['success']:.3f}, valid {row['valid_ratio']:.3f}, "
-                  f"{row['iters']} iters in {row['train_s']:.0f}s, peak {row['peak_rss_mb']:.0f} MiB", flush=True)
+            print(f"  -> [{vname} seed {seed}] held-out greedy success {row['success']:.3f}, sampled "
+                  f"{row['sampled_success'] if row['sampled_success'] is not None else '-'}, {row['iters']} iters "
+                  f"in {row['train_s']:.0f}s, peak {row['peak_rss_mb']:.0f} MiB", flush=True)
             report_learn(a, rows, curves, quiet=True)  # partial results survive an interrupted bench
     report_learn(a, rows, curves)
 
@@ -158,23 +172,52 @@ def report_learn(a, rows, curves, quiet=False):
     for seed, e in eq.items():
         print(f"seed {seed}, equal iterations ({e['iter']}): paw {e['paw']:.3f} vs baseline {e['baseline']:.3f}")
     print(f"wrote {path}")
-    try:  # optional plot (matplotlib is not a dependency)
+    plot_learn(a, rows, curves, path.replace(".json", ".png"))
+
+
+def plot_learn(a, rows, curves, png: str):
+    """Success vs training wall-clock, per variant: the mean over seeds (line) and the min-max spread
+    (band) of the training-batch success (smoothed over 5 iterations), and the held-out greedy evaluations
+    (dots). matplotlib is optional: without it, no PNG."""
+    try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key, c in curves.items():
-            pts = [(m["train_s"] / 60, m["eval_success"]) for m in c if "eval_success" in m]
-            if pts:
-                ax.plot(*zip(*pts), color="C0" if key.startswith("paw") else "C1", alpha=0.8, label=key)
-        ax.set_xlabel("training wall-clock (min)")
-        ax.set_ylabel("held-out greedy success")
-        ax.set_title(f"{a.env}, {a.algo}: PaW vs --wm off")
-        ax.legend()
-        fig.savefig(path.replace(".json", ".png"), dpi=120, bbox_inches="tight")
-        print(f"wrote {path.replace('.json', '.png')}")
+        import numpy as np
     except ImportError:
-        pass
+        print("(matplotlib not installed: no plot; pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, v in enumerate(sorted({k.split("/")[0] for k in curves})):
+        runs = [c for k, c in curves.items() if k.split("/")[0] == v and c]
+        if not runs:
+            continue
+        grid = np.linspace(0, max(m["train_s"] for c in runs for m in c) / 60, 60)
+        ys = []
+        for c in runs:
+            t = np.array([m["train_s"] / 60 for m in c])
+            s = np.convolve([m["success"] for m in c], np.ones(5) / 5, mode="full")[:len(c)]
+            s[:4] = [np.mean([m["success"] for m in c[:j + 1]]) for j in range(min(4, len(c)))]
+            ys.append(np.interp(grid, t, s, left=np.nan, right=np.nan))
+        ys = np.array(ys)
+        ok = ~np.isnan(ys).all(0)
+        color = f"C{i}"
+        ax.plot(grid[ok], np.nanmean(ys[:, ok], 0), color=color, label=f"{v}: training success (mean of {len(runs)})")
+        ax.fill_between(grid[ok], np.nanmin(ys[:, ok], 0), np.nanmax(ys[:, ok], 0), color=color, alpha=0.2)
+        ev = [(m["train_s"] / 60, m["eval_success"]) for c in runs for m in c if "eval_success" in m]
+        fin = [(r["train_s"] / 60, r["success"]) for r in rows if r["variant"] == v]
+        if ev or fin:
+            ax.scatter(*zip(*(ev + fin)), color=color, s=14, marker="o", label=f"{v}: held-out greedy")
+    rnd = [r["random_success"] for r in rows]
+    if rnd:
+        ax.axhline(float(np.mean(rnd)), color="gray", ls="--", lw=1, label="random admissible policy")
+    ax.set_xlabel("training wall-clock (min)")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{a.env}, {a.algo}: PaW vs --wm off ({len({r['seed'] for r in rows})} seeds)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    print(f"wrote {png}")
 
 
 # ====================================================================================================
@@ -319,6 +362,7 @@ def main():
                    help="training minutes per run (warm-up included, unless --shared-warmup)")
     l.add_argument("--iters", type=int, default=10000, help="iteration cap per run")
     l.add_argument("--threads", type=int, default=2)
+    l.add_argument("--parallel", type=int, default=1, help="runs at a time (e.g. 2 runs x --threads 1 on 2 cores)")
     l.add_argument("--eval-every", type=int, default=10)
     l.add_argument("--eval-every-episodes", type=int, default=50)
     l.add_argument("--eval-episodes", type=int, default=200)

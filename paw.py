@@ -103,6 +103,9 @@ class Config:
                                 "learns the language of the env, not its dynamics, as a pretrained LLM would")
     prior_batch: int = arg(32, "observations per language-prior step")
     prior_lr: float = arg(2e-3, "language-prior learning rate")
+    prior_text: str = arg("states", "language-prior corpus: observations alone, or observations + history-free "
+                          "state prompts (task, observation, admissible actions; no action taken)",
+                          choices=["observations", "states"])
     # --- format warm-up (tiny model only) --------------------------------------------------------------
     warmup_steps: int = arg(0, "supervised steps imitating uniformly random admissible actions (0 = none; "
                                "needed only with --action-mask off)")
@@ -962,21 +965,24 @@ def token_stats(model, pk: Packed, cfg: Config, fused: bool, return_top: bool = 
 # ====================================================================================================
 # 8. Language prior and format warm-up (tiny model only)
 # ====================================================================================================
-def observation_corpus(env_cls, n: int, rng: random.Random) -> list[str]:
-    """Observations of random-policy episodes on training seeds, each on its own (no action before it)."""
+def observation_corpus(env_cls, n: int, rng: random.Random, with_state_prompts: bool = True) -> list[str]:
+    """States of random-policy episodes on training seeds, each on its own: the observation, and (with
+    with_state_prompts) the history-free prompt of that state (task, observation, admissible actions)
+    without the request for an action. No text holds an action taken or what followed it."""
     env, texts = env_cls(), []
     while len(texts) < n:
         obs, info = env.reset(rng.randrange(paw_envs.EVAL_SEED_START))
-        texts.append(obs)
         for _ in range(env_cls.max_steps):
             acts = info["admissible_actions"]
+            texts.append(obs)
+            if with_state_prompts:
+                texts.append(build_prompt(info["task"], [], obs, acts, 0).rsplit("\n", 1)[0])
             if not acts or len(texts) >= n:
                 break
             obs, _, done, info = env.step(rng.choice(acts))
-            texts.append(obs)
             if done:
                 break
-    return texts
+    return texts[:n]
 
 
 def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random) -> dict:
@@ -987,7 +993,7 @@ def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random) -> dict
     if cfg.prior_steps == 0:
         return {}
     t0 = time.time()
-    texts = observation_corpus(env_cls, cfg.prior_steps * cfg.prior_batch, rng)
+    texts = observation_corpus(env_cls, cfg.prior_steps * cfg.prior_batch, rng, cfg.prior_text == "states")
     rng.shuffle(texts)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     ids = tok(texts, add_special_tokens=False)["input_ids"]

@@ -262,6 +262,120 @@ def test_temperature_logprobs_equal_naive(tiny):
 
 
 # ------------------------------------------------------------------------------------------------
+# The action mask, behaviour log-probs from generation, the language prior, decision metrics
+# ------------------------------------------------------------------------------------------------
+def test_masked_logp_entropy_hand_computed():
+    """Renormalised over the allowed tokens: logits (1, 2, 3, 0), allowed {0, 2}: p = softmax(1, 3)."""
+    z = torch.tensor([[1.0, 2.0, 3.0, 0.0]], requires_grad=True)
+    allowed = torch.tensor([[True, False, True, False]])
+    logp, ent, hit = paw.naive_logp_entropy(z, torch.tensor([0]), allowed)
+    p0 = math.exp(1) / (math.exp(1) + math.exp(3))
+    assert logp.item() == pytest.approx(math.log(p0), abs=1e-6)
+    assert ent.item() == pytest.approx(-(p0 * math.log(p0) + (1 - p0) * math.log(1 - p0)), abs=1e-6)
+    assert not hit.item()  # token 2 is the argmax among the allowed ones
+    logp.sum().backward()  # d logp / dz = onehot - p on the allowed tokens, 0 elsewhere
+    assert torch.allclose(z.grad, torch.tensor([[1 - p0, 0.0, -(1 - p0), 0.0]]), atol=1e-6)
+
+
+def test_action_trie_and_allowed_positions(tiny):
+    tok, _ = tiny
+    eos = tok.eos_token_id
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    trie = paw.action_trie(tok, ["go north", "go south", "take apple"], eos, {})
+    assert set(trie) == {ids("go")[0], ids("take")[0]}
+    a = ids("go south") + [eos]
+    allowed = paw.allowed_along(trie, a)
+    assert allowed[0] == sorted({ids("go")[0], ids("take")[0]})
+    assert allowed[1] == sorted({ids("north")[0], ids("south")[0]}) and allowed[2] == [eos]
+    assert paw.trie_depth(trie) == 3
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_masked_rollouts_emit_only_admissible_actions(tiny, greedy):
+    """Under the mask a random model can only play admissible actions (valid = 1 by construction)."""
+    tok, model = tiny
+    c = cfg(action_mask="on")
+    eps = paw.collect_rollouts(model, tok, envs.TextWorldTiny, [3, 4, 5], 4, c, greedy=greedy)
+    steps = [s for e in eps for s in e.steps]
+    assert len(steps) > 30 and all(s.valid for s in steps)
+    c_off = cfg(action_mask="off")
+    eps = paw.collect_rollouts(model, tok, envs.TextWorldTiny, [3, 4, 5], 4, c_off, greedy=greedy)
+    assert not all(s.valid for e in eps for s in e.steps)  # the same random model without the mask
+
+
+@pytest.mark.parametrize("mask", ["on", "off"])
+def test_generation_logprobs_equal_scoring_pass(tiny, mask):
+    """The behaviour log-probs and H(a_t|h_t) that generation returns equal a separate full forward
+    (the scoring pass), at a temperature != 1 and with the mask: so the scoring pass can be skipped."""
+    tok, model = tiny
+    c = cfg(action_mask=mask, temperature=0.7)
+    torch.manual_seed(5)
+    steps = [s for e in paw.collect_rollouts(model, tok, envs.TextWorldTiny, [7, 8], 4, c) for s in e.steps]
+    old, ent, _, _ = paw.score_steps(model, steps, c, True, tok.pad_token_id)
+    assert torch.allclose(torch.cat(old), torch.cat([s.gen_logp for s in steps]), atol=1e-5)
+    gen_ent = torch.tensor([s.gen_entropy.mean().item() for s in steps])
+    assert torch.allclose(ent, gen_ent, atol=1e-5)
+    assert paw.behaviour_from_generation(cfg()) and not paw.behaviour_from_generation(cfg(dtype="bfloat16"))
+
+
+def test_language_prior_teaches_observations_not_transitions(tiny):
+    """The corpus is observations alone (no action words in any context), and a short prior makes the
+    model predict observation tokens: CMAE's band (p <= rho, with a gradient p(1-p) far from 0) fills."""
+    tok, _ = tiny
+    c = cfg(prior_steps=60, prior_batch=16, d_model=32, n_layers=2)
+    texts = paw.observation_corpus(envs.TextWorldTiny, 200, random.Random(0))
+    assert not any("Action:" in x or "Your action" in x for x in texts)
+    torch.manual_seed(0)
+    model = paw.build_tiny_model(tok, c)
+    steps = [s for e in paw.collect_rollouts(model, tok, envs.TextWorldTiny, [11, 12], 2, c) for s in e.steps]
+    pk = paw.pack_steps(steps, tok.pad_token_id)
+
+    def obs_p():
+        with torch.no_grad():
+            return paw.token_stats(model, pk, c, False)[1][0].exp()
+    p0 = obs_p()
+    st = paw.language_prior(model, tok, envs.TextWorldTiny, c, random.Random(1))
+    p1 = obs_p()
+    assert st["prior_token_acc"] > 0.3
+    assert (p1 * (1 - p1)).mean() > 5 * (p0 * (1 - p0)).mean()  # the mean CMAE gradient magnitude grew
+    assert ((p1 > 0.05) & (p1 <= c.wm_rho)).any()
+
+
+def test_textworld_decision_points_hand_built():
+    e = envs.TextWorldTiny()
+    e.reset(3)
+    obj, rec = e.goal
+    # teleport the goal object and the player by hand into each situation
+    for holder in [e.floor[r] for r in e.floor] + [v["items"] for v in e.recs.values()]:
+        if obj in holder:
+            holder.remove(obj)
+    e.room = e.recs[rec]["room"]
+    e.floor[e.room].append(obj)
+    assert e.decision_points() == {"take_goal": [f"take {obj}"]}
+    e.floor[e.room].remove(obj)
+    e.inventory = [obj]
+    e.recs[rec]["open"] = e.recs[rec]["kind"] == "supporter"
+    if e.recs[rec]["kind"] == "container":
+        assert e.decision_points() == {"open_goal": [f"open {rec}"]}
+        e.recs[rec]["open"] = True
+    prep = "in" if e.recs[rec]["kind"] == "container" else "on"
+    assert e.decision_points() == {"put_goal": [f"put {obj} {prep} {rec}"]}
+    other = next(r for r in e.exits if r != e.room)
+    e.room = other
+    assert e.decision_points() == {"move": [f"go {d}" for d in sorted(e.exits[other])]}
+
+
+def test_decision_metrics_logged(tiny):
+    tok, model = tiny
+    eps = paw.collect_rollouts(model, tok, envs.TextWorldTiny, [1, 2, 3], 4, cfg())
+    st = paw.episode_stats(eps)
+    assert "decision/move" in st and 0.0 <= st["decision/move"] <= 1.0
+    points = [(k, v) for e in eps for s in e.steps for k, v in s.decisions.items()]
+    assert points and st["decision/move"] == pytest.approx(
+        sum(v for k, v in points if k == "move") / sum(1 for k, _ in points if k == "move"))
+
+
+# ------------------------------------------------------------------------------------------------
 # The fused loss path against the naive full-logits reference
 # ------------------------------------------------------------------------------------------------
 def _naive(h, W, t):
@@ -599,6 +713,7 @@ def test_env_loading_errors():
 # The script end to end
 # ------------------------------------------------------------------------------------------------
 SMOKE = ["--iters", "2", "--groups", "2", "--group-size", "2", "--warmup-steps", "2", "--eval-episodes", "2",
+         "--prior-steps", "3", "--prior-batch", "4",
          "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--compile", "off", "--minibatches", "2"]
 
 
@@ -648,7 +763,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
 def test_garbage_emitting_model_is_handled_by_env(tiny):
     """A random (un-warmed) model emits garbage actions; the env answers them, nothing crashes."""
     tok, model = tiny
-    eps = paw.collect_rollouts(model, tok, envs.TextWorldTiny, [1, 2], 2, cfg(max_action_tokens=4))
+    eps = paw.collect_rollouts(model, tok, envs.TextWorldTiny, [1, 2], 2, cfg(max_action_tokens=4, action_mask="off"))
     assert len(eps) == 4 and all(len(e.steps) >= 1 for e in eps)
     assert any(not s.valid for e in eps for s in e.steps)
     for e in eps:
@@ -692,7 +807,7 @@ class Env(TextWorldTiny):
 
 def test_env_raising_mid_run_exits_1_with_one_line_and_keeps_metrics(tmp_path):
     (tmp_path / "badenv.py").write_text(BAD_ENV)
-    args = SMOKE + ["--env", "badenv:Env", "--warmup-steps", "0", "--name", "bad"]
+    args = SMOKE + ["--env", "badenv:Env", "--warmup-steps", "0", "--name", "bad", "--action-mask", "off"]
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + str(tmp_path))
     r = subprocess.run([sys.executable, os.path.join(HERE, "paw.py"), *args, "--out", str(tmp_path)],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
@@ -864,6 +979,7 @@ def test_micro_batch_accumulation_equals_whole_minibatch(tiny, wm):
     steps = [s for e in paw.collect_rollouts(model0, tok, envs.TextWorldTiny, [1, 2], 3, c) for s in e.steps][:13]
     for i, s in enumerate(steps):  # unequal action and observation lengths (one observation empty)
         s.action_ids, s.obs_ids = s.action_ids[:1 + i % 5], s.obs_ids[:(7 * i) % 23]
+        s.allowed = s.allowed[:len(s.action_ids)]
     old, ent, _, _ = paw.score_steps(model0, steps, c, False, tok.pad_token_id)
     ref = [o + 0.05 for o in old]
     g = torch.Generator().manual_seed(0)
