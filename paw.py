@@ -55,9 +55,10 @@ class Config:
     env: str = arg("textworld-tiny", "built-in environment name, or module:Class of your own (see envs.py)")
     model: str = arg("", "Hugging Face causal LM (hub id or local folder); empty = build the tiny model locally")
     seed: int = arg(1, "random seed (python, numpy, torch, task sampling)")
-    iters: int = arg(200, "RL iterations (each: rollouts of groups x group-size episodes, then an update); "
+    iters: int = arg(1000, "RL iterations (each: rollouts of groups x group-size episodes, then an update); "
                           "0 = only the format warm-up, saved for reuse with --model")
-    time_budget: float = arg(0.0, "stop training after this many minutes of wall-clock (warm-up included); 0 = no limit")
+    time_budget: float = arg(10.0, "stop training after this many minutes of wall-clock (language prior and warm-up "
+                                   "included); 0 = no limit")
     out: str = arg("runs", "folder under which runs/<name>/ is written")
     name: str = arg("", "run name; empty = <env>-<algo>-<wm>-s<seed>-<time>")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
@@ -83,12 +84,12 @@ class Config:
     gamma: float = arg(0.95, "GiGPO step level: discount of the return-to-go")
     gigpo_omega: float = arg(1.0, "GiGPO: weight omega of the step-level advantage")
     invalid_penalty: float = arg(0.0, "subtracted from the RL return per inadmissible action (not from lambda_g); see README")
-    lr: float = arg(3e-4, "AdamW learning rate of the RL phase")
+    lr: float = arg(1e-3, "AdamW learning rate of the RL phase")
     clip_low: float = arg(0.2, "PPO-clip eps_low")
     clip_high: float = arg(0.28, "PPO-clip eps_high")
     kl_coef: float = arg(0.0, "k3 KL to the reference (post-warm-up) policy; 0 = no reference model")
     ppo_epochs: int = arg(1, "passes over each iteration's rollouts")
-    minibatches: int = arg(4, "optimizer steps per pass")
+    minibatches: int = arg(16, "optimizer steps per pass")
     max_grad_norm: float = arg(1.0, "gradient clipping")
     # --- world modeling (§2.1-§2.4) ------------------------------------------------------------------
     wm: str = arg("cmae", "WM loss: cmae (§2.2), ce (ablation) or off (plain RL baseline)", choices=["cmae", "ce", "off"])
@@ -103,7 +104,7 @@ class Config:
                                 "learns the language of the env, not its dynamics, as a pretrained LLM would")
     prior_batch: int = arg(32, "observations per language-prior step")
     prior_lr: float = arg(2e-3, "language-prior learning rate")
-    prior_text: str = arg("states", "language-prior corpus: observations alone, or observations + history-free "
+    prior_text: str = arg("observations", "language-prior corpus: observations alone, or observations + history-free "
                           "state prompts (task, observation, admissible actions; no action taken)",
                           choices=["observations", "states"])
     # --- format warm-up (tiny model only) --------------------------------------------------------------
