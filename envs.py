@@ -27,6 +27,8 @@ evaluation uses seeds from EVAL_SEED_START on, so the two never overlap.
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 import os
 import random
 import sys
@@ -764,10 +766,72 @@ class EnvError(ValueError):
     """An environment name or class that cannot be used; the message says why."""
 
 
+class EnvFailure(RuntimeError):
+    """An environment broke the protocol (or raised) during a run: a bug in the environment. The message
+    is one line naming the environment, the seed, the step and what was wrong."""
+
+
+MAX_OBS_CHARS = 20_000  # a longer observation is a bug (it would freeze tokenization and blow up prompts)
+
+
+def checked(cls, name: str):
+    """`cls` with every reset/step checked against the protocol, cheaply, on every call. A violation at
+    any point of a run (tokenizer text, warm-up, baseline, rollouts, evaluation) raises EnvFailure with
+    one line; numpy numbers are accepted as rewards."""
+    if getattr(cls, "_paw_checked", False):
+        return cls
+
+    class Checked(cls):
+        _paw_checked = True
+
+        def _fail(self, what: str):
+            raise EnvFailure(f"environment {name}, seed {self._seed}, step {self._t}: {what}") from None
+
+        def _check(self, obs, info, where: str):
+            if not isinstance(obs, str):
+                self._fail(f"{where} returned a non-string observation ({type(obs).__name__})")
+            if len(obs) > MAX_OBS_CHARS:
+                self._fail(f"{where} returned an observation of {len(obs)} characters (at most {MAX_OBS_CHARS})")
+            try:
+                _check_info(info, where, name)
+            except EnvError as err:
+                self._fail(str(err).split(": ", 1)[1])
+
+        def reset(self, seed):
+            self._seed, self._t = seed, 0
+            try:
+                out = super().reset(seed)
+                obs, info = out
+            except EnvFailure:
+                raise
+            except Exception as err:  # noqa: BLE001 - a user env that raises is a bug in the env, say so
+                self._fail(f"reset raised {type(err).__name__}: {str(err)[:200]}")
+            self._check(obs, info, "reset")
+            return obs, info
+
+        def step(self, action):
+            self._t += 1
+            try:
+                out = super().step(action)
+                obs, reward, done, info = out
+            except EnvFailure:
+                raise
+            except Exception as err:  # noqa: BLE001
+                self._fail(f"step({str(action)[:60]!r}) raised {type(err).__name__}: {str(err)[:200]}")
+            if isinstance(reward, bool) or not isinstance(reward, numbers.Real) or not math.isfinite(reward):
+                self._fail(f"step returned reward {reward!r}: it must be a finite number")
+            self._check(obs, info, "step")
+            return obs, float(reward), bool(done), info
+
+    Checked.__name__ = Checked.__qualname__ = cls.__name__
+    return Checked
+
+
 def load_env_class(name: str):
-    """A built-in name or `module:Class` (module importable from the working directory or PYTHONPATH)."""
+    """A built-in name or `module:Class` (module importable from the working directory or PYTHONPATH),
+    checked against the protocol once here and on every call after (see `checked`)."""
     if name in ENVS:
-        return ENVS[name]
+        return checked(ENVS[name], name)
     if ":" not in name:
         raise EnvError(f"unknown environment {name!r}; built-in: {', '.join(sorted(ENVS))}, "
                        "or give your own as module:Class")
@@ -782,7 +846,7 @@ def load_env_class(name: str):
     if cls is None:
         raise EnvError(f"module {mod_name!r} has no class {cls_name!r}")
     check_env_class(cls, name)
-    return cls
+    return checked(cls, name)
 
 
 def _check_info(info, where: str, name: str):
@@ -828,7 +892,7 @@ def check_env_class(cls, name: str = "env"):
     obs, reward, done, info = out
     if not isinstance(obs, str):
         raise EnvError(f"{name}: step() returned a non-string observation ({type(obs).__name__})")
-    if not isinstance(reward, (int, float)):
+    if isinstance(reward, bool) or not isinstance(reward, numbers.Real):
         raise EnvError(f"{name}: step() returned a non-numeric reward ({type(reward).__name__})")
     _check_info(info, "step", name)
 

@@ -52,14 +52,14 @@ def arg(default, doc, **kw):
 @dataclass
 class Config:
     # --- run -----------------------------------------------------------------------------------------
-    env: str = arg("textworld-tiny", "built-in environment name, or module:Class of your own (see envs.py)")
+    env: str = arg("textworld-tiny", "built-in environment name, or module:Class of your own (see envs.py)", group="run")
     model: str = arg("", "Hugging Face causal LM (hub id or local folder); empty = build the tiny model locally")
     seed: int = arg(1, "random seed (python, numpy, torch, task sampling)")
     iters: int = arg(1000, "RL iterations (each: rollouts of groups x group-size episodes, then an update); "
                           "0 = only the format warm-up, saved for reuse with --model")
     time_budget: float = arg(10.0, "stop training after this many minutes of wall-clock (language prior and warm-up "
                                    "included); 0 = no limit")
-    out: str = arg("runs", "folder under which runs/<name>/ is written")
+    out: str = arg("runs", "parent folder of the run folder <out>/<name>/")
     name: str = arg("", "run name; empty = <env>-<algo>-<wm>-s<seed>-<time>")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
     dtype: str = arg("float32", "parameter dtype", choices=["float32", "bfloat16"])
@@ -68,7 +68,8 @@ class Config:
     save_every: int = arg(0, "write a checkpoint every N iterations (0 = only the final model); the last two are kept")
     resume: str = arg("", "continue the run in this folder (runs/<name>) from its latest checkpoint")
     # --- rollouts (§2) ---------------------------------------------------------------------------------
-    groups: int = arg(8, "tasks per iteration (each a group g of G rollouts from the same initial state)")
+    groups: int = arg(8, "tasks per iteration (each a group g of G rollouts from the same initial state)",
+                      group="rollouts (§2)")
     group_size: int = arg(8, "G, rollouts per task")
     history: int = arg(1, "K, past (observation, action) pairs shown in the prompt")
     max_action_tokens: int = arg(0, "longest response the policy may generate (tokens, EOS included); 0 = auto: 8 plain, 256 think")
@@ -79,7 +80,7 @@ class Config:
                            "and entropies of the renormalised distribution); auto = on for the plain prompt, off for "
                            "think", choices=["auto", "on", "off"])
     # --- RL (§3) -------------------------------------------------------------------------------------
-    algo: str = arg("grpo", "advantage estimator (§3)", choices=["grpo", "gigpo", "rloo"])
+    algo: str = arg("grpo", "advantage estimator (§3)", choices=["grpo", "gigpo", "rloo"], group="RL (§3)")
     adv_norm: str = arg("mean_std", "episode-level normalisation of GRPO/GiGPO", choices=["mean_std", "mean"])
     gamma: float = arg(0.95, "GiGPO step level: discount of the return-to-go")
     gigpo_omega: float = arg(1.0, "GiGPO: weight omega of the step-level advantage")
@@ -92,7 +93,8 @@ class Config:
     minibatches: int = arg(16, "optimizer steps per pass")
     max_grad_norm: float = arg(1.0, "gradient clipping")
     # --- world modeling (§2.1-§2.4) ------------------------------------------------------------------
-    wm: str = arg("cmae", "WM loss: cmae (§2.2), ce (ablation) or off (plain RL baseline)", choices=["cmae", "ce", "off"])
+    wm: str = arg("cmae", "WM loss: cmae (§2.2), ce (ablation) or off (plain RL baseline)", choices=["cmae", "ce", "off"],
+                  group="world modeling (§2.1-§2.4)")
     wm_alpha: float = arg(0.75, "§2.1: fraction of highest-entropy transitions used as WM targets (1 = all)")
     wm_rho: float = arg(0.2, "§2.2: tokens predicted with p > rho get no CMAE loss")
     wm_lambda: str = arg("adaptive", "§2.3: 'adaptive' (1 - mean_return/R_max per group) or a constant")
@@ -100,7 +102,7 @@ class Config:
     wm_max_tokens: int = arg(48, "§2: the next observation o_{t+1} is truncated to this many tokens")
     wm_grad_cap: float = arg(1.0, "§6 safeguard: WM gradient norm <= cap x RL gradient norm per step (0 = off, one backward)")
     # --- language prior (tiny model only) -------------------------------------------------------------
-    prior_steps: int = arg(150, "next-token pretraining steps on observation text alone (0 = none): the tiny model "
+    prior_steps: int = arg(150, group="tiny model: language prior, warm-up, shape", doc= "next-token pretraining steps on observation text alone (0 = none): the tiny model "
                                 "learns the language of the env, not its dynamics, as a pretrained LLM would")
     prior_batch: int = arg(32, "observations per language-prior step")
     prior_lr: float = arg(2e-3, "language-prior learning rate")
@@ -117,7 +119,7 @@ class Config:
     n_layers: int = arg(3, "tiny model: decoder layers")
     n_heads: int = arg(4, "tiny model: attention heads")
     # --- the hot loss path (§7 of this file) ---------------------------------------------------------
-    fused_loss: bool = arg(True, "chunked fused lm_head -> log-prob/entropy (never the full logits)")
+    fused_loss: bool = arg(True, group="loss path", doc= "chunked fused lm_head -> log-prob/entropy (never the full logits)")
     compile: str = arg("auto", "torch.compile backend of the loss kernels; auto = inductor from a 32k vocabulary "
                        "(where it pays, measured), off below", choices=["auto", "inductor", "aot_eager", "off"])
     loss_chunk: int = arg(0, "tokens per chunk of the fused loss (0 = auto: logits tile of about 2^26 values)")
@@ -127,7 +129,7 @@ class Config:
     micro_batch: int = arg(64, "sequences per forward/backward in the update (sorted by length, gradients "
                               "accumulated with exact weights; 0 = the whole minibatch at once)")
     # --- evaluation ----------------------------------------------------------------------------------
-    eval_episodes: int = arg(100, "held-out evaluation episodes at the end (greedy)")
+    eval_episodes: int = arg(100, group="evaluation", doc= "held-out evaluation episodes at the end (greedy)")
     eval_sampled: bool = arg(False, "also evaluate with temperature sampling")
     eval_every: int = arg(0, "evaluate on held-out seeds every N iterations (0 = only at the end)")
     eval_every_episodes: int = arg(50, "episodes of the periodic evaluation")
@@ -139,6 +141,9 @@ class ConfigError(ValueError):
 
 def validate_config(cfg: Config):
     """Nonsense values get one clear line (main turns it into exit code 2)."""
+    for f in dataclasses.fields(Config):  # nan / inf never make sense
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number (got {getattr(cfg, f.name)})")
     positive = ["groups", "group_size", "minibatches", "ppo_epochs", "prior_batch",
                 "wm_max_tokens", "warmup_batch", "d_model", "n_layers", "n_heads", "forward_batch",
                 "eval_every_episodes"]
@@ -168,23 +173,47 @@ def validate_config(cfg: Config):
         raise ConfigError(f"--gamma must be in (0, 1] (got {cfg.gamma})")
     if not cfg.lr > 0 or not cfg.warmup_lr > 0 or not cfg.prior_lr > 0:
         raise ConfigError("--lr, --warmup-lr and --prior-lr must be > 0")
-    if cfg.d_model % cfg.n_heads:
-        raise ConfigError(f"--d-model ({cfg.d_model}) must be divisible by --n-heads ({cfg.n_heads})")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"--seed must be in [0, 2^32) (got {cfg.seed})")
+    if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
+        raise ConfigError(f"--d-model ({cfg.d_model}) must be --n-heads ({cfg.n_heads}) x an even head size "
+                          "(rotary embeddings rotate pairs of dimensions)")
+    if cfg.name and (os.path.basename(cfg.name) != cfg.name or cfg.name in (".", "..")):
+        raise ConfigError(f"--name {cfg.name!r} must be a plain folder name (no '/' or '..'): runs go under --out")
+    if cfg.prompt_format == "think" and not cfg.model and not cfg.resume:
+        raise ConfigError("--prompt-format think needs an instruction-following --model; the tiny model is "
+                          "trained from scratch and uses the plain format")
+
+
+# flags a --resume may change: budget, evaluation, logging, and how (not what) is computed
+RESUME_SAFE = {"iters", "time_budget", "eval_episodes", "eval_sampled", "eval_every", "eval_every_episodes",
+               "save_every", "threads", "device", "resume", "compile", "micro_batch", "forward_batch",
+               "loss_chunk", "fused_loss", "grad_checkpointing", "out", "name"}
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and a pointer to --help instead of a 30-line usage block
+        print(f"paw.py: error: {message} (see python paw.py --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_config(argv=None) -> Config:
     """argparse from the Config fields. With --resume, the run's saved config.json supplies the defaults,
     so only flags given again (e.g. a larger --iters) change."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           epilog="built-in environments: " + ", ".join(sorted(paw_envs.ENVS)) + ", or module:Class")
+    groups = {}
     for f in dataclasses.fields(Config):
+        g = f.metadata.get("group") or groups.get("last", "run")
+        groups["last"] = g
+        target = groups.setdefault(g, p.add_argument_group(g))
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            p.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+            target.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"],
-                           choices=f.metadata.get("choices"))
+            target.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
     args = p.parse_args(argv)
     if args.resume:
         path = os.path.join(args.resume, "config.json")
@@ -195,14 +224,19 @@ def parse_config(argv=None) -> Config:
             print(f"paw.py: error: --resume {args.resume}: cannot read {path} ({type(e).__name__})", file=sys.stderr)
             sys.exit(2)
         known = {f.name for f in dataclasses.fields(Config)}
+        given = vars(args).copy()
         p.set_defaults(**{k: v for k, v in saved.items() if k in known and k != "resume"})
         args = p.parse_args(argv)
+        # a resumed run keeps its environment, model, tokenizer and method; only these may change
+        changed = [k for k in known - RESUME_SAFE if k in saved and vars(args)[k] != saved[k]]
+        if changed:
+            p.error(f"--resume {args.resume}: cannot change {', '.join('--' + k.replace('_', '-') for k in sorted(changed))}"
+                    f" of a run (allowed: {', '.join('--' + k.replace('_', '-') for k in sorted(RESUME_SAFE - {'resume'}))})")
     cfg = Config(**vars(args))
     try:
         validate_config(cfg)
     except ConfigError as e:
-        print(f"paw.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        p.error(str(e))
     return cfg
 
 
@@ -261,7 +295,7 @@ def build_tiny_model(tok, cfg: Config):
     from transformers import LlamaConfig, LlamaForCausalLM
     mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
                        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                       num_key_value_heads=max(1, cfg.n_heads // 2), max_position_embeddings=4096,
+                       num_key_value_heads=cfg.n_heads // 2 if cfg.n_heads % 2 == 0 else cfg.n_heads, max_position_embeddings=4096,
                        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, use_cache=True, attention_bias=True)
     return LlamaForCausalLM(mcfg)
@@ -270,11 +304,14 @@ def build_tiny_model(tok, cfg: Config):
 def load_hf_model(name: str, dtype: torch.dtype):
     """Any Hugging Face causal LM (hub id or local folder) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    if name.startswith((os.sep, ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise ConfigError(f"--model {name}: no such folder")
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype)
     except Exception as e:  # noqa: BLE001 - report any loading failure as one line
-        raise ConfigError(f"cannot load --model {name!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        what = " ".join(str(e).split())[:300]
+        raise ConfigError(f"cannot load --model {name!r} as a causal LM with its tokenizer: {type(e).__name__}: {what}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -492,10 +529,6 @@ def trie_depth(trie: dict) -> int:
     return 1 + max(map(trie_depth, trie.values())) if trie else 0
 
 
-class EnvironmentFailure(RuntimeError):
-    """The environment raised inside step(): a bug in the environment, reported in one line."""
-
-
 def decode_action(tok, ids: list[int], stop_ids=()) -> str:
     stop = set(stop_ids) | {tok.eos_token_id}
     return tok.decode([t for t in ids if t not in stop], skip_special_tokens=True).strip()
@@ -528,11 +561,7 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
             s = live[i]
             text, format_ok = project_action(decode_action(tok, a, fmt.stop_ids), fmt.think, fmt.prefilled_think)
             points = s["env"].decision_points() if hasattr(s["env"], "decision_points") else {}
-            try:
-                obs, reward, done, info = s["env"].step(text)
-            except Exception as e:  # noqa: BLE001 - a user env that raises is a bug in the env, say so
-                raise EnvironmentFailure(f"environment {cfg.env} raised on action {text[:80]!r}: "
-                                         f"{type(e).__name__}: {e}") from e
+            obs, reward, done, info = s["env"].step(text)  # checked: a protocol violation is EnvFailure
             obs_ids = tok(obs, add_special_tokens=False)["input_ids"][:cfg.wm_max_tokens]
             valid = bool(info.get("valid", True)) and format_ok
             allowed = allowed_along(tries[n], a) if tries is not None else None
@@ -1030,8 +1059,12 @@ def format_warmup(model, tok, env_cls, cfg: Config, rng: random.Random):
     env = env_cls()
     # (prompt, admissible actions) from random-policy episodes on training seeds, one fresh prompt per
     # example (a fixed pool of 2,000 prompts reused ~13 times gave the same validity: 0.81 vs 0.80, measured)
-    texts, pool = [], []
+    texts, pool, resets = [], [], 0
     while len(texts) < cfg.warmup_steps * cfg.warmup_batch:
+        resets += 1
+        if resets > 1000 and not texts:  # would loop forever
+            raise paw_envs.EnvFailure(f"environment {cfg.env}: admissible_actions was empty in every state of "
+                                      "1,000 episodes; the warm-up needs admissible actions")
         obs, info = env.reset(rng.randrange(paw_envs.EVAL_SEED_START))
         hist = []
         for _ in range(env_cls.max_steps):
@@ -1049,6 +1082,7 @@ def format_warmup(model, tok, env_cls, cfg: Config, rng: random.Random):
     pool = [(bos + ids, acts) for ids, acts in zip(tok(texts, add_special_tokens=False)["input_ids"], pool)]
     rng.shuffle(pool)  # the prompts of one episode are alike; unshuffled batches did not train (valid 0.26)
     enc = {}  # action text -> ids + EOS
+    t1_cfg = dataclasses.replace(cfg, temperature=1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
     model.train()
     losses = []
@@ -1077,7 +1111,7 @@ def format_warmup(model, tok, env_cls, cfg: Config, rng: random.Random):
         w = torch.cat([soft_w, torch.ones(int((~is_first).sum()))])
         for g in opt.param_groups:  # a short linear ramp avoids an early blow-up
             g["lr"] = cfg.warmup_lr * min(1.0, (step + 1) / 20)
-        (lp, _, _), _ = token_stats(model, pk, cfg, cfg.fused_loss)
+        (lp, _, _), _ = token_stats(model, pk, t1_cfg, cfg.fused_loss)  # at T = 1: independent of --temperature
         loss = -(w.to(lp.device) * lp).sum() / len(steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1239,7 +1273,7 @@ def train_iteration(it, model, tok, opt, env_cls, cfg: Config, rng, fused, ref_m
     t2 = time.time()
     m = dict(iter=it, **episode_stats(episodes), **adv_stats, **{k: v for k, v in upd.items() if k not in ("update_tokens", "wm_token_acc")},
              action_entropy=act_entropy.mean().item(),
-             wm_token_acc=wm_acc if wm_acc is not None else upd.get("wm_token_acc", 0.0),
+             wm_token_acc=wm_acc if wm_acc is not None else upd.get("wm_token_acc"),  # None: not measured (--wm off)
              wm_selected_frac=selected.float().mean().item(), wm_lambda_mean=lam.mean().item(),
              rollout_s=t1 - t0, update_s=t2 - t1, tokens_per_s=upd["update_tokens"] / max(1e-9, t2 - t1))
     return m
@@ -1332,9 +1366,9 @@ def find_checkpoint(path: str) -> str:
         return path
     root = os.path.join(path, "checkpoints")
     done = sorted(d for d in os.listdir(root) if CKPT_NAME.fullmatch(d)) if os.path.isdir(root) else []
-    if not done:
-        raise ConfigError(f"--resume {path}: no complete checkpoint under {root} (train with --save-every N)")
-    return os.path.join(root, done[-1])
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"--resume {path}: not a paw run folder (no config.json)")
+    return os.path.join(root, done[-1]) if done else None  # None: start the run again from its saved config
 
 
 def load_checkpoint(ckpt: str, dtype: torch.dtype):
@@ -1398,38 +1432,75 @@ def pick_device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name!r} is not a device (try cpu, cuda, cuda:0)") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name!r}: paw trains on cpu, cuda or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     return dev
 
 
-def main(argv=None):
-    cfg = parse_config(argv)
-    try:
-        env_cls = paw_envs.load_env_class(cfg.env)
-        dev = pick_device(cfg.device)
-        ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
-    except (paw_envs.EnvError, ConfigError) as e:
-        print(f"paw.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    dtype = dict(float32=torch.float32, bfloat16=torch.bfloat16)[cfg.dtype]
+def read_metrics(path: str, upto: int) -> list[str]:
+    """The metrics lines of iterations <= upto; a torn last line (a kill mid-write, a full disk) is dropped."""
+    kept = []
+    if os.path.exists(path):
+        for ln in open(path):
+            try:
+                if json.loads(ln).get("iter", 0) <= upto:
+                    kept.append(ln if ln.endswith("\n") else ln + "\n")
+            except ValueError:
+                print(f"paw: dropped a torn line of {path}")
+    return kept
+
+
+def strict_json(m: dict) -> tuple[dict, list]:
+    """NaN/inf -> null (metrics.jsonl stays strict JSON) and the names of the metrics that were not finite."""
+    bad = [k for k, v in m.items() if isinstance(v, float) and not math.isfinite(v)]
+    return {k: (None if k in bad else v) for k, v in m.items()}, bad
+
+
+def setup_run(cfg: Config):
+    """Everything that can fail fast, before any slow work: env, device, run folder, checkpoint."""
+    env_cls = paw_envs.load_env_class(cfg.env)
+    dev = pick_device(cfg.device)
+    ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
     if cfg.resume:
         run_dir = cfg.resume.rstrip("/")
     else:
         name = cfg.name or f"{cfg.env.replace(':', '.')}-{cfg.algo}-{cfg.wm}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = os.path.join(cfg.out, name)
         if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            print(f"paw.py: error: {run_dir} already holds a run; pick another --name or --resume it", file=sys.stderr)
-            sys.exit(2)
-    t_start = time.time()
-
-    # --- model and tokenizer (§2 of this file) ---
-    ref_model, state = None, None
+            raise ConfigError(f"{run_dir} already holds a run; pick another --name or --resume it")
+        if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+            raise ConfigError(f"--out {cfg.out} is a file, not a folder")
     try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, ".write-test"), "w"):
+            pass
+        os.remove(os.path.join(run_dir, ".write-test"))
+    except OSError as e:
+        raise ConfigError(f"cannot write the run folder {run_dir}: {e.strerror}") from None
+    return env_cls, dev, ckpt, run_dir
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        env_cls, dev, ckpt, run_dir = setup_run(cfg)
+    except (paw_envs.EnvError, ConfigError) as e:
+        print(f"paw.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if cfg.resume and ckpt is None:
+        print(f"paw: {run_dir} has no complete checkpoint yet: starting it again from its saved config")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    dtype = getattr(torch, cfg.dtype)
+    t_start = time.time()
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        # --- model and tokenizer (part 2 of this file) ---
+        ref_model, state = None, None
         if ckpt:
             tok, model, ref_model, state = load_checkpoint(ckpt, dtype)
         elif cfg.model:
@@ -1437,18 +1508,20 @@ def main(argv=None):
         else:
             tok = build_tiny_tokenizer(*gather_env_text(env_cls, seed=cfg.seed))
             model = build_tiny_model(tok, cfg).to(dtype)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        model.to(dev)
+        if ref_model is not None:
+            ref_model.to(dev).eval().requires_grad_(False)
+        if cfg.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+        fmt = make_prompt_format(tok, model, cfg)
     except ConfigError as e:
         print(f"paw.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
-    model.to(dev)
-    if ref_model is not None:
-        ref_model.to(dev).eval().requires_grad_(False)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
-    fmt = make_prompt_format(tok, model, cfg)
+    except KeyboardInterrupt:
+        print("\npaw: interrupted while building the model; nothing to save", file=sys.stderr)
+        sys.exit(130)
     n_params = sum(p.numel() for p in model.parameters())
     fused = cfg.fused_loss
     if fused:
@@ -1458,91 +1531,126 @@ def main(argv=None):
             fused = False
     print(f"paw: {cfg.env} | model {cfg.model or 'tiny Llama'} ({n_params / 1e6:.2f}M params, vocab {len(tok)}) "
           f"| {cfg.algo} + WM {cfg.wm} | prompt {'think' if fmt.think else 'plain'}"
-          f"{' (chat template)' if fmt.chat else ''} | device {dev} | loss path "
-          f"{'fused/' + cfg.compile if fused else 'naive'} | run dir {run_dir}")
+          f"{' (chat template)' if fmt.chat else ''}{', action mask' if fmt.mask else ''} | device {dev} | run dir {run_dir}")
+    pre = [s for s, on in (("random-policy baseline", True), (f"language prior ({cfg.prior_steps} steps)", not cfg.model and cfg.prior_steps),
+                           (f"format warm-up ({cfg.warmup_steps} steps)", not cfg.model and cfg.warmup_steps)) if on]
+    print(f"paw: plan: {' -> '.join(pre if state is None else ['resume'])} -> RL, {cfg.iters} iterations"
+          f"{f' or {cfg.time_budget:g} min' if cfg.time_budget else ''} -> final evaluation ({cfg.eval_episodes} "
+          f"held-out episodes). Ctrl-C stops early and keeps what was trained.")
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if state is not None:  # exact resume: optimizer, every RNG, the metrics written up to the checkpoint
         opt.load_state_dict(state["optimizer"])
         restore_rng(state, rng)
         summary, train_s, start = state["summary"], state["train_s"], state["iteration"]
-        kept = []
-        if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("iter", 0) <= start]
+        kept = read_metrics(metrics_path, start)
         with open(metrics_path, "w") as f:
             f.writelines(kept)
         print(f"resuming from {ckpt} (iteration {start})")
     else:
-        summary, start = dict(random=random_policy_success(env_cls, cfg.eval_episodes)), 0
-        if not cfg.model and cfg.prior_steps:  # the language prior (part 8 of this file)
-            summary["prior"] = language_prior(model, tok, env_cls, cfg, rng)
-        if not cfg.model and cfg.warmup_steps:  # a random model cannot emit actions yet: format warm-up (part 8 of this file)
-            summary["warmup"] = format_warmup(model, tok, env_cls, cfg, rng)
-            summary["warmed_up_sampled"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=False, fmt=fmt)
+        open(metrics_path, "w").close()
+        summary, start = {}, 0
+        try:
+            summary["random"] = random_policy_success(env_cls, cfg.eval_episodes)
+            if not cfg.model and cfg.prior_steps:  # the language prior (part 8 of this file)
+                summary["prior"] = language_prior(model, tok, env_cls, cfg, rng)
+            if not cfg.model and cfg.warmup_steps:  # without the action mask: format warm-up (part 8)
+                summary["warmup"] = format_warmup(model, tok, env_cls, cfg, rng)
+                summary["warmed_up_sampled"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=False, fmt=fmt)
+        except KeyboardInterrupt:
+            print("\npaw: interrupted before RL; the run folder keeps config.json (rerun it with --resume "
+                  f"{run_dir})", file=sys.stderr)
+            sys.exit(130)
         if cfg.kl_coef > 0:
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         train_s = time.time() - t_start
+        if not cfg.model and (cfg.prior_steps or cfg.warmup_steps):  # keep the pre-RL work: --resume starts here
+            save_or_warn(run_dir, 0, model, tok, opt, rng, summary, train_s, ref_model)
 
     # --- RL with PaW ---
     bar = tqdm(range(start + 1, cfg.iters + 1), desc="PaW", dynamic_ncols=True, initial=start, total=cfg.iters)
-    it = start
+    it, warned, interrupted = start, False, False
     with open(metrics_path, "a") as mf:
         for it in bar:
             t_it = time.time()
             try:
                 m = train_iteration(it, model, tok, opt, env_cls, cfg, rng, fused, ref_model, fmt)
+                train_s += time.time() - t_it
+                m["train_s"] = train_s
+                if cfg.eval_every and it % cfg.eval_every == 0:
+                    ev = evaluate(model, tok, env_cls, cfg, cfg.eval_every_episodes, greedy=True, fmt=fmt)
+                    m.update({"eval_" + k: v for k, v in ev.items()})
             except KeyboardInterrupt:  # keep what was learned: evaluate and save below
-                print(f"\ninterrupted at iteration {it}; evaluating and saving what was trained")
-                it -= 1
+                print(f"\ninterrupted at iteration {it}; evaluating and saving what was trained (Ctrl-C again: save only)")
+                it, interrupted = it - 1, True
                 break
-            train_s += time.time() - t_it
-            m["train_s"] = train_s
-            if cfg.eval_every and it % cfg.eval_every == 0:
-                ev = evaluate(model, tok, env_cls, cfg, cfg.eval_every_episodes, greedy=True, fmt=fmt)
-                m.update({"eval_" + k: v for k, v in ev.items()})
+            m, bad = strict_json(m)
             mf.write(json.dumps(m) + "\n")
             mf.flush()
-            bar.set_postfix(succ=f"{m['success']:.2f}", valid=f"{m['valid_ratio']:.2f}",
-                            wm=f"{m['wm_loss']:.3f}", ent=f"{m['action_entropy']:.2f}")
-            if not all(math.isfinite(v) for v in m.values() if isinstance(v, float)):
-                print(f"paw.py: error: non-finite metric at iteration {it}; stopping (metrics kept in {metrics_path})",
-                      file=sys.stderr)
+            if bad:
+                print(f"paw.py: error: non-finite {', '.join(bad)} at iteration {it} (written as null); stopping "
+                      f"(metrics kept in {metrics_path})", file=sys.stderr)
                 sys.exit(1)
+            bar.set_postfix(succ=f"{m['success']:.2f}", **({} if fmt.mask else dict(valid=f"{m['valid_ratio']:.2f}")),
+                            **({} if m["wm_token_acc"] is None else dict(wm_acc=f"{m['wm_token_acc']:.2f}")),
+                            ent=f"{m['action_entropy']:.2f}")
+            if not warned and (m["approx_kl"] > 1.0 or (not fmt.mask and it > 1 and m["valid_ratio"] < 0.05)):
+                warned = True  # no healthy run gets there: say so once
+                tqdm.write(f"paw: warning: the policy looks collapsed at iteration {it} (approx KL {m['approx_kl']:.3g},"
+                           f" valid ratio {m['valid_ratio']:.2f}); try a smaller --lr")
             if cfg.save_every and it % cfg.save_every == 0:
-                save_checkpoint(run_dir, it, model, tok, opt, rng, summary, train_s, ref_model)
+                save_or_warn(run_dir, it, model, tok, opt, rng, summary, train_s, ref_model)
             if cfg.time_budget and train_s > 60 * cfg.time_budget:
-                print(f"time budget of {cfg.time_budget} min reached after {it} iterations")
+                tqdm.write(f"time budget of {cfg.time_budget} min reached after {it} iterations")
                 break
-    summary["iters_done"] = it
-    summary["train_s"] = train_s
+    summary.update(iters_done=it, train_s=train_s)
 
     # --- evaluation and saving ---
-    summary["final_greedy"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=True, fmt=fmt)
-    if cfg.eval_sampled:
-        summary["final_sampled"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=False, fmt=fmt)
+    try:
+        summary["final_greedy"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=True, fmt=fmt)
+        if cfg.eval_sampled:
+            summary["final_sampled"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=False, fmt=fmt)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted during the final evaluation: saving the model and summary without it", file=sys.stderr)
     rows = {"random (admissible)": summary["random"]}
-    if "warmed_up_sampled" in summary:
-        rows["warmed-up (sampled)"] = summary["warmed_up_sampled"]
-    rows["trained (greedy)"] = summary["final_greedy"]
-    if "final_sampled" in summary:
-        rows["trained (sampled)"] = summary["final_sampled"]
+    for k, name in (("warmed_up_sampled", "warmed-up (sampled)"), ("final_greedy", "trained (greedy)"),
+                    ("final_sampled", "trained (sampled)")):
+        if k in summary:
+            rows[name] = summary[k]
     print_eval_table(rows)
     summary["peak_rss_mb"] = peak_rss_mb()
     if dev.type == "cuda":
         summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-    save_final(run_dir, model, tok)
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    try:
+        save_final(run_dir, model, tok)
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(strict_json(summary)[0], f, indent=1)
+    except (OSError, RuntimeError) as e:
+        print(f"paw.py: error: could not save the final model to {run_dir}: {type(e).__name__}: "
+              f"{' '.join(str(e).split())[:200]}", file=sys.stderr)
+        sys.exit(1)
     print(f"\nsaved: {run_dir}/ (config.json, metrics.jsonl, summary.json, model/"
-          f"{', checkpoints/' if cfg.save_every else ''})")
+          f"{', checkpoints/' if os.path.isdir(os.path.join(run_dir, 'checkpoints')) else ''})")
+    if interrupted:
+        sys.exit(130)  # the convention for a run ended by Ctrl-C; everything above is saved
     return summary
+
+
+def save_or_warn(run_dir, it, *args):
+    """A checkpoint that cannot be written (disk full, ...) costs one line, not the run; the older
+    checkpoints stay intact (the write is atomic)."""
+    try:
+        save_checkpoint(run_dir, it, *args)
+    except (OSError, RuntimeError) as e:
+        tqdm.write(f"paw: warning: checkpoint of iteration {it} not written: {type(e).__name__}: "
+                   f"{' '.join(str(e).split())[:160]}")
+        shutil.rmtree(os.path.join(run_dir, "checkpoints", f".tmp-iter-{it:06d}"), ignore_errors=True)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except EnvironmentFailure as e:  # a bug in the environment: one line; config and metrics stay on disk
+    except paw_envs.EnvFailure as e:  # a bug in the environment: one line; config and metrics stay on disk
         print(f"paw.py: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -719,7 +719,8 @@ SMOKE = ["--iters", "2", "--groups", "2", "--group-size", "2", "--warmup-steps",
 
 def run_paw(args, tmp_path):
     env = dict(os.environ, PYTHONPATH=HERE)
-    return subprocess.run([sys.executable, os.path.join(HERE, "paw.py"), *args, "--out", str(tmp_path)],
+    out = [] if "--out" in args else ["--out", str(tmp_path)]
+    return subprocess.run([sys.executable, os.path.join(HERE, "paw.py"), *args, *out],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
 
 
@@ -752,12 +753,208 @@ def test_smoke_run_writes_metrics_and_loadable_checkpoint(tmp_path, algo, wm):
     (["--wm-alpha", "1.5"], "--wm-alpha"),
     (["--wm-rho", "1"], "--wm-rho"),
     (["--wm-lambda", "lots"], "--wm-lambda"),
-    (["--model", "/no/such/folder"], "cannot load --model"),
+    (["--model", "/no/such/folder"], "no such folder"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", "5000000000"], "--seed"),
+    (["--name", "../x"], "plain folder name"),
+    (["--device", "meta"], "--device"),
+    (["--d-model", "6", "--n-heads", "2"], "even head size"),
+    (["--time-budget", "nan"], "finite"),
+    (["--lr", "inf"], "finite"),
+    (["--max-grad-norm", "nan"], "finite"),
+    (["--prompt-format", "think"], "instruction-following"),
+    (["--bogus-flag"], "unrecognized arguments"),
+    (["--groups", "two"], "invalid int value"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     r = run_paw(args, tmp_path)
     assert r.returncode == 2
     assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # one line, no usage block
+
+
+def test_bad_out_folder_exits_2(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = run_paw(["--out", str(tmp_path / "afile")], tmp_path)
+    assert r.returncode == 2 and "is a file" in r.stderr
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        r = run_paw(["--out", str(ro)], tmp_path)
+        assert r.returncode == 2 and "cannot write" in r.stderr
+    finally:
+        ro.chmod(0o700)
+
+
+def test_model_folder_that_is_not_a_model_exits_2(tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "readme.txt").write_text("hello")
+    r = run_paw(["--model", str(tmp_path / "notamodel")], tmp_path)
+    assert r.returncode == 2 and "cannot load --model" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+# user environments that break the protocol later than the first step, and one that sends SIGINT to the
+# trainer at a controlled point (the K-th call of reset, K from the environment variable PAW_TEST_SIGINT_AT)
+BROKEN_ENVS = '''
+import os, signal
+import numpy as np
+from envs import TextWorldTiny
+
+class RaisesAtStep3(TextWorldTiny):
+    def step(self, action):
+        if self.steps == 2:
+            raise KeyError("door")
+        return super().step(action)
+
+class NonStringObs(TextWorldTiny):
+    def step(self, action):
+        obs, r, d, info = super().step(action)
+        return (obs if self.steps < 3 else 42), r, d, info
+
+class DropsWon(TextWorldTiny):
+    def step(self, action):
+        obs, r, d, info = super().step(action)
+        if self.steps >= 3:
+            del info["won"]
+        return obs, r, d, info
+
+class StringAdmissible(TextWorldTiny):
+    def step(self, action):
+        obs, r, d, info = super().step(action)
+        if self.steps >= 3:
+            info["admissible_actions"] = " ; ".join(info["admissible_actions"])
+        return obs, r, d, info
+
+class HugeObs(TextWorldTiny):
+    def step(self, action):
+        obs, r, d, info = super().step(action)
+        return (obs + " word" * 60000 if self.steps >= 3 else obs), r, d, info
+
+class NeverAdmissible(TextWorldTiny):
+    def _info(self, valid):
+        info = super()._info(valid)
+        info["admissible_actions"] = []
+        return info
+
+class Float32Reward(TextWorldTiny):
+    def step(self, action):
+        obs, r, d, info = super().step(action)
+        return obs, np.float32(r), d, info
+
+class SigInt(TextWorldTiny):
+    heldout, train_after = 0, 0
+    def reset(self, seed):
+        mode, k = os.environ["PAW_TEST_SIGINT"].split(":")
+        n = -1
+        if seed >= 1_000_000:
+            SigInt.heldout += 1
+            n = SigInt.heldout if mode == "heldout" else -1
+        elif SigInt.heldout >= 4:  # after the random-policy baseline (2 held-out episodes, 2 resets each)
+            SigInt.train_after += 1
+            n = SigInt.train_after if mode == "train" else -1
+        if n == int(k):
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().reset(seed)
+'''
+
+
+def run_user_env(tmp_path, cls, extra=(), env_vars=None):
+    (tmp_path / "broken.py").write_text(BROKEN_ENVS)
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + str(tmp_path), **(env_vars or {}))
+    return subprocess.run([sys.executable, os.path.join(HERE, "paw.py"), *SMOKE, "--env", f"broken:{cls}",
+                           "--name", "run", *extra, "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+@pytest.mark.parametrize("cls,needle", [
+    ("RaisesAtStep3", "raised KeyError"), ("NonStringObs", "non-string observation"),
+    ("DropsWon", "lacks won"), ("StringAdmissible", "must be a list of str"),
+    ("HugeObs", "characters"), ("NeverAdmissible", "admissible_actions was empty")])
+def test_env_breaking_the_protocol_later_gives_one_line(tmp_path, cls, needle):
+    extra = ["--action-mask", "off", "--warmup-steps", "3"] if cls == "NeverAdmissible" else []
+    r = run_user_env(tmp_path, cls, extra)
+    assert r.returncode == 1, r.stderr[-2000:]
+    err = r.stderr.strip().splitlines()
+    assert needle in err[-1] and f"broken:{cls}" in err[-1] and "Traceback" not in r.stderr, r.stderr[-2000:]
+    if cls != "NeverAdmissible":
+        assert "seed" in err[-1] and "step" in err[-1]
+
+
+def test_numpy_float_rewards_are_numbers(tmp_path):
+    r = run_user_env(tmp_path, "Float32Reward")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("phase,trigger,extra", [
+    ("prior", "train:3", []),
+    ("rl", "heldout:5", ["--eval-every", "2", "--eval-every-episodes", "1"]),
+    ("final eval", "heldout:5", [])])
+def test_ctrl_c_keeps_work_and_exits_130(tmp_path, phase, trigger, extra):
+    """SIGINT at a controlled point of each phase (the environment sends it from reset: the 3rd training
+    episode after the random baseline = the language prior; the first held-out episode after the baseline
+    = the periodic evaluation of iteration 2, or the final evaluation): one line, exit 130, nothing lost."""
+    r = run_user_env(tmp_path, "SigInt", ["--iters", "4", "--prior-steps", "40", "--warmup-steps", "0", *extra],
+                     {"PAW_TEST_SIGINT": trigger})
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr
+    run = tmp_path / "run"
+    assert (run / "config.json").exists()
+    if phase == "prior":
+        assert "interrupted before RL" in r.stderr and "--resume" in r.stderr
+        return
+    assert (run / "model" / "config.json").exists() and (run / "summary.json").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["iters_done"] == (1 if phase == "rl" else 4)
+    assert ("final_greedy" in summary) == (phase == "rl")
+    assert (run / "checkpoints" / "iter-000000").is_dir()  # the pre-RL work is kept for --resume
+
+
+def test_resume_refuses_flags_that_change_env_model_or_tokenizer(tmp_path):
+    r = run_paw(SMOKE + ["--name", "run", "--save-every", "1"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_paw(["--resume", str(tmp_path / "run"), "--env", "alfworld-tiny", "--d-model", "64"], tmp_path)
+    assert r.returncode == 2 and "--d-model, --env" in r.stderr and "Traceback" not in r.stderr
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["env"] == "textworld-tiny" and saved["d_model"] == 32  # config.json not rewritten
+    r = run_paw(["--resume", str(tmp_path / "run"), "--iters", "3", "--eval-episodes", "3"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_resume_without_checkpoint_restarts_and_torn_metrics_line_is_dropped(tmp_path):
+    run = tmp_path / "run"
+    r = run_paw(SMOKE + ["--name", "run", "--prior-steps", "0", "--warmup-steps", "0"], tmp_path)
+    assert r.returncode == 0 and not (run / "checkpoints").exists()
+    r = run_paw(["--resume", str(run)], tmp_path)  # killed before any checkpoint: start again, saying so
+    assert r.returncode == 0 and "starting it again" in r.stdout, r.stderr[-2000:]
+    r = run_paw(SMOKE + ["--name", "run2", "--save-every", "1"], tmp_path)
+    assert r.returncode == 0
+    lines = (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "run2" / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:17])  # torn second line
+    r = run_paw(["--resume", str(tmp_path / "run2"), "--iters", "3"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "dropped a torn line" in r.stdout
+    iters = [json.loads(x)["iter"] for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    assert iters == [1, 3]  # iteration 2's line was torn (lost before the resume); the checkpoint goes on from 2
+
+
+def test_strict_json_names_non_finite_metrics():
+    m, bad = paw.strict_json(dict(a=1.0, b=float("nan"), c=float("inf"), d="x"))
+    assert bad == ["b", "c"] and json.loads(json.dumps(m)) == dict(a=1.0, b=None, c=None, d="x")
+
+
+def test_warmup_loss_does_not_depend_on_temperature(tiny):
+    tok, _ = tiny
+    losses = []
+    for T in (1.0, 1e-6):
+        torch.manual_seed(0)
+        model = paw.build_tiny_model(tok, cfg())
+        c = cfg(warmup_steps=1, warmup_batch=4, temperature=T, action_mask="off")
+        losses.append(paw.format_warmup(model, tok, envs.TextWorldTiny, c, random.Random(0))["warmup_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0] < 50
 
 
 def test_garbage_emitting_model_is_handled_by_env(tiny):
@@ -812,7 +1009,7 @@ def test_env_raising_mid_run_exits_1_with_one_line_and_keeps_metrics(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "paw.py"), *args, "--out", str(tmp_path)],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 1, r.stderr[-2000:]
-    assert "environment badenv:Env raised" in r.stderr and "Traceback" not in r.stderr
+    assert "environment badenv:Env" in r.stderr and "raised ValueError" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "bad" / "config.json").exists() and (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
