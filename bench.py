@@ -1,6 +1,7 @@
 """Benchmarks for paw. Timings live here, never in tests.
 
     python bench.py learn --env textworld-tiny --seeds 3 --budget 10   # PaW vs the --wm off GRPO baseline
+    python bench.py speed                                              # CPU per iteration, by phase
     python bench.py loss                                               # fused vs naive loss path, CPU fp32
     python bench.py loss --device cuda --dtype bfloat16                # the same on a GPU, + GEMM rate
 
@@ -221,6 +222,73 @@ def plot_learn(a, rows, curves, png: str):
 
 
 # ====================================================================================================
+# speed: CPU time of one training iteration, by phase, at equal settings (issue: faster iterations)
+# ====================================================================================================
+SPEED_VARIANTS = {  # name -> paw.py flags on top of the defaults
+    "rescore, unsorted (before)": ["--rescore", "on", "--micro-batch", "0"],
+    "generation log-probs, sorted slices": [],
+    "same, --wm off": ["--wm", "off"],
+}
+
+
+def speed_one(a):
+    """Child process: a few iterations of the tiny model on an env; prints one JSON line."""
+    import random
+    import resource
+
+    import torch
+    import envs
+    import paw
+    torch.set_num_threads(a.threads)
+    cfg = paw.parse_config(["--env", a.env, "--prior-steps", "0", "--seed", "1", *json.loads(a.flags)])
+    random.seed(1), torch.manual_seed(1)
+    env_cls = envs.load_env_class(cfg.env)
+    tok = paw.build_tiny_tokenizer(*paw.gather_env_text(env_cls, n_episodes=200, seed=1))
+    model = paw.build_tiny_model(tok, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    rng, fmt = random.Random(1), paw.make_prompt_format(tok, model, cfg)
+    paw.train_iteration(0, model, tok, opt, env_cls, cfg, rng, True, None, fmt)  # warm-up iteration
+    rows = []
+    for it in range(a.iters):
+        c0, w0 = time.process_time(), time.time()
+        m = paw.train_iteration(it + 1, model, tok, opt, env_cls, cfg, rng, True, None, fmt)
+        rows.append(dict(cpu_s=time.process_time() - c0, wall_s=time.time() - w0, rollout_s=m["rollout_s"],
+                         update_s=m["update_s"], pad=m["update_pad_frac"],
+                         tokens=m["tokens_per_s"] * m["update_s"], transitions=m["episode_len"] * cfg.groups * cfg.group_size))
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    mean["tokens_per_transition"] = mean.pop("tokens") / mean.pop("transitions")
+    mean["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(mean))
+
+
+def bench_speed(a):
+    """Each variant in its own process (clean peak RSS), alternated over --reps rounds, process CPU time."""
+    results = {v: [] for v in SPEED_VARIANTS}
+    for rep in range(a.reps):
+        for v, flags in SPEED_VARIANTS.items():
+            cmd = [sys.executable, os.path.join(HERE, "bench.py"), "speed-one", "--env", a.env, "--iters", str(a.iters),
+                   "--threads", str(a.threads), "--flags", json.dumps(flags)]
+            r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit(f"bench speed: {v} failed:\n{r.stderr[-2000:]}")
+            results[v].append(json.loads(r.stdout.strip().splitlines()[-1]))
+            print(f"[rep {rep + 1}] {v}: {results[v][-1]['cpu_s']:.1f} s CPU per iteration", flush=True)
+    print(f"\nbench speed: {a.env}, {a.threads} thread(s), {a.iters} iterations x {a.reps} rounds, "
+          f"mean per iteration | {machine()}")
+    print(f"{'variant':<38}{'CPU s':>8}{'wall s':>8}{'rollout':>9}{'update':>8}{'pad':>6}{'tok/trans':>10}{'peak MiB':>10}")
+    summary = {}
+    for v, rs in results.items():
+        m = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}
+        summary[v] = m
+        print(f"{v:<38}{m['cpu_s']:>8.2f}{m['wall_s']:>8.2f}{m['rollout_s']:>9.2f}{m['update_s']:>8.2f}"
+              f"{m['pad']:>6.2f}{m['tokens_per_transition']:>10.1f}{m['peak_rss_mb']:>10.0f}")
+    names = list(SPEED_VARIANTS)
+    print(f"after / before CPU: {summary[names[1]]['cpu_s'] / summary[names[0]]['cpu_s']:.2f}; "
+          f"PaW / --wm off CPU: {summary[names[1]]['cpu_s'] / summary[names[2]]['cpu_s']:.2f}")
+    print(f"wrote {write_json(f'speed-{a.env}.json', dict(machine=machine(), args=vars(a), results=results, mean=summary))}")
+
+
+# ====================================================================================================
 # loss: the fused chunked lm_head path vs naive full logits, one (variant, N, d, V) per subprocess so that
 # peak memory is clean.
 # ====================================================================================================
@@ -368,6 +436,14 @@ def main():
     l.add_argument("--eval-episodes", type=int, default=200)
     l.add_argument("--runs", nargs="*", default=None, help="report on these finished run folders instead of running")
     l.add_argument("extra", nargs="*", help="more paw.py flags, after --")
+    s = sub.add_parser("speed", help="CPU time of a training iteration by phase: before/after, PaW vs --wm off")
+    s.add_argument("--env", default="textworld-tiny")
+    s.add_argument("--iters", type=int, default=2)
+    s.add_argument("--reps", type=int, default=2)
+    s.add_argument("--threads", type=int, default=1)
+    so = sub.add_parser("speed-one")
+    so.add_argument("--env"), so.add_argument("--iters", type=int), so.add_argument("--threads", type=int)
+    so.add_argument("--flags")
     o = sub.add_parser("loss", help="fused vs naive loss path: time and peak memory")
     o.add_argument("--device", default="cpu")
     o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -378,7 +454,8 @@ def main():
                    ("reps", int), ("chunk", int)):
         one.add_argument("--" + k, type=typ, required=True)
     a = p.parse_args()
-    {"learn": bench_learn, "loss": bench_loss, "loss-one": loss_one}[a.cmd](a)
+    {"learn": bench_learn, "loss": bench_loss, "loss-one": loss_one, "speed": bench_speed,
+     "speed-one": speed_one}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 An LLM agent is trained with RL (GRPO / GiGPO / RLOO + PPO-clip) on a multi-turn text environment and,
 from the same rollouts and the same forward pass, with an auxiliary world-modeling (WM) loss that
-predicts the next observation. Read alongside ../shared/PAPER.md; comments name its sections (§2.1 ...).
+predicts the next observation. Read alongside the method notes in README.md ("The method"), whose sections
+(§1 ... §6) the comments here name.
 
     python paw.py --env textworld-tiny            # trains PaW, evaluates, saves to runs/<name>/
     python paw.py --env textworld-tiny --wm off   # the plain GRPO baseline
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-# §6 of PAPER.md: under load, torch's default OpenMP thread spin slowed a forward+backward 10x.
+# §6: under load, torch's default OpenMP thread spin slowed a forward+backward 10x.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -106,9 +107,6 @@ class Config:
                                 "learns the language of the env, not its dynamics, as a pretrained LLM would")
     prior_batch: int = arg(32, "observations per language-prior step")
     prior_lr: float = arg(2e-3, "language-prior learning rate")
-    prior_text: str = arg("observations", "language-prior corpus: observations alone, or observations + history-free "
-                          "state prompts (task, observation, admissible actions; no action taken)",
-                          choices=["observations", "states"])
     # --- format warm-up (tiny model only) --------------------------------------------------------------
     warmup_steps: int = arg(0, "supervised steps imitating uniformly random admissible actions (0 = none; "
                                "needed only with --action-mask off)")
@@ -995,24 +993,20 @@ def token_stats(model, pk: Packed, cfg: Config, fused: bool, return_top: bool = 
 # ====================================================================================================
 # 8. Language prior and format warm-up (tiny model only)
 # ====================================================================================================
-def observation_corpus(env_cls, n: int, rng: random.Random, with_state_prompts: bool = True) -> list[str]:
-    """States of random-policy episodes on training seeds, each on its own: the observation, and (with
-    with_state_prompts) the history-free prompt of that state (task, observation, admissible actions)
-    without the request for an action. No text holds an action taken or what followed it."""
+def observation_corpus(env_cls, n: int, rng: random.Random) -> list[str]:
+    """Observations of random-policy episodes on training seeds, each on its own (no action before it)."""
     env, texts = env_cls(), []
     while len(texts) < n:
         obs, info = env.reset(rng.randrange(paw_envs.EVAL_SEED_START))
+        texts.append(obs)
         for _ in range(env_cls.max_steps):
-            acts = info["admissible_actions"]
-            texts.append(obs)
-            if with_state_prompts:
-                texts.append(build_prompt(info["task"], [], obs, acts, 0).rsplit("\n", 1)[0])
-            if not acts or len(texts) >= n:
+            if not info["admissible_actions"] or len(texts) >= n:
                 break
-            obs, _, done, info = env.step(rng.choice(acts))
+            obs, _, done, info = env.step(rng.choice(info["admissible_actions"]))
+            texts.append(obs)
             if done:
                 break
-    return texts[:n]
+    return texts
 
 
 def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random) -> dict:
@@ -1023,7 +1017,7 @@ def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random) -> dict
     if cfg.prior_steps == 0:
         return {}
     t0 = time.time()
-    texts = observation_corpus(env_cls, cfg.prior_steps * cfg.prior_batch, rng, cfg.prior_text == "states")
+    texts = observation_corpus(env_cls, cfg.prior_steps * cfg.prior_batch, rng)
     rng.shuffle(texts)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     ids = tok(texts, add_special_tokens=False)["input_ids"]
@@ -1155,7 +1149,7 @@ def score_steps(model, steps: list[Step], cfg: Config, fused: bool, pad_id: int,
 def backward_with_wm_cap(l_rl, l_wm, top: torch.Tensor, cap: float) -> dict:
     """§6 safeguard. Early in training every group fails, L_RL is exactly 0 and lambda_g = 1 (§2.3), so the
     WM loss alone would drive AdamW steps of full size (AdamW's step size does not depend on the loss
-    weight) and the policy collapses: PAPER.md §6 measured valid actions 0.99 -> 0 in 2-3 iterations.
+    weight) and the policy collapses (§6: valid actions 0.99 -> 0 in 2-3 iterations, measured).
     We therefore scale the WM term so that the gradient it sends into the shared trunk is at most `cap`
     times the RL gradient's:  L = L_RL + s * WM,  s = min(1, cap ||dL_RL/dtop|| / ||dWM/dtop||),
     where `top` is the last hidden state (the head's input). Both norms cost only a backward through
