@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # PAPER.md §6: pin threads, no spinning
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # §6 of the method notes: pin threads, no spinning
 
 import argparse
 import json

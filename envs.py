@@ -10,7 +10,7 @@ A class with a no-argument constructor and
 and two class attributes:
 
     max_steps: int    the episode is cut after this many steps (the trainer also enforces it)
-    R_max: float      the maximum achievable episode return (used by PAPER.md §2.3, lambda_g)
+    R_max: float      the maximum achievable episode return (used by §2.3's lambda_g, README "The method")
 
 `info` (from reset and from every step) carries:
 
@@ -229,7 +229,7 @@ class TextWorldTiny:
         return self._obs(feedback), reward, done, self._info(valid=valid)
 
     def vocabulary_text(self) -> list[str]:
-        """Every word this environment can emit, so a word-level tokenizer has no [UNK] (PAPER.md §6)."""
+        """Every word this environment can emit, so a word-level tokenizer has no [UNK] (§6)."""
         words = ROOMS + [r.capitalize() for r in ROOMS] + OBJECTS + CONTAINERS + SUPPORTERS + list(DIRECTIONS)
         return [" ".join(words), "Nothing happens. The game is over. You won! You check your inventory.",
                 "You go north. You take the a an open closed close drop put in on look inventory",
@@ -419,7 +419,7 @@ class AlfWorldTinySparse(AlfWorldTiny):
 # ----------------------------------------------------------------------------------------------------
 # webshop-tiny: WebShop in miniature. An instruction asks for a product with attributes, an option and a
 # price limit; the agent searches with free text, reads a results page of products with random IDs, brands
-# and prices (the unpredictable tokens that motivate CMAE, PAPER.md §2.2), opens a product, picks an
+# and prices (the unpredictable tokens that motivate CMAE, §2.2), opens a product, picks an
 # option and buys. Reward = fraction of the requested attributes/option/price matched.
 # ----------------------------------------------------------------------------------------------------
 WS_CATEGORIES = ["shirt", "jacket", "dress", "sneakers", "boots", "hat", "backpack", "scarf", "jeans", "sweater"]
@@ -580,7 +580,7 @@ class WebShopTiny:
 
 
 class WebShopTinySparse(WebShopTiny):
-    """webshop-tiny's sparse variant (PAPER.md's sparse WebShop case): reward only for a full match (no
+    """webshop-tiny's sparse variant (the paper's sparse WebShop case): reward only for a full match (no
     partial credit), a bigger shop with more near misses; the random policy almost never succeeds."""
     name = "webshop-tiny-sparse"
     max_steps = 15
