@@ -52,7 +52,7 @@ def read_run(run: str, variant: str, seed: int, wall_s: float | None = None, war
     policy's numbers come from the warm-up run."""
     summ = json.load(open(os.path.join(run, "summary.json")))
     if warm:
-        summ["warmed_up_sampled"] = json.load(open(os.path.join(warm, "summary.json")))["warmed_up_sampled"]
+        summ["warmed_up_sampled"] = json.load(open(os.path.join(warm, "summary.json"))).get("warmed_up_sampled", {})
     metrics = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
     curve = [{k: m[k] for k in ("iter", "train_s", "success", "valid_ratio", "action_entropy", "wm_token_acc")
               if k in m} | {k: m[k] for k in m if k.startswith("eval_")} for m in metrics]
@@ -70,7 +70,7 @@ def read_run(run: str, variant: str, seed: int, wall_s: float | None = None, war
 
 
 def warm_up_once(a, seed: int) -> str:
-    """--shared-warmup: the format warm-up of (env, seed) runs once (paw.py --iters 0) and every variant
+    """--shared-warmup: the pre-RL phase (the language prior) of (env, seed) runs once (paw.py --iters 0) and every variant
     starts from that model with --model, so the variants differ only in what the comparison is about.
     Cached in bench_out/warm/ across bench invocations."""
     name = f"{a.env.replace(':', '.')}-s{seed}"
@@ -424,7 +424,8 @@ def main():
     l.add_argument("--first-seed", type=int, default=1, help="seeds first-seed .. first-seed + seeds - 1")
     l.add_argument("--variants", default="paw,baseline", help="comma list of paw (--wm cmae), baseline (--wm off)")
     l.add_argument("--shared-warmup", action="store_true",
-                   help="warm up once per seed (cached) and start every variant from it; the budget is then RL only")
+                   help="run the pre-RL phase (language prior) once per seed (cached) and start every variant from it; "
+                        "the budget is then RL only")
     l.add_argument("--tag", default="", help="suffix of the JSON file name (to run benches side by side)")
     l.add_argument("--budget", type=float, default=10.0,
                    help="training minutes per run (warm-up included, unless --shared-warmup)")

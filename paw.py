@@ -11,7 +11,7 @@ predicts the next observation. Read alongside the method notes in README.md ("Th
 The file reads top to bottom in the order of the method:
   1. config            2. tokenizer + model     3. prompts + rollout loop     4. advantages (§3)
   5. WM targets (§2, §2.1, §2.3)                6. losses (§2.2, §2.4, §3)    7. the fused loss path
-  8. format warm-up    9. training loop         10. evaluation                11. checkpoints   12. main
+  8. language prior    9. training loop         10. evaluation                11. checkpoints   12. main
 """
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ class Config:
     model: str = arg("", "Hugging Face causal LM (hub id or local folder); empty = build the tiny model locally")
     seed: int = arg(1, "random seed (python, numpy, torch, task sampling)")
     iters: int = arg(1000, "RL iterations (each: rollouts of groups x group-size episodes, then an update); "
-                          "0 = only the format warm-up, saved for reuse with --model")
-    time_budget: float = arg(10.0, "stop training after this many minutes of wall-clock (language prior and warm-up "
+                          "0 = only the language prior, saved for reuse with --model")
+    time_budget: float = arg(10.0, "stop training after this many minutes of wall-clock (the language prior "
                                    "included); 0 = no limit")
     out: str = arg("runs", "parent folder of the run folder <out>/<name>/")
     name: str = arg("", "run name; empty = <env>-<algo>-<wm>-s<seed>-<time>")
@@ -89,7 +89,7 @@ class Config:
     lr: float = arg(1e-3, "AdamW learning rate of the RL phase")
     clip_low: float = arg(0.2, "PPO-clip eps_low")
     clip_high: float = arg(0.28, "PPO-clip eps_high")
-    kl_coef: float = arg(0.0, "k3 KL to the reference (post-warm-up) policy; 0 = no reference model")
+    kl_coef: float = arg(0.0, "k3 KL to the reference (pre-RL) policy; 0 = no reference model")
     ppo_epochs: int = arg(1, "passes over each iteration's rollouts")
     minibatches: int = arg(16, "optimizer steps per pass")
     max_grad_norm: float = arg(1.0, "gradient clipping")
@@ -103,15 +103,10 @@ class Config:
     wm_max_tokens: int = arg(48, "§2: the next observation o_{t+1} is truncated to this many tokens")
     wm_grad_cap: float = arg(1.0, "§6 safeguard: WM gradient norm <= cap x RL gradient norm per step (0 = off, one backward)")
     # --- language prior (tiny model only) -------------------------------------------------------------
-    prior_steps: int = arg(150, group="tiny model: language prior, warm-up, shape", doc= "next-token pretraining steps on observation text alone (0 = none): the tiny model "
+    prior_steps: int = arg(150, group="tiny model: language prior and shape", doc= "next-token pretraining steps on observation text alone (0 = none): the tiny model "
                                 "learns the language of the env, not its dynamics, as a pretrained LLM would")
     prior_batch: int = arg(32, "observations per language-prior step")
     prior_lr: float = arg(2e-3, "language-prior learning rate")
-    # --- format warm-up (tiny model only) --------------------------------------------------------------
-    warmup_steps: int = arg(0, "supervised steps imitating uniformly random admissible actions (0 = none; "
-                               "needed only with --action-mask off)")
-    warmup_batch: int = arg(32, "prompts per warm-up step")
-    warmup_lr: float = arg(2e-3, "warm-up learning rate")
     # --- the tiny model ------------------------------------------------------------------------------
     d_model: int = arg(96, "tiny model: hidden size")
     n_layers: int = arg(3, "tiny model: decoder layers")
@@ -143,12 +138,12 @@ def validate_config(cfg: Config):
         if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
             raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number (got {getattr(cfg, f.name)})")
     positive = ["groups", "group_size", "minibatches", "ppo_epochs", "prior_batch",
-                "wm_max_tokens", "warmup_batch", "d_model", "n_layers", "n_heads", "forward_batch",
+                "wm_max_tokens", "d_model", "n_layers", "n_heads", "forward_batch",
                 "eval_every_episodes"]
     for f in positive:
         if getattr(cfg, f) <= 0:
             raise ConfigError(f"--{f.replace('_', '-')} must be > 0 (got {getattr(cfg, f)})")
-    for f in ["iters", "micro_batch", "max_action_tokens", "save_every", "history", "warmup_steps", "prior_steps", "eval_episodes", "eval_every", "time_budget", "kl_coef",
+    for f in ["iters", "micro_batch", "max_action_tokens", "save_every", "history", "prior_steps", "eval_episodes", "eval_every", "time_budget", "kl_coef",
               "invalid_penalty", "loss_chunk", "threads", "wm_grad_cap", "wm_coef", "max_grad_norm"]:
         if getattr(cfg, f) < 0:
             raise ConfigError(f"--{f.replace('_', '-')} must be >= 0 (got {getattr(cfg, f)})")
@@ -169,8 +164,8 @@ def validate_config(cfg: Config):
         raise ConfigError("--clip-low must be in [0, 1) and --clip-high >= 0")
     if not 0 < cfg.gamma <= 1:
         raise ConfigError(f"--gamma must be in (0, 1] (got {cfg.gamma})")
-    if not cfg.lr > 0 or not cfg.warmup_lr > 0 or not cfg.prior_lr > 0:
-        raise ConfigError("--lr, --warmup-lr and --prior-lr must be > 0")
+    if not cfg.lr > 0 or not cfg.prior_lr > 0:
+        raise ConfigError("--lr and --prior-lr must be > 0")
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"--seed must be in [0, 2^32) (got {cfg.seed})")
     if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
@@ -280,7 +275,7 @@ def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
     tk = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk_token"]))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
-    tk.train_from_iterator(list(texts) + list(actions), trainers.WordLevelTrainer(special_tokens=list(SPECIALS.values())))
+    tk.train_from_iterator(list(texts) + list(actions), trainers.WordLevelTrainer(special_tokens=list(SPECIALS.values()), show_progress=False))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, **SPECIALS)
     tok.padding_side = "left"
     return tok
@@ -991,7 +986,7 @@ def token_stats(model, pk: Packed, cfg: Config, fused: bool, return_top: bool = 
 
 
 # ====================================================================================================
-# 8. Language prior and format warm-up (tiny model only)
+# 8. The language prior (tiny model only)
 # ====================================================================================================
 def observation_corpus(env_cls, n: int, rng: random.Random) -> list[str]:
     """Observations of random-policy episodes on training seeds, each on its own (no action before it)."""
@@ -1039,80 +1034,6 @@ def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random) -> dict
         accs.append(hit.float().mean().item())
     return dict(prior_loss=float(np.mean(losses[-20:])), prior_token_acc=float(np.mean(accs[-20:])),
                 prior_s=time.time() - t0)
-
-
-# Format warm-up: without the action mask, a random model cannot emit well-formed actions yet.
-def format_warmup(model, tok, env_cls, cfg: Config, rng: random.Random):
-    """Supervised imitation of *uniformly random* admissible actions on real prompts, action tokens only.
-    A fresh uniform action per prompt per step is an unbiased estimate of weighting every admissible
-    action 1/n (§6: a single fixed random action per prompt left a biased policy). Random targets teach
-    no task knowledge; no observation targets teach no world model."""
-    if cfg.warmup_steps == 0:
-        return {}
-    t0 = time.time()
-    env = env_cls()
-    # (prompt, admissible actions) from random-policy episodes on training seeds, one fresh prompt per
-    # example (a fixed pool of 2,000 prompts reused ~13 times gave the same validity: 0.81 vs 0.80, measured)
-    texts, pool, resets = [], [], 0
-    while len(texts) < cfg.warmup_steps * cfg.warmup_batch:
-        resets += 1
-        if resets > 1000 and not texts:  # would loop forever
-            raise paw_envs.EnvFailure(f"environment {cfg.env}: admissible_actions was empty in every state of "
-                                      "1,000 episodes; the warm-up needs admissible actions")
-        obs, info = env.reset(rng.randrange(paw_envs.EVAL_SEED_START))
-        hist = []
-        for _ in range(env_cls.max_steps):
-            acts = info["admissible_actions"]
-            if not acts:
-                break
-            texts.append(build_prompt(info["task"], hist, obs, acts, cfg.history))
-            pool.append(acts)
-            a = rng.choice(acts)
-            hist.append((obs, a))
-            obs, _, done, info = env.step(a)
-            if done:
-                break
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    pool = [(bos + ids, acts) for ids, acts in zip(tok(texts, add_special_tokens=False)["input_ids"], pool)]
-    rng.shuffle(pool)  # the prompts of one episode are alike; unshuffled batches did not train (valid 0.26)
-    enc = {}  # action text -> ids + EOS
-    t1_cfg = dataclasses.replace(cfg, temperature=1.0)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for step in tqdm(range(cfg.warmup_steps), desc="format warm-up", leave=False, dynamic_ncols=True):
-        # The 1/n-weighted objective sum_a (1/n) -log pi(a|h) splits into (i) the first action token, whose
-        # target is the soft distribution over the first tokens of all n admissible actions (exact, from
-        # one position), and (ii) the remaining tokens + EOS of one uniformly sampled action (unbiased).
-        # One sequence per prompt instead of n: ~n times more prompts for the same compute.
-        steps, firsts = [], []
-        for j in range(cfg.warmup_batch):
-            p, acts = pool[step * cfg.warmup_batch + j]
-            for a in acts:
-                if a not in enc:
-                    enc[a] = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            steps.append(Step(p, enc[rng.choice(acts)], [], 0.0, True, ""))
-            firsts.append([enc[a][0] for a in acts])
-        pk = pack_steps(steps, tok.pad_token_id, with_obs=False)
-        first_pos = torch.tensor([r * pk.input_ids.shape[1] + len(s.prompt_ids) - 1 for r, s in enumerate(steps)])
-        is_first = torch.zeros_like(pk.act_pos, dtype=torch.bool)
-        is_first[torch.searchsorted(pk.act_pos, first_pos)] = True  # positions are sorted by row
-        soft_pos = torch.cat([first_pos[r].repeat(len(f)) for r, f in enumerate(firsts)])
-        soft_tgt = torch.tensor([t for f in firsts for t in f])
-        soft_w = torch.tensor([1.0 / len(f) for f in firsts for _ in f])
-        pk.act_pos = torch.cat([soft_pos, pk.act_pos[~is_first]])
-        pk.act_tgt = torch.cat([soft_tgt, pk.act_tgt[~is_first]])
-        w = torch.cat([soft_w, torch.ones(int((~is_first).sum()))])
-        for g in opt.param_groups:  # a short linear ramp avoids an early blow-up
-            g["lr"] = cfg.warmup_lr * min(1.0, (step + 1) / 20)
-        (lp, _, _), _ = token_stats(model, pk, t1_cfg, cfg.fused_loss)  # at T = 1: independent of --temperature
-        loss = -(w.to(lp.device) * lp).sum() / len(steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-    return dict(warmup_loss=float(np.mean(losses[-20:])), warmup_s=time.time() - t0)
 
 
 # ====================================================================================================
@@ -1526,8 +1447,7 @@ def main(argv=None):
     print(f"paw: {cfg.env} | model {cfg.model or 'tiny Llama'} ({n_params / 1e6:.2f}M params, vocab {len(tok)}) "
           f"| {cfg.algo} + WM {cfg.wm} | prompt {'think' if fmt.think else 'plain'}"
           f"{' (chat template)' if fmt.chat else ''}{', action mask' if fmt.mask else ''} | device {dev} | run dir {run_dir}")
-    pre = [s for s, on in (("random-policy baseline", True), (f"language prior ({cfg.prior_steps} steps)", not cfg.model and cfg.prior_steps),
-                           (f"format warm-up ({cfg.warmup_steps} steps)", not cfg.model and cfg.warmup_steps)) if on]
+    pre = ["random-policy baseline"] + ([f"language prior ({cfg.prior_steps} steps)"] if not cfg.model and cfg.prior_steps else [])
     print(f"paw: plan: {' -> '.join(pre if state is None else ['resume'])} -> RL, {cfg.iters} iterations"
           f"{f' or {cfg.time_budget:g} min' if cfg.time_budget else ''} -> final evaluation ({cfg.eval_episodes} "
           f"held-out episodes). Ctrl-C stops early and keeps what was trained.")
@@ -1548,9 +1468,6 @@ def main(argv=None):
             summary["random"] = random_policy_success(env_cls, cfg.eval_episodes)
             if not cfg.model and cfg.prior_steps:  # the language prior (part 8 of this file)
                 summary["prior"] = language_prior(model, tok, env_cls, cfg, rng)
-            if not cfg.model and cfg.warmup_steps:  # without the action mask: format warm-up (part 8)
-                summary["warmup"] = format_warmup(model, tok, env_cls, cfg, rng)
-                summary["warmed_up_sampled"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=False, fmt=fmt)
         except KeyboardInterrupt:
             print("\npaw: interrupted before RL; the run folder keeps config.json (rerun it with --resume "
                   f"{run_dir})", file=sys.stderr)
@@ -1558,7 +1475,7 @@ def main(argv=None):
         if cfg.kl_coef > 0:
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         train_s = time.time() - t_start
-        if not cfg.model and (cfg.prior_steps or cfg.warmup_steps):  # keep the pre-RL work: --resume starts here
+        if not cfg.model and cfg.prior_steps:  # keep the pre-RL work: --resume starts here
             save_or_warn(run_dir, 0, model, tok, opt, rng, summary, train_s, ref_model)
 
     # --- RL with PaW ---
@@ -1592,6 +1509,11 @@ def main(argv=None):
                 warned = True  # no healthy run gets there: say so once
                 tqdm.write(f"paw: warning: the policy looks collapsed at iteration {it} (approx KL {m['approx_kl']:.3g},"
                            f" valid ratio {m['valid_ratio']:.2f}); try a smaller --lr")
+            if it == start + 1:  # the first measured iteration gives the estimate of the whole run
+                left = (cfg.iters - it) * (time.time() - t_it)
+                if cfg.time_budget:
+                    left = min(left, max(0.0, 60 * cfg.time_budget - train_s))
+                tqdm.write(f"paw: one iteration took {time.time() - t_it:.0f} s; about {left / 60:.0f} more min of RL")
             if cfg.save_every and it % cfg.save_every == 0:
                 save_or_warn(run_dir, it, model, tok, opt, rng, summary, train_s, ref_model)
             if cfg.time_budget and train_s > 60 * cfg.time_budget:
@@ -1608,7 +1530,7 @@ def main(argv=None):
         interrupted = True
         print("\ninterrupted during the final evaluation: saving the model and summary without it", file=sys.stderr)
     rows = {"random (admissible)": summary["random"]}
-    for k, name in (("warmed_up_sampled", "warmed-up (sampled)"), ("final_greedy", "trained (greedy)"),
+    for k, name in (("final_greedy", "trained (greedy)"),
                     ("final_sampled", "trained (sampled)")):
         if k in summary:
             rows[name] = summary[k]
