@@ -111,7 +111,7 @@ class Config:
     d_model: int = arg(96, "tiny model: hidden size")
     n_layers: int = arg(3, "tiny model: decoder layers")
     n_heads: int = arg(4, "tiny model: attention heads")
-    # --- the hot loss path (§7 of this file) ---------------------------------------------------------
+    # --- the hot loss path (part 7 of this file) ---------------------------------------------------------
     fused_loss: bool = arg(True, group="loss path", doc= "chunked fused lm_head -> log-prob/entropy (never the full logits)")
     compile: str = arg("auto", "torch.compile backend of the loss kernels; auto = inductor from a 32k vocabulary "
                        "(where it pays, measured), off below", choices=["auto", "inductor", "aot_eager", "off"])
@@ -303,7 +303,8 @@ def load_hf_model(name: str, dtype: torch.dtype):
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
         model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype)
     except Exception as e:  # noqa: BLE001 - report any loading failure as one line
-        what = " ".join(str(e).split())[:300]
+        what = " ".join(str(e).split())
+        what = what[:what.find(". ") + 1] if 0 < what.find(". ") < 300 else what[:300]  # its first sentence
         raise ConfigError(f"cannot load --model {name!r} as a causal LM with its tokenizer: {type(e).__name__}: {what}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

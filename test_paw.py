@@ -1210,3 +1210,29 @@ def test_readme_custom_env_example_trains(tmp_path):
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len((tmp_path / "mine" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_readme_prompting_a_saved_tiny_model(tmp_path):
+    """The README's snippet for prompting a saved tiny model runs on a model saved by a real (tiny) run."""
+    r = run_paw(SMOKE + ["--name", "saved"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    readme = open(os.path.join(HERE, "README.md")).read()
+    m = re.search(r"\*\*Prompting a saved tiny model\.\*\*.*?```python\n(.*?)```", readme, re.S)
+    assert m, "README lacks the prompting example"
+    code = m.group(1).replace("runs/<name>/model", str(tmp_path / "saved" / "model"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=HERE))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] in ("go north", "take apple", "open fridge")
+
+
+def test_checkpoint_that_cannot_be_written_is_one_warning(tiny, tmp_path, monkeypatch, capsys):
+    """Disk full during a checkpoint: one warning line, the run goes on, no half-written folder is left."""
+    tok, model = tiny
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(type(model), "save_pretrained", full)
+    opt = torch.optim.AdamW(model.parameters())
+    paw.save_or_warn(str(tmp_path), 3, model, tok, opt, random.Random(0), {}, 1.0, None)
+    assert "checkpoint of iteration 3 not written" in capsys.readouterr().out
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
