@@ -504,18 +504,20 @@ def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: 
         from transformers import LogitsProcessorList
         gen_kw["logits_processor"] = LogitsProcessorList([AdmissiblePrefixMask(tries, L)])
         budget = max(trie_depth(t) for t in tries) or 1  # the longest admissible action + EOS
+    keep = behaviour_from_generation(cfg, len(prompts) * budget * model.get_output_embeddings().weight.shape[0])
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=budget,
                          eos_token_id=fmt.stop_ids, pad_token_id=tok.pad_token_id, repetition_penalty=1.0,
-                         output_scores=True, return_dict_in_generate=True, **gen_kw)
-    # The scores generate sampled from (logits / T, masked): their log-softmax is the behaviour policy.
-    logp_all = torch.log_softmax(torch.stack(out.scores, 1).float(), dim=-1)  # [B, new tokens, V]
+                         output_scores=keep, return_dict_in_generate=True, **gen_kw)
     new = out.sequences[:, L:]
-    tok_logp = logp_all.gather(2, new[:, :, None]).squeeze(2)
-    tok_ent = -(logp_all.exp() * logp_all.clamp(min=torch.finfo(logp_all.dtype).min)).sum(-1)
+    tok_logp = tok_ent = torch.full(new.shape, float("nan"))
+    if keep:  # the scores generate sampled from (logits / T, masked): their log-softmax is the behaviour policy
+        logp_all = torch.log_softmax(torch.stack(out.scores, 1).float(), dim=-1)  # [B, new tokens, V]
+        tok_logp = logp_all.gather(2, new[:, :, None]).squeeze(2).cpu()
+        tok_ent = -(logp_all.exp() * logp_all.clamp(min=torch.finfo(logp_all.dtype).min)).sum(-1).cpu()
     stop, actions = set(fmt.stop_ids), []
     for r, row in enumerate(new.tolist()):
         n = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
-        actions.append((row[:n], tok_logp[r, :n].cpu(), tok_ent[r, :n].cpu()))
+        actions.append((row[:n], tok_logp[r, :n] if keep else None, tok_ent[r, :n] if keep else None))
     return actions
 
 
@@ -1162,10 +1164,12 @@ def episode_stats(episodes: list[Episode], prefix: str = "") -> dict:
     return out
 
 
-def behaviour_from_generation(cfg: Config) -> bool:
-    """Take the behaviour (old) log-probs and H(a_t|h_t) from generation instead of a scoring pass? In
-    float32, cached decoding and a full forward give the same numbers (tested); in bf16 they do not."""
-    return cfg.rescore == "off" or (cfg.rescore == "auto" and cfg.dtype == "float32")
+def behaviour_from_generation(cfg: Config, score_values: int = 0) -> bool:
+    """Take the behaviour (old) log-probs and H(a_t|h_t) from generation instead of a scoring pass? In float32,
+    cached decoding and a full forward give the same numbers (tested); in bf16 they do not. `score_values`
+    (batch x new tokens x vocab) is what generate would keep: above 2^26 values (256 MB), e.g. a 150k
+    vocabulary and 256-token think responses, rescoring is cheaper in memory."""
+    return cfg.rescore == "off" or (cfg.rescore == "auto" and cfg.dtype == "float32" and score_values <= 2**26)
 
 
 def train_iteration(it, model, tok, opt, env_cls, cfg: Config, rng, fused, ref_model=None,
@@ -1176,7 +1180,7 @@ def train_iteration(it, model, tok, opt, env_cls, cfg: Config, rng, fused, ref_m
     episodes = collect_rollouts(model, tok, env_cls, seeds, cfg.group_size, cfg, fmt=fmt)
     steps = [s for e in episodes for s in e.steps]
     t1 = time.time()
-    if behaviour_from_generation(cfg):  # the sampler's own log-probs: no second pass over the rollouts
+    if all(s.gen_logp is not None for s in steps):  # the sampler's own log-probs: no second pass over the rollouts
         old_logp = [s.gen_logp for s in steps]
         act_entropy = torch.tensor([s.gen_entropy.mean().item() if len(s.action_ids) else 0.0 for s in steps])
         _, _, ref_logp, wm_acc = score_steps(model, steps, cfg, fused, tok.pad_token_id, ref_model, policy=False)

@@ -316,6 +316,11 @@ def test_generation_logprobs_equal_scoring_pass(tiny, mask):
     gen_ent = torch.tensor([s.gen_entropy.mean().item() for s in steps])
     assert torch.allclose(ent, gen_ent, atol=1e-5)
     assert paw.behaviour_from_generation(cfg()) and not paw.behaviour_from_generation(cfg(dtype="bfloat16"))
+    assert not paw.behaviour_from_generation(cfg(), 64 * 256 * 151936)  # think responses, a 150k vocabulary
+    assert paw.behaviour_from_generation(cfg(rescore="off"), 64 * 256 * 151936)
+    c_on = cfg(action_mask=mask, rescore="on")
+    steps = [s for e in paw.collect_rollouts(model, tok, envs.TextWorldTiny, [7], 2, c_on) for s in e.steps]
+    assert all(s.gen_logp is None for s in steps)  # no scores kept: the scoring pass computes them
 
 
 def test_language_prior_teaches_observations_not_transitions(tiny):
