@@ -201,7 +201,7 @@ def plot_learn(a, rows, curves, png: str):
             s[:4] = [np.mean([m["success"] for m in c[:j + 1]]) for j in range(min(4, len(c)))]
             ys.append(np.interp(grid, t, s, left=np.nan, right=np.nan))
         ys = np.array(ys)
-        ok = ~np.isnan(ys).all(0)
+        ok = ~np.isnan(ys).any(0)  # where every seed has data
         color = f"C{i}"
         ax.plot(grid[ok], np.nanmean(ys[:, ok], 0), color=color, label=f"{v}: training success (mean of {len(runs)})")
         ax.fill_between(grid[ok], np.nanmin(ys[:, ok], 0), np.nanmax(ys[:, ok], 0), color=color, alpha=0.2)
