@@ -885,6 +885,7 @@ def allowed_matrix(pk, n_act: int, vocab: int, device) -> torch.Tensor | None:
         return None
     m = torch.zeros(n_act, vocab, dtype=torch.bool, device=device)
     m[pk.act_allowed[0].to(device), pk.act_allowed[1].to(device)] = True
+    m[~m.any(1)] = True  # no admissible action there: generation was not masked either
     return m
 
 
