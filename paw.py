@@ -509,7 +509,6 @@ def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: 
                          eos_token_id=fmt.stop_ids, pad_token_id=tok.pad_token_id, repetition_penalty=1.0,
                          output_scores=keep, return_dict_in_generate=True, **gen_kw)
     new = out.sequences[:, L:]
-    tok_logp = tok_ent = torch.full(new.shape, float("nan"))
     if keep:  # the scores generate sampled from (logits / T, masked): their log-softmax is the behaviour policy
         logp_all = torch.log_softmax(torch.stack(out.scores, 1).float(), dim=-1)  # [B, new tokens, V]
         tok_logp = logp_all.gather(2, new[:, :, None]).squeeze(2).cpu()
@@ -1184,7 +1183,9 @@ def train_iteration(it, model, tok, opt, env_cls, cfg: Config, rng, fused, ref_m
     if all(s.gen_logp is not None for s in steps):  # the sampler's own log-probs: no second pass over the rollouts
         old_logp = [s.gen_logp for s in steps]
         act_entropy = torch.tensor([s.gen_entropy.mean().item() if len(s.action_ids) else 0.0 for s in steps])
-        _, _, ref_logp, wm_acc = score_steps(model, steps, cfg, fused, tok.pad_token_id, ref_model, policy=False)
+        ref_logp, wm_acc = [], None  # the WM token accuracy then comes from the update's first pass
+        if ref_model is not None:
+            _, _, ref_logp, _ = score_steps(model, steps, cfg, fused, tok.pad_token_id, ref_model, policy=False)
     else:
         old_logp, act_entropy, ref_logp, wm_acc = score_steps(model, steps, cfg, fused, tok.pad_token_id, ref_model)
     adv, adv_stats = compute_advantages(episodes, cfg)
