@@ -2,6 +2,7 @@
 
     python bench.py learn --env textworld-tiny --seeds 3 --budget 10   # PaW vs the --wm off GRPO baseline
     python bench.py speed                                              # CPU per iteration, by phase
+    python bench.py ddp --procs 2                                      # torchrun, 2 processes vs 1
     python bench.py loss                                               # fused vs naive loss path, CPU fp32
     python bench.py loss --device cuda --dtype bfloat16                # the same on a GPU, + GEMM rate
 
@@ -289,6 +290,35 @@ def bench_speed(a):
 
 
 # ====================================================================================================
+# ddp: iteration wall time of torchrun --nproc_per_node N against one process, same global batch
+# ====================================================================================================
+def bench_ddp(a):
+    """Whole paw.py runs (no prior, no evaluation), one thread per process, alternated; the iteration wall time
+    is the mean gap between the `train_s` of consecutive iterations after the first (which warms up)."""
+    import tempfile
+    out, times = tempfile.mkdtemp(prefix="paw-ddp-"), {1: [], a.procs: []}
+    flags = ["--env", a.env, "--prior-steps", "0", "--iters", str(a.iters), "--time-budget", "0", "--eval-episodes",
+             "0", "--threads", "1", "--out", out, *a.extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for rep in range(a.reps):
+        for n in (1, a.procs):
+            name = f"n{n}-r{rep}"
+            launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(n)] if n > 1 else [])
+            r = subprocess.run(launch + [os.path.join(HERE, "paw.py"), *flags, "--name", name], cwd=HERE,
+                               capture_output=True, text=True, env=env)
+            if r.returncode != 0:
+                sys.exit(f"bench ddp: {n} process(es) failed:\n{r.stderr[-2000:]}")
+            ts = [json.loads(x)["train_s"] for x in open(os.path.join(out, name, "metrics.jsonl"))]
+            times[n].append((ts[-1] - ts[0]) / (len(ts) - 1))
+            print(f"[rep {rep + 1}] {n} process(es): {times[n][-1]:.1f} s per iteration", flush=True)
+    mean = {n: sum(v) / len(v) for n, v in times.items()}
+    print(f"\nbench ddp: {a.env}, {a.iters} iterations x {a.reps} rounds, one thread per process | {machine()}")
+    print(f"1 process: {mean[1]:.2f} s per iteration; {a.procs} processes: {mean[a.procs]:.2f} s "
+          f"(ratio {mean[a.procs] / mean[1]:.2f})")
+    print(f"wrote {write_json(f'ddp-{a.env}.json', dict(machine=machine(), args=vars(a), times=times, mean=mean))}")
+
+
+# ====================================================================================================
 # loss: the fused chunked lm_head path vs naive full logits, one (variant, N, d, V) per subprocess so that
 # peak memory is clean.
 # ====================================================================================================
@@ -445,6 +475,12 @@ def main():
     so = sub.add_parser("speed-one")
     so.add_argument("--env"), so.add_argument("--iters", type=int), so.add_argument("--threads", type=int)
     so.add_argument("--flags")
+    d = sub.add_parser("ddp", help="iteration wall time: torchrun --nproc_per_node N vs one process")
+    d.add_argument("--env", default="textworld-tiny")
+    d.add_argument("--procs", type=int, default=2)
+    d.add_argument("--iters", type=int, default=4)
+    d.add_argument("--reps", type=int, default=2)
+    d.add_argument("extra", nargs="*", help="more paw.py flags, after --")
     o = sub.add_parser("loss", help="fused vs naive loss path: time and peak memory")
     o.add_argument("--device", default="cpu")
     o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -455,7 +491,7 @@ def main():
                    ("reps", int), ("chunk", int)):
         one.add_argument("--" + k, type=typ, required=True)
     a = p.parse_args()
-    {"learn": bench_learn, "loss": bench_loss, "loss-one": loss_one, "speed": bench_speed,
+    {"learn": bench_learn, "loss": bench_loss, "ddp": bench_ddp, "loss-one": loss_one, "speed": bench_speed,
      "speed-one": speed_one}[a.cmd](a)
 
 

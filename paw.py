@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -956,6 +957,7 @@ def token_stats(model, pk: Packed, cfg: Config, fused: bool, return_top: bool = 
     """One forward pass over packed sequences -> per-token (logp, entropy, hit) for action tokens (at the
     sampling temperature) and for observation tokens (temperature 1, the model's own prediction).
     With return_top, also the last hidden state (the head's input; used by the §6 safeguard)."""
+    ddp, model = (model, model.module.lm) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else (None, model)
     dev = next(model.parameters()).device
     # Right padding + causal attention: no real token ever attends to a pad, so no mask is needed and
     # attention takes its fast causal path. Positions 0..T-1 match generation's (left pad + mask).
@@ -967,7 +969,7 @@ def token_stats(model, pk: Packed, cfg: Config, fused: bool, return_top: bool = 
     allowed = allowed_matrix(pk, n_act, W.shape[0], dev)
     backend = cfg.compile if cfg.compile != "auto" else ("inductor" if W.shape[0] >= 32768 else "off")
     if fused:
-        hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+        hidden = ddp(ids, True, False) if ddp else model.get_decoder()(input_ids=ids).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1])[pos]
         if allowed is None:
             scale = torch.ones(h.shape[0], 1, dtype=h.dtype, device=dev)
@@ -978,7 +980,7 @@ def token_stats(model, pk: Packed, cfg: Config, fused: bool, return_top: bool = 
             obs = fused_logp_entropy(h[n_act:], W, tgt[n_act:], cfg.loss_chunk, backend)
             logp, ent, hit = (torch.cat([a.to(o.dtype) if a.is_floating_point() else a, o]) for a, o in zip(act, obs))
     else:
-        out = model(input_ids=ids, output_hidden_states=return_top)
+        out = ddp(ids, False, return_top) if ddp else model(input_ids=ids, output_hidden_states=return_top)
         hidden, logits = (out.hidden_states[-1] if return_top else None), out.logits
         z = logits.reshape(-1, logits.shape[-1])[pos].float()
         act = naive_logp_entropy(z[:n_act] / cfg.temperature, tgt[:n_act], allowed)
@@ -1022,7 +1024,7 @@ def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random) -> dict
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.prior_lr, weight_decay=0.0)
     model.train()
     losses, accs = [], []
-    for step in tqdm(range(cfg.prior_steps), desc="language prior", leave=False, dynamic_ncols=True):
+    for step in tqdm(range(cfg.prior_steps), desc="language prior", leave=False, dynamic_ncols=True, disable=world()[0] != 0):
         batch = ids[step * cfg.prior_batch:(step + 1) * cfg.prior_batch]
         steps = [Step(bos, [], x[:4 * cfg.wm_max_tokens] + [tok.eos_token_id], 0.0, True, "") for x in batch]
         for g in opt.param_groups:  # a short linear ramp avoids an early blow-up
@@ -1083,11 +1085,11 @@ def backward_with_wm_cap(l_rl, l_wm, top: torch.Tensor, cap: float) -> dict:
         (l_rl + l_wm).backward()
         return dict(wm_scale=1.0)
     g_rl, g_wm = (torch.autograd.grad(l, top, retain_graph=True, allow_unused=True)[0] for l in (l_rl, l_wm))
-    n_rl = g_rl.float().norm() if g_rl is not None else torch.tensor(0.0)
-    n_wm = g_wm.float().norm() if g_wm is not None else torch.tensor(0.0)
-    s = torch.clamp(cap * n_rl / (n_wm + 1e-12), max=1.0).item() if n_wm > 0 else 1.0
+    sq = [g.float().square().sum().item() if g is not None else 0.0 for g in (g_rl, g_wm)]
+    n_rl, n_wm = (math.sqrt(v) for v in all_reduce(sq))  # under torchrun: the norms over every process's slice
+    s = min(1.0, cap * n_rl / (n_wm + 1e-12)) if n_wm > 0 else 1.0
     (l_rl + s * l_wm).backward()
-    return dict(wm_scale=s, grad_norm_rl_top=n_rl.item(), grad_norm_wm_top=n_wm.item())
+    return dict(wm_scale=s, grad_norm_rl_top=n_rl, grad_norm_wm_top=n_wm)
 
 
 def ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg: Config, fused: bool, pad_id: int,
@@ -1102,50 +1104,72 @@ def ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg: Config, fus
     logs, n_tokens, n_padded, hits, n_obs = [], 0, 0, 0, 0
     wm_on = cfg.wm != "off"
     seq_len = [len(s.prompt_ids) + len(s.action_ids) + (len(s.obs_ids) if wm_on else 0) for s in steps]
+    n_proc = world()[1]  # under torchrun: this process's steps are its share of a global minibatch
+    n_mb = int(all_reduce([min(cfg.minibatches, len(steps))], "min")[0])
     model.train()
     for epoch in range(cfg.ppo_epochs):
         order = list(range(len(steps)))
         rng.shuffle(order)
-        for mb in np.array_split(np.array(order), min(cfg.minibatches, len(order))):
+        for mb in np.array_split(np.array(order), n_mb):
             # membership is random; within the minibatch, slices of similar length waste little on padding
             mb = sorted(mb.tolist(), key=lambda i: seq_len[i])
-            n_act = sum(len(steps[i].action_ids) for i in mb)
             in_s = [bool(selected[i]) and len(steps[i].obs_ids) > 0 for i in mb] if wm_on else [False] * len(mb)
-            n_sel = max(1, sum(in_s))
+            n_act, n_sel = all_reduce([sum(len(steps[i].action_ids) for i in mb), sum(in_s)])  # global counts
+            n_sel = max(1.0, n_sel)
             size = cfg.micro_batch or len(mb)
+            if n_proc > 1:  # every process runs the same number of slices (DDP syncs on the last one)
+                n_parts = int(min(all_reduce([-(-len(mb) // size)], "max")[0], all_reduce([len(mb)], "min")[0]))
+                parts = [p.tolist() for p in np.array_split(np.array(mb), n_parts)]
+            else:
+                parts = [mb[j:j + size] for j in range(0, len(mb), size)]
             opt.zero_grad(set_to_none=True)
             st = dict(policy_loss=0.0, wm_loss=0.0, clipfrac=0.0, approx_kl=0.0)
-            for j in range(0, len(mb), size):
-                part = mb[j:j + size]
-                pk = pack_steps([steps[i] for i in part], pad_id, with_obs=wm_on)
-                (lp, ent, _), (olp, _, ohit), top = token_stats(model, pk, cfg, fused, return_top=True)
+            for j, part in enumerate(parts):
+                sync = n_proc == 1 or j == len(parts) - 1
+                with (contextlib.nullcontext() if sync else model.no_sync()):
+                    s = slice_backward(model, steps, part, old_logp, adv, selected, lam, ref_logp, cfg, fused,
+                                       pad_id, wm_on, n_act / n_proc, n_sel / n_proc)
                 if epoch == 0:  # WM token accuracy of the policy that generated the rollouts (first pass)
-                    hits, n_obs = hits + int(ohit.sum()), n_obs + ohit.numel()
-                old = torch.cat([old_logp[i] for i in part]).to(dev)
-                a = adv[part].to(dev)[pk.act_row.to(dev)]  # the step's advantage on every action token
-                ref = torch.cat([ref_logp[i] for i in part]).to(dev) if ref_logp else None
-                l_rl, l_wm, s = combined_objective(lp, old, a, olp, pk.obs_row.to(dev), len(part),
-                                                   selected[part].to(dev), lam[part].to(dev), cfg, ref)
-                w_rl, w_wm = pk.act_tgt.numel() / n_act, sum(in_s[j:j + size]) / n_sel
-                s.update(backward_with_wm_cap(w_rl * l_rl, w_wm * l_wm, top, cfg.wm_grad_cap if wm_on else 0.0))
-                st["policy_loss"] += w_rl * l_rl.item()
-                st["wm_loss"] += w_wm * l_wm.item()
-                for k in ("clipfrac", "approx_kl"):
-                    st[k] += w_rl * s.pop(k)
+                    hits, n_obs = hits + s.pop("obs_hits"), n_obs + s.pop("obs_tokens")
+                n_tokens, n_padded = n_tokens + s.pop("tokens"), n_padded + s.pop("padded")
+                for k in ("policy_loss", "wm_loss", "clipfrac", "approx_kl"):
+                    st[k] += s.pop(k)
                 for k, v in s.items():  # §6 scale and norms: mean over slices
                     st[k] = st.get(k, 0.0) + v * len(part) / len(mb)
-                n_tokens += int(pk.attention_mask.sum())
-                n_padded += pk.attention_mask.numel()
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if gn.item() > 0:  # §6: no RL signal (every advantage 0, so WM scaled to 0): no optimizer step
                 opt.step()
             st.update(grad_norm=gn.item(), stepped=float(gn.item() > 0))
             logs.append(st)
     out = {k: float(np.mean([d[k] for d in logs if k in d])) for k in logs[0]}
+    out = process_mean(out)  # under torchrun: the mean over processes, and global token counts
+    n_tokens, n_padded, hits, n_obs = all_reduce([n_tokens, n_padded, hits, n_obs])
     out.update(update_tokens=n_tokens, update_pad_frac=1 - n_tokens / max(1, n_padded))
     if n_obs:
         out["wm_token_acc"] = hits / n_obs
     return out
+
+
+def slice_backward(model, steps, part, old_logp, adv, selected, lam, ref_logp, cfg: Config, fused: bool,
+                   pad_id: int, wm_on: bool, n_act: float, n_sel: float) -> dict:
+    """Forward and backward of one slice of a minibatch: L_RL weighted by the slice's share of the n_act action
+    tokens, the WM term by its share of the n_sel selected transitions, so that the slices' gradients add up
+    to the whole minibatch's (§2.4; §6 cap per slice)."""
+    dev = next(model.parameters()).device
+    pk = pack_steps([steps[i] for i in part], pad_id, with_obs=wm_on)
+    (lp, ent, _), (olp, _, ohit), top = token_stats(model, pk, cfg, fused, return_top=True)
+    old = torch.cat([old_logp[i] for i in part]).to(dev)
+    a = adv[part].to(dev)[pk.act_row.to(dev)]  # the step's advantage on every action token
+    ref = torch.cat([ref_logp[i] for i in part]).to(dev) if ref_logp else None
+    l_rl, l_wm, s = combined_objective(lp, old, a, olp, pk.obs_row.to(dev), len(part),
+                                       selected[part].to(dev), lam[part].to(dev), cfg, ref)
+    w_rl = pk.act_tgt.numel() / n_act
+    w_wm = sum(bool(selected[i]) and len(steps[i].obs_ids) > 0 for i in part) / n_sel if wm_on else 0.0
+    s.update(backward_with_wm_cap(w_rl * l_rl, w_wm * l_wm, top, cfg.wm_grad_cap if wm_on else 0.0))
+    s.update(policy_loss=w_rl * l_rl.item(), wm_loss=w_wm * l_wm.item(), clipfrac=w_rl * s["clipfrac"],
+             approx_kl=w_rl * s["approx_kl"], obs_hits=int(ohit.sum()), obs_tokens=ohit.numel(),
+             tokens=int(pk.attention_mask.sum()), padded=pk.attention_mask.numel())
+    return s
 
 
 def episode_stats(episodes: list[Episode], prefix: str = "") -> dict:
@@ -1173,10 +1197,10 @@ def behaviour_from_generation(cfg: Config, score_values: int = 0) -> bool:
 
 
 def train_iteration(it, model, tok, opt, env_cls, cfg: Config, rng, fused, ref_model=None,
-                    fmt: PromptFormat | None = None) -> dict:
+                    fmt: PromptFormat | None = None, trainer=None) -> dict:
     """One PaW iteration: rollouts -> scoring pass -> advantages -> WM targets -> PPO + WM update."""
     t0 = time.time()
-    seeds = [rng.randrange(paw_envs.EVAL_SEED_START) for _ in range(cfg.groups)]
+    seeds = [rng.randrange(paw_envs.EVAL_SEED_START) for _ in range(cfg.groups // world()[1])]  # this process's groups
     episodes = collect_rollouts(model, tok, env_cls, seeds, cfg.group_size, cfg, fmt=fmt)
     steps = [s for e in episodes for s in e.steps]
     t1 = time.time()
@@ -1191,12 +1215,13 @@ def train_iteration(it, model, tok, opt, env_cls, cfg: Config, rng, fused, ref_m
     adv, adv_stats = compute_advantages(episodes, cfg)
     selected = select_wm_targets(act_entropy, cfg.wm_alpha) if cfg.wm != "off" else torch.zeros(len(steps), dtype=torch.bool)
     lam = wm_weights(episodes, cfg, env_cls.R_max)
-    upd = ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg, fused, tok.pad_token_id, rng, ref_logp)
+    upd = ppo_update(trainer or model, opt, steps, old_logp, adv, selected, lam, cfg, fused, tok.pad_token_id, rng, ref_logp)
     t2 = time.time()
-    m = dict(iter=it, **episode_stats(episodes), **adv_stats, **{k: v for k, v in upd.items() if k not in ("update_tokens", "wm_token_acc")},
-             action_entropy=act_entropy.mean().item(),
+    everyone = [e for part in all_gather(slim(episodes)) for e in part]  # all processes' episodes
+    local = process_mean(dict(adv_stats, action_entropy=act_entropy.mean().item(), wm_lambda_mean=lam.mean().item(),
+                              wm_selected_frac=selected.float().mean().item()))
+    m = dict(iter=it, **episode_stats(everyone), **local, **{k: v for k, v in upd.items() if k not in ("update_tokens", "wm_token_acc")},
              wm_token_acc=wm_acc if wm_acc is not None else upd.get("wm_token_acc"),  # None: not measured (--wm off)
-             wm_selected_frac=selected.float().mean().item(), wm_lambda_mean=lam.mean().item(),
              rollout_s=t1 - t0, update_s=t2 - t1, tokens_per_s=upd["update_tokens"] / max(1e-9, t2 - t1))
     return m
 
@@ -1208,11 +1233,12 @@ def evaluate(model, tok, env_cls, cfg: Config, n: int, greedy: bool = True, batc
              fmt: PromptFormat | None = None) -> dict:
     """Held-out seeds from EVAL_SEED_START on (never used in training): success rate, mean return, mean
     episode length, valid-action and format-valid ratios, success per task type."""
-    seeds = [paw_envs.EVAL_SEED_START + i for i in range(n)]
+    rank, n_proc = world()
+    seeds = [paw_envs.EVAL_SEED_START + i for i in range(n)][rank::n_proc]  # under torchrun: split, then gathered
     episodes = []
-    for i in range(0, n, batch):
+    for i in range(0, len(seeds), batch):
         episodes += collect_rollouts(model, tok, env_cls, seeds[i:i + batch], 1, cfg, greedy=greedy, fmt=fmt)
-    return episode_stats(episodes)
+    return episode_stats([e for part in all_gather(slim(episodes)) for e in part])
 
 
 def random_policy_success(env_cls, n: int, seed: int = 0) -> dict:
@@ -1253,7 +1279,13 @@ def save_checkpoint(run_dir: str, it: int, model, tok, opt, rng: random.Random, 
     """Write model + tokenizer (save_pretrained), optimizer, every RNG state and the iteration to
     checkpoints/iter-N. Atomic: everything goes to a .tmp folder first and one os.rename publishes it, so a
     run killed mid-save leaves no half-written iter-N (resume ignores .tmp folders; the next save removes
-    them). Only the newest `keep` checkpoints are kept."""
+    them). Only the newest `keep` checkpoints are kept. Under torchrun every process's RNG states are
+    gathered and process 0 writes."""
+    ranks = all_gather(dict(rng=rng.getstate(), py_random=random.getstate(), numpy=np.random.get_state(),
+                            torch=torch.get_rng_state(),
+                            cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+    if world()[0] != 0:
+        return ""
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     _quiet_transformers()
@@ -1265,10 +1297,8 @@ def save_checkpoint(run_dir: str, it: int, model, tok, opt, rng: random.Random, 
     tok.save_pretrained(os.path.join(tmp, "model"))
     if ref_model is not None:
         ref_model.save_pretrained(os.path.join(tmp, "ref_model"))
-    torch.save(dict(iteration=it, optimizer=opt.state_dict(), rng=rng.getstate(), py_random=random.getstate(),
-                    numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    summary=summary, train_s=train_s), os.path.join(tmp, "trainer.pt"))
+    torch.save(dict(iteration=it, optimizer=opt.state_dict(), **ranks[0], ranks=ranks, summary=summary,
+                    train_s=train_s), os.path.join(tmp, "trainer.pt"))
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -1317,6 +1347,7 @@ def load_checkpoint(ckpt: str, dtype: torch.dtype):
 
 
 def restore_rng(state: dict, rng: random.Random):
+    state = state["ranks"][world()[0]] if "ranks" in state else state  # this process's streams
     rng.setstate(state["rng"])
     random.setstate(state["py_random"])
     np.random.set_state(state["numpy"])
@@ -1340,6 +1371,75 @@ def save_final(run_dir: str, model, tok):
 # ====================================================================================================
 # 12. Main
 # ====================================================================================================
+class DistributedTrunk(nn.Module):
+    """What DistributedDataParallel wraps under torchrun: the causal LM, with a forward that gives token_stats
+    what it needs (the last hidden state for the fused loss, else the model's output). The head's weight is
+    used by the loss outside this forward, but every parameter gets its gradient in every backward, which is
+    all DDP's gradient all-reduce needs."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, fused: bool, return_top: bool):
+        if fused:
+            return self.lm.get_decoder()(input_ids=ids).last_hidden_state
+        return self.lm(input_ids=ids, output_hidden_states=return_top)
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes): (0, 1) unless started by torchrun."""
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+
+
+def all_reduce(values: list, op: str = "sum") -> list[float]:
+    """The sum (or max, min) of each value over the processes; the values themselves in one process."""
+    if world()[1] == 1:
+        return list(values)
+    d = torch.distributed
+    dev = torch.device("cuda", torch.cuda.current_device()) if d.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
+    d.all_reduce(t, op=dict(sum=d.ReduceOp.SUM, max=d.ReduceOp.MAX, min=d.ReduceOp.MIN)[op])
+    return t.tolist()
+
+
+def all_gather(obj) -> list:
+    """Every process's `obj`, in rank order ([obj] in one process)."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def init_distributed(cfg: Config) -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1): one process group, NCCL with one GPU per process (LOCAL_RANK) or Gloo
+    on CPU. Rollout groups are split over the processes (a group never spans two), so --groups must divide."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if n == 1:
+        return 0, 1
+    if cfg.groups % n:
+        raise ConfigError(f"--groups {cfg.groups} must be a multiple of the {n} processes (a group never spans two)")
+    gpu = cfg.device != "cpu" and torch.cuda.is_available()
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if gpu else "gloo")
+    return world()
+
+
+def process_mean(d: dict) -> dict:
+    """Each value averaged over the processes (unchanged in one process)."""
+    names = sorted(d)
+    return dict(zip(names, (v / world()[1] for v in all_reduce([d[k] for k in names]))))
+
+
+def slim(episodes: list[Episode]) -> list[Episode]:
+    """Episodes without token ids or tensors: what episode_stats needs, cheap to send between processes."""
+    return [Episode(e.group, e.seed, [Step([], [], [], s.reward, s.valid, "", s.format_ok, None, s.decisions)
+                                      for s in e.steps], e.won, e.task_type) for e in episodes]
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux/macOS), in MiB."""
     import resource
@@ -1381,10 +1481,24 @@ def strict_json(m: dict) -> tuple[dict, list]:
 
 
 def setup_run(cfg: Config):
-    """Everything that can fail fast, before any slow work: env, device, run folder, checkpoint."""
+    """Everything that can fail fast, before any slow work: env, device, run folder, checkpoint. Under
+    torchrun, process 0 makes the run folder and the others take its name."""
     env_cls = paw_envs.load_env_class(cfg.env)
     dev = pick_device(cfg.device)
     ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
+    run_dir, error = None, None
+    if world()[0] == 0:
+        try:
+            run_dir = make_run_dir(cfg)
+        except ConfigError as e:
+            error = str(e)
+    run_dir, error = all_gather((run_dir, error))[0]
+    if error:
+        raise ConfigError(error)
+    return env_cls, dev, ckpt, run_dir
+
+
+def make_run_dir(cfg: Config) -> str:
     if cfg.resume:
         run_dir = cfg.resume.rstrip("/")
     else:
@@ -1401,134 +1515,132 @@ def setup_run(cfg: Config):
         os.remove(os.path.join(run_dir, ".write-test"))
     except OSError as e:
         raise ConfigError(f"cannot write the run folder {run_dir}: {e.strerror}") from None
-    return env_cls, dev, ckpt, run_dir
+    return run_dir
 
 
-def main(argv=None):
-    cfg = parse_config(argv)
-    try:
-        env_cls, dev, ckpt, run_dir = setup_run(cfg)
-    except (paw_envs.EnvError, ConfigError) as e:
-        print(f"paw.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if cfg.resume and ckpt is None:
-        print(f"paw: {run_dir} has no complete checkpoint yet: starting it again from its saved config")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+def fail(msg: str, code: int = 2):
+    print(f"\npaw: {msg}" if code == 130 else f"paw.py: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def say(*args, **kw):
+    """print, from process 0 only (under torchrun every process would print the same line)."""
+    if world()[0] == 0:
+        tqdm.write(" ".join(map(str, args)), **kw)
+
+
+def load_model(cfg: Config, env_cls, ckpt, dev, run_dir):
+    """-> (tokenizer, model, reference model, checkpoint state): from a checkpoint, a --model, or the tiny
+    model built from the environment's text."""
     dtype = getattr(torch, cfg.dtype)
-    t_start = time.time()
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    try:
-        # --- model and tokenizer (part 2 of this file) ---
-        ref_model, state = None, None
-        if ckpt:
-            tok, model, ref_model, state = load_checkpoint(ckpt, dtype)
-        elif cfg.model:
-            tok, model = load_hf_model(cfg.model, dtype)
-        else:
-            tok = build_tiny_tokenizer(*gather_env_text(env_cls, seed=cfg.seed))
-            model = build_tiny_model(tok, cfg).to(dtype)
+    ref_model, state = None, None
+    if ckpt:
+        tok, model, ref_model, state = load_checkpoint(ckpt, dtype)
+        saved_world = len(state.get("ranks", [None]))
+        if saved_world != world()[1]:
+            raise ConfigError(f"this run was trained with {saved_world} process(es); resume it with the same number "
+                              f"(torchrun --nproc_per_node {saved_world}), not {world()[1]}")
+    elif cfg.model:
+        tok, model = load_hf_model(cfg.model, dtype)
+    else:
+        tok = build_tiny_tokenizer(*gather_env_text(env_cls, seed=cfg.seed))
+        model = build_tiny_model(tok, cfg).to(dtype)
+    if world()[0] == 0:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
-        model.to(dev)
-        if ref_model is not None:
-            ref_model.to(dev).eval().requires_grad_(False)
-        if cfg.grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
-        fmt = make_prompt_format(tok, model, cfg)
-    except ConfigError as e:
-        print(f"paw.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("\npaw: interrupted while building the model; nothing to save", file=sys.stderr)
-        sys.exit(130)
+    model.to(dev)
+    if ref_model is not None:
+        ref_model.to(dev).eval().requires_grad_(False)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+    return tok, model, ref_model, state
+
+
+def print_plan(cfg: Config, model, tok, fmt, dev, run_dir, resuming: bool):
     n_params = sum(p.numel() for p in model.parameters())
-    fused = cfg.fused_loss
-    if fused:
-        ok, why = plain_linear_head(model)
-        if not ok:
-            warnings.warn(f"fused loss path disabled: {why}; using the naive full-logits path")
-            fused = False
-    print(f"paw: {cfg.env} | model {cfg.model or 'tiny Llama'} ({n_params / 1e6:.2f}M params, vocab {len(tok)}) "
-          f"| {cfg.algo} + WM {cfg.wm} | prompt {'think' if fmt.think else 'plain'}"
-          f"{' (chat template)' if fmt.chat else ''}{', action mask' if fmt.mask else ''} | device {dev} | run dir {run_dir}")
+    say(f"paw: {cfg.env} | model {cfg.model or 'tiny Llama'} ({n_params / 1e6:.2f}M params, vocab {len(tok)}) "
+        f"| {cfg.algo} + WM {cfg.wm} | prompt {'think' if fmt.think else 'plain'}"
+        f"{' (chat template)' if fmt.chat else ''}{', action mask' if fmt.mask else ''} | device {dev}"
+        f"{f' x {world()[1]} processes' if world()[1] > 1 else ''} | run dir {run_dir}")
     pre = ["random-policy baseline"] + ([f"language prior ({cfg.prior_steps} steps)"] if not cfg.model and cfg.prior_steps else [])
-    print(f"paw: plan: {' -> '.join(pre if state is None else ['resume'])} -> RL, {cfg.iters} iterations"
-          f"{f' or {cfg.time_budget:g} min' if cfg.time_budget else ''} -> final evaluation ({cfg.eval_episodes} "
-          f"held-out episodes). Ctrl-C stops early and keeps what was trained.")
+    say(f"paw: plan: {' -> '.join(['resume'] if resuming else pre)} -> RL, {cfg.iters} iterations"
+        f"{f' or {cfg.time_budget:g} min' if cfg.time_budget else ''} -> final evaluation ({cfg.eval_episodes} "
+        f"held-out episodes). Ctrl-C stops early and keeps what was trained.")
 
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    if state is not None:  # exact resume: optimizer, every RNG, the metrics written up to the checkpoint
-        opt.load_state_dict(state["optimizer"])
-        restore_rng(state, rng)
-        summary, train_s, start = state["summary"], state["train_s"], state["iteration"]
-        kept = read_metrics(metrics_path, start)
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-        print(f"resuming from {ckpt} (iteration {start})")
-    else:
+
+def before_rl(cfg: Config, model, tok, opt, env_cls, rng, run_dir, t_start: float):
+    """A fresh run: the random policy's success and the tiny model's language prior, saved as iteration 0
+    so that --resume never repeats them. -> (summary, train_s)."""
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if world()[0] == 0:
         open(metrics_path, "w").close()
-        summary, start = {}, 0
-        try:
-            summary["random"] = random_policy_success(env_cls, cfg.eval_episodes)
-            if not cfg.model and cfg.prior_steps:  # the language prior (part 8 of this file)
-                summary["prior"] = language_prior(model, tok, env_cls, cfg, rng)
-        except KeyboardInterrupt:
-            print("\npaw: interrupted before RL; the run folder keeps config.json (rerun it with --resume "
-                  f"{run_dir})", file=sys.stderr)
-            sys.exit(130)
-        if cfg.kl_coef > 0:
-            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        train_s = time.time() - t_start
-        if not cfg.model and cfg.prior_steps:  # keep the pre-RL work: --resume starts here
-            save_or_warn(run_dir, 0, model, tok, opt, rng, summary, train_s, ref_model)
+    summary = {}
+    try:
+        summary["random"] = random_policy_success(env_cls, cfg.eval_episodes)
+        if not cfg.model and cfg.prior_steps:  # the language prior (part 8 of this file)
+            summary["prior"] = language_prior(model, tok, env_cls, cfg, rng)
+    except KeyboardInterrupt:
+        fail(f"interrupted before RL; the run folder keeps config.json (rerun it with --resume {run_dir})", 130)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+    train_s = time.time() - t_start
+    if not cfg.model and cfg.prior_steps:  # keep the pre-RL work: --resume starts here
+        save_or_warn(run_dir, 0, model, tok, opt, rng, summary, train_s, ref_model)
+    return summary, train_s, ref_model
 
-    # --- RL with PaW ---
-    bar = tqdm(range(start + 1, cfg.iters + 1), desc="PaW", dynamic_ncols=True, initial=start, total=cfg.iters)
-    it, warned, interrupted = start, False, False
-    with open(metrics_path, "a") as mf:
+
+def rl_loop(cfg: Config, model, trainer, tok, opt, env_cls, rng, fused, ref_model, fmt, run_dir, summary,
+            train_s: float, start: int):
+    """The RL iterations (§2-§3 each, part 9 of this file) with metrics, checkpoints and the time budget.
+    -> (last iteration done, train_s, interrupted)."""
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    bar = tqdm(range(start + 1, cfg.iters + 1), desc="PaW", dynamic_ncols=True, initial=start, total=cfg.iters,
+               disable=world()[0] != 0)
+    it, warned = start, False
+    with open(metrics_path, "a") if world()[0] == 0 else contextlib.nullcontext() as mf:
         for it in bar:
             t_it = time.time()
             try:
-                m = train_iteration(it, model, tok, opt, env_cls, cfg, rng, fused, ref_model, fmt)
+                m = train_iteration(it, model, tok, opt, env_cls, cfg, rng, fused, ref_model, fmt, trainer)
                 train_s += time.time() - t_it
                 m["train_s"] = train_s
                 if cfg.eval_every and it % cfg.eval_every == 0:
                     ev = evaluate(model, tok, env_cls, cfg, cfg.eval_every_episodes, greedy=True, fmt=fmt)
                     m.update({"eval_" + k: v for k, v in ev.items()})
             except KeyboardInterrupt:  # keep what was learned: evaluate and save below
+                if world()[1] > 1:  # the other processes cannot be told: the last checkpoint is what is kept
+                    fail(f"interrupted at iteration {it}; under torchrun the last checkpoint is kept", 130)
                 print(f"\ninterrupted at iteration {it}; evaluating and saving what was trained (Ctrl-C again: save only)")
-                it, interrupted = it - 1, True
-                break
+                return it - 1, train_s, True
             m, bad = strict_json(m)
-            mf.write(json.dumps(m) + "\n")
-            mf.flush()
+            if mf:
+                mf.write(json.dumps(m) + "\n")
+                mf.flush()
             if bad:
-                print(f"paw.py: error: non-finite {', '.join(bad)} at iteration {it} (written as null); stopping "
-                      f"(metrics kept in {metrics_path})", file=sys.stderr)
-                sys.exit(1)
+                fail(f"non-finite {', '.join(bad)} at iteration {it} (written as null); stopping (metrics kept in "
+                     f"{metrics_path})", 1)
             bar.set_postfix(succ=f"{m['success']:.2f}", **({} if fmt.mask else dict(valid=f"{m['valid_ratio']:.2f}")),
                             **({} if m["wm_token_acc"] is None else dict(wm_acc=f"{m['wm_token_acc']:.2f}")),
                             ent=f"{m['action_entropy']:.2f}")
             if not warned and (m["approx_kl"] > 1.0 or (not fmt.mask and it > 1 and m["valid_ratio"] < 0.05)):
                 warned = True  # no healthy run gets there: say so once
-                tqdm.write(f"paw: warning: the policy looks collapsed at iteration {it} (approx KL {m['approx_kl']:.3g},"
-                           f" valid ratio {m['valid_ratio']:.2f}); try a smaller --lr")
+                say(f"paw: warning: the policy looks collapsed at iteration {it} (approx KL {m['approx_kl']:.3g},"
+                    f" valid ratio {m['valid_ratio']:.2f}); try a smaller --lr")
             if it == start + 1:  # the first measured iteration gives the estimate of the whole run
                 left = (cfg.iters - it) * (time.time() - t_it)
                 if cfg.time_budget:
                     left = min(left, max(0.0, 60 * cfg.time_budget - train_s))
-                tqdm.write(f"paw: one iteration took {time.time() - t_it:.0f} s; about {left / 60:.0f} more min of RL")
+                say(f"paw: one iteration took {time.time() - t_it:.0f} s; about {left / 60:.0f} more min of RL")
             if cfg.save_every and it % cfg.save_every == 0:
                 save_or_warn(run_dir, it, model, tok, opt, rng, summary, train_s, ref_model)
-            if cfg.time_budget and train_s > 60 * cfg.time_budget:
-                tqdm.write(f"time budget of {cfg.time_budget} min reached after {it} iterations")
+            # every process stops at the same iteration (the slowest one's clock decides)
+            if cfg.time_budget and all_reduce([train_s], "max")[0] > 60 * cfg.time_budget:
+                say(f"time budget of {cfg.time_budget} min reached after {it} iterations")
                 break
-    summary.update(iters_done=it, train_s=train_s)
+    return it, train_s, False
 
-    # --- evaluation and saving ---
+
+def finish(cfg: Config, model, tok, env_cls, fmt, dev, run_dir, summary, interrupted: bool) -> dict:
+    """The final held-out evaluation next to the random policy, the model (save_pretrained) and summary.json."""
     try:
         summary["final_greedy"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=True, fmt=fmt)
         if cfg.eval_sampled:
@@ -1536,27 +1648,84 @@ def main(argv=None):
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted during the final evaluation: saving the model and summary without it", file=sys.stderr)
-    rows = {"random (admissible)": summary["random"]}
-    for k, name in (("final_greedy", "trained (greedy)"),
-                    ("final_sampled", "trained (sampled)")):
-        if k in summary:
-            rows[name] = summary[k]
-    print_eval_table(rows)
     summary["peak_rss_mb"] = peak_rss_mb()
     if dev.type == "cuda":
         summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    if world()[0] != 0:
+        return summary
+    rows = {"random (admissible)": summary["random"]}
+    for k, name in (("final_greedy", "trained (greedy)"), ("final_sampled", "trained (sampled)")):
+        if k in summary:
+            rows[name] = summary[k]
+    print_eval_table(rows)
     try:
         save_final(run_dir, model, tok)
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(strict_json(summary)[0], f, indent=1)
     except (OSError, RuntimeError) as e:
-        print(f"paw.py: error: could not save the final model to {run_dir}: {type(e).__name__}: "
-              f"{' '.join(str(e).split())[:200]}", file=sys.stderr)
-        sys.exit(1)
+        fail(f"could not save the final model to {run_dir}: {type(e).__name__}: {' '.join(str(e).split())[:200]}", 1)
     print(f"\nsaved: {run_dir}/ (config.json, metrics.jsonl, summary.json, model/"
           f"{', checkpoints/' if os.path.isdir(os.path.join(run_dir, 'checkpoints')) else ''})")
     if interrupted:
         sys.exit(130)  # the convention for a run ended by Ctrl-C; everything above is saved
+    return summary
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        rank, n_proc = init_distributed(cfg)
+        env_cls, dev, ckpt, run_dir = setup_run(cfg)
+    except (paw_envs.EnvError, ConfigError) as e:
+        fail(str(e))
+    if cfg.resume and ckpt is None:
+        say(f"paw: {run_dir} has no complete checkpoint yet: starting it again from its saved config")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    t_start = time.time()
+    try:
+        tok, model, ref_model, state = load_model(cfg, env_cls, ckpt, dev, run_dir)
+        fmt = make_prompt_format(tok, model, cfg)
+    except ConfigError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted while building the model; nothing to save", 130)
+    fused = cfg.fused_loss
+    if fused:
+        ok, why = plain_linear_head(model)
+        if not ok:
+            warnings.warn(f"fused loss path disabled: {why}; using the naive full-logits path")
+            fused = False
+    print_plan(cfg, model, tok, fmt, dev, run_dir, state is not None)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if state is not None:  # exact resume: optimizer, every RNG, the metrics written up to the checkpoint
+        opt.load_state_dict(state["optimizer"])
+        restore_rng(state, rng)
+        summary, train_s, start = state["summary"], state["train_s"], state["iteration"]
+        if rank == 0:
+            metrics_path = os.path.join(run_dir, "metrics.jsonl")
+            kept = read_metrics(metrics_path, start)
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+        say(f"resuming from {ckpt} (iteration {start})")
+    else:
+        summary, train_s, ref_model = before_rl(cfg, model, tok, opt, env_cls, rng, run_dir, t_start)
+        start = 0
+        if rank:  # every process rolls out its own episodes: its own random streams from here on
+            rng.seed(f"{cfg.seed}-{rank}")
+            torch.manual_seed(cfg.seed + 1000003 * rank)
+    trainer = None
+    if n_proc > 1:  # DDP starts from process 0's weights and all-reduces the gradients of every update
+        trainer = torch.nn.parallel.DistributedDataParallel(
+            DistributedTrunk(model), device_ids=[dev.index or 0] if dev.type == "cuda" else None)
+    it, train_s, interrupted = rl_loop(cfg, model, trainer, tok, opt, env_cls, rng, fused, ref_model, fmt,
+                                       run_dir, summary, train_s, start)
+    summary.update(iters_done=it, train_s=train_s)
+    summary = finish(cfg, model, tok, env_cls, fmt, dev, run_dir, summary, interrupted)
+    if n_proc > 1:
+        torch.distributed.destroy_process_group()
     return summary
 
 

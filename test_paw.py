@@ -1241,3 +1241,74 @@ def test_checkpoint_that_cannot_be_written_is_one_warning(tiny, tmp_path, monkey
     paw.save_or_warn(str(tmp_path), 3, model, tok, opt, random.Random(0), {}, 1.0, None)
     assert "checkpoint of iteration 3 not written" in capsys.readouterr().out
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes: torchrun + DistributedDataParallel (Gloo on CPU)
+# ------------------------------------------------------------------------------------------------
+def _ddp_update_worker(rank, world, folder, c, fused):
+    """One process of the 2-process update: its share of the steps (every other one), DDP, one optimizer step."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM
+    d = torch.load(f"{folder}/data.pt", weights_only=False)
+    mine = list(range(rank, len(d["steps"]), world))
+    model = AutoModelForCausalLM.from_pretrained(f"{folder}/model")
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    ddp = torch.nn.parallel.DistributedDataParallel(paw.DistributedTrunk(model))
+    st = paw.ppo_update(ddp, opt, [d["steps"][i] for i in mine], [d["old"][i] for i in mine], d["adv"][mine],
+                        d["selected"][mine], d["lam"][mine], c, fused, d["pad"], random.Random(rank), None)
+    torch.save(dict(params=[p.detach() for p in model.parameters()], stats=st), f"{folder}/out{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("wm,fused", [("cmae", True), ("off", False)])
+def test_ddp_update_equals_single_process(tiny, tmp_path, wm, fused):
+    """2 processes (Gloo), each with half of the steps, make the same update as one process with all of them:
+    token-mean L_RL and the WM mean over selected transitions are global means, the §6 cap uses global norms,
+    gradient clipping the global norm (max_grad_norm is set to bind). SGD(lr=1): the change is the gradient."""
+    tok, _ = tiny
+    c = cfg(minibatches=1, micro_batch=0, wm=wm, wm_alpha=0.5, wm_grad_cap=0.002, max_grad_norm=0.05)
+    torch.manual_seed(5)
+    model0 = paw.build_tiny_model(tok, c)
+    steps = [s for e in paw.collect_rollouts(model0, tok, envs.TextWorldTiny, [3, 4], 3, c) for s in e.steps][:14]
+    old, ent, _, _ = paw.score_steps(model0, steps, c, fused, tok.pad_token_id)
+    g = torch.Generator().manual_seed(1)
+    adv, lam = torch.randn(len(steps), generator=g), torch.rand(len(steps), generator=g)
+    selected = paw.select_wm_targets(ent, c.wm_alpha)
+    model0.save_pretrained(tmp_path / "model")
+    torch.save(dict(steps=steps, old=old, adv=adv, selected=selected, lam=lam, pad=tok.pad_token_id), tmp_path / "data.pt")
+    torch.multiprocessing.spawn(_ddp_update_worker, args=(2, str(tmp_path), c, fused), nprocs=2)
+    opt = torch.optim.SGD(model0.parameters(), lr=1.0)
+    ref = paw.ppo_update(model0, opt, steps, old, adv, selected, lam, c, fused, tok.pad_token_id, random.Random(0))
+    outs = [torch.load(tmp_path / f"out{r}.pt", weights_only=False) for r in range(2)]
+    for o in outs:
+        for a, b in zip(model0.parameters(), o["params"]):
+            assert torch.allclose(a.detach(), b, atol=1e-6, rtol=1e-5)
+        for k in ("policy_loss", "wm_loss", "grad_norm", "wm_scale"):
+            assert o["stats"][k] == pytest.approx(ref[k], rel=1e-4, abs=1e-7), k
+    assert ref["grad_norm"] > c.max_grad_norm  # the clip bound, on the global norm
+    assert wm == "off" or 0 < ref["wm_scale"] < 1  # the §6 cap bound, on global norms
+
+
+def test_torchrun_smoke_and_resume(tmp_path):
+    """torchrun --nproc_per_node 2 (Gloo): one metrics file, one checkpoint, a resume with the same number of
+    processes continues it, and a resume with another number is refused in one line."""
+    env = dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1")
+    run = ["--out", str(tmp_path), "--name", "dist"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(HERE, "paw.py")]
+    r = subprocess.run(launch + SMOKE + run + ["--save-every", "1", "--threads", "1"], capture_output=True,
+                       text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    folder = tmp_path / "dist"
+    lines = [json.loads(x) for x in open(folder / "metrics.jsonl")]
+    assert [m["iter"] for m in lines] == [1, 2]  # written once, by process 0
+    assert r.stdout.count("paw: plan:") == 1
+    assert sorted(os.listdir(folder / "checkpoints")) == ["iter-000001", "iter-000002"]
+    assert len(torch.load(folder / "checkpoints" / "iter-000002" / "trainer.pt", weights_only=False)["ranks"]) == 2
+    r = subprocess.run(launch + ["--resume", str(folder), "--iters", "3"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(x)["iter"] for x in open(folder / "metrics.jsonl")] == [1, 2, 3]
+    r = run_paw(["--resume", str(folder), "--iters", "4"], tmp_path)
+    assert r.returncode == 2 and "2 process(es)" in r.stderr and "Traceback" not in r.stderr
