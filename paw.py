@@ -1213,9 +1213,17 @@ def train_iteration(it, model, tok, opt, env_cls, cfg: Config, rng, fused, ref_m
     else:
         old_logp, act_entropy, ref_logp, wm_acc = score_steps(model, steps, cfg, fused, tok.pad_token_id, ref_model)
     adv, adv_stats = compute_advantages(episodes, cfg)
-    selected = select_wm_targets(act_entropy, cfg.wm_alpha) if cfg.wm != "off" else torch.zeros(len(steps), dtype=torch.bool)
+    # §2.1 over the whole batch (under torchrun: every process's transitions ranked together)
+    every_entropy = all_gather(act_entropy)
+    selected = select_wm_targets(torch.cat(every_entropy), cfg.wm_alpha) if cfg.wm != "off" else torch.zeros(
+        sum(map(len, every_entropy)), dtype=torch.bool)
+    first = sum(map(len, every_entropy[:world()[0]]))
+    selected = selected[first:first + len(steps)]
     lam = wm_weights(episodes, cfg, env_cls.R_max)
-    upd = ppo_update(trainer or model, opt, steps, old_logp, adv, selected, lam, cfg, fused, tok.pad_token_id, rng, ref_logp)
+    upd_in = (steps, old_logp, adv, selected, lam, ref_logp)
+    if world()[1] > 1:  # the advantages are final: now every process gets an equal share of all the steps
+        upd_in = balanced_share(it, *upd_in)
+    upd = ppo_update(trainer or model, opt, *upd_in[:5], cfg, fused, tok.pad_token_id, rng, upd_in[5])
     t2 = time.time()
     everyone = [e for part in all_gather(slim(episodes)) for e in part]  # all processes' episodes
     local = process_mean(dict(adv_stats, action_entropy=act_entropy.mean().item(), wm_lambda_mean=lam.mean().item(),
@@ -1426,6 +1434,17 @@ def init_distributed(cfg: Config) -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group("nccl" if gpu else "gloo")
     return world()
+
+
+def balanced_share(it: int, steps, old_logp, adv, selected, lam, ref_logp):
+    """The update's input re-dealt so that every process holds the same number of steps (rollouts leave them
+    uneven: episodes end at different lengths), so no process waits for a bigger share at every minibatch."""
+    rows = list(zip(steps, old_logp, adv.tolist(), selected.tolist(), lam.tolist(), ref_logp or [None] * len(steps)))
+    rows = [r for part in all_gather(rows) for r in part]
+    random.Random(it).shuffle(rows)  # the same order in every process
+    steps, old_logp, adv, selected, lam, ref_logp = map(list, zip(*rows[world()[0]::world()[1]]))
+    return (steps, old_logp, torch.tensor(adv), torch.tensor(selected), torch.tensor(lam),
+            ref_logp if ref_logp[0] is not None else [])
 
 
 def process_mean(d: dict) -> dict:

@@ -1258,7 +1258,10 @@ def _ddp_update_worker(rank, world, folder, c, fused):
     ddp = torch.nn.parallel.DistributedDataParallel(paw.DistributedTrunk(model))
     st = paw.ppo_update(ddp, opt, [d["steps"][i] for i in mine], [d["old"][i] for i in mine], d["adv"][mine],
                         d["selected"][mine], d["lam"][mine], c, fused, d["pad"], random.Random(rank), None)
-    torch.save(dict(params=[p.detach() for p in model.parameters()], stats=st), f"{folder}/out{rank}.pt")
+    uneven = mine[:len(mine) - 2 * rank]  # balanced_share re-deals uneven shares evenly, losing nothing
+    share = paw.balanced_share(7, [d["steps"][i] for i in uneven], [d["old"][i] for i in uneven], d["adv"][uneven],
+                               d["selected"][uneven], d["lam"][uneven], [])
+    torch.save(dict(params=[p.detach() for p in model.parameters()], stats=st, share=share), f"{folder}/out{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -1288,6 +1291,11 @@ def test_ddp_update_equals_single_process(tiny, tmp_path, wm, fused):
         for k in ("policy_loss", "wm_loss", "grad_norm", "wm_scale"):
             assert o["stats"][k] == pytest.approx(ref[k], rel=1e-4, abs=1e-7), k
     assert ref["grad_norm"] > c.max_grad_norm  # the clip bound, on the global norm
+    shares = [o["share"] for o in outs]
+    assert abs(len(shares[0][0]) - len(shares[1][0])) <= 1
+    dealt = sorted((a, s.prompt_ids) for sh in shares for s, a in zip(sh[0], sh[2].tolist()))
+    kept = sorted((adv[i].item(), steps[i].prompt_ids) for i in list(range(0, 14, 2)) + list(range(1, 10, 2)))
+    assert dealt == kept  # each step with its own advantage, none lost or doubled
     assert wm == "off" or 0 < ref["wm_scale"] < 1  # the §6 cap bound, on global norms
 
 
