@@ -3,6 +3,7 @@
     python bench.py learn --env textworld-tiny --seeds 3 --budget 10   # PaW vs the --wm off GRPO baseline
     python bench.py speed                                              # CPU per iteration, by phase
     python bench.py ddp --procs 2                                      # torchrun, 2 processes vs 1
+    python bench.py bc --lr 5e-4                                       # supervised upper bound of the tiny model
     python bench.py loss                                               # fused vs naive loss path, CPU fp32
     python bench.py loss --device cuda --dtype bfloat16                # the same on a GPU, + GEMM rate
 
@@ -290,6 +291,90 @@ def bench_speed(a):
 
 
 # ====================================================================================================
+# bc: behaviour cloning of the right decisions, the upper bound of what RL could reach at equal compute
+# ====================================================================================================
+def bench_bc(a):
+    """Supervised learning of textworld-tiny's key decisions (decision_points(): the right action; a random exit
+    where only moving helps) by the tiny model with paw's prompt, action mask and loss path: no RL noise, a
+    perfect label for every state. States come from a behaviour that is right 70% of the time, random
+    otherwise. Prints per-decision greedy accuracy on 400 held-out states as it goes, then held-out success."""
+    import random
+    import numpy as np
+    import torch
+    import envs
+    import paw
+    torch.set_num_threads(a.threads)
+    random.seed(a.seed), torch.manual_seed(a.seed)
+    cfg = paw.parse_config(["--env", a.env, "--compile", "off", "--history", str(a.history)])
+    env_cls = envs.load_env_class(a.env)
+    if not hasattr(env_cls, "decision_points"):
+        sys.exit(f"bench bc: {a.env} has no decision_points()")
+    tok = paw.build_tiny_tokenizer(*paw.gather_env_text(env_cls, seed=a.seed))
+    model = paw.build_tiny_model(tok, cfg)
+    cache = {}
+
+    def states(n, rng):
+        out, env = [], env_cls()
+        while len(out) < n:
+            obs, info = env.reset(rng.randrange(envs.EVAL_SEED_START) if rng is not held_rng else
+                                  envs.EVAL_SEED_START + len(out))
+            hist = []
+            for _ in range(env_cls.max_steps):
+                (name, right), = env.decision_points().items()
+                label = rng.choice(right)
+                trie = paw.action_trie(tok, info["admissible_actions"], tok.eos_token_id, cache)
+                p = paw.render_prompt(tok, fmt, info["task"], hist, obs, info["admissible_actions"], cfg.history)
+                out.append((paw.Step(p, cache[label], [], 0.0, True, "", allowed=paw.allowed_along(trie, cache[label])),
+                            name, right, trie))
+                act = label if rng.random() < 0.7 else rng.choice(info["admissible_actions"])
+                hist.append((obs, act))
+                obs, _, done, info = env.step(act)
+                if done:
+                    break
+        return out[:n]
+
+    def accuracy(held):
+        acc = {}
+        for i in range(0, len(held), 100):
+            chunk = held[i:i + 100]
+            outs = paw.generate_actions(model, tok, [x[0].prompt_ids for x in chunk], cfg, True, fmt, [x[3] for x in chunk])
+            for (_, name, right, _), (ids, _, _) in zip(chunk, outs):
+                acc.setdefault(name, []).append(paw.decode_action(tok, ids) in right)
+        model.train()
+        return {k: round(float(np.mean(v)), 2) for k, v in sorted(acc.items())}
+
+    fmt = paw.make_prompt_format(tok, model, cfg)
+    held_rng = random.Random(1)
+    held, rng = states(400, held_rng), random.Random(a.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+    cpu, losses, log = 0.0, [], []
+    for step in range(1, a.steps + 1):
+        batch = [x[0] for x in states(a.batch, rng)]
+        c0 = time.process_time()
+        for g in opt.param_groups:
+            g["lr"] = a.lr * min(1.0, step / 20)
+        (lp, _, _), _ = paw.token_stats(model, paw.pack_steps(batch, tok.pad_token_id, with_obs=False), cfg, True)
+        loss = -lp.sum() / len(batch)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        cpu += time.process_time() - c0
+        losses.append(loss.item())
+        if step % a.every == 0 or step == a.steps:
+            log.append(dict(step=step, cpu_s=cpu, loss=float(np.mean(losses[-a.every:])), **accuracy(held)))
+            print(json.dumps(log[-1]), flush=True)
+    final = {k: paw.evaluate(model, tok, env_cls, cfg, a.episodes, greedy=k == "greedy", fmt=fmt)
+             for k in ("greedy", "sampled")}
+    print(f"\nbench bc: {a.env}, lr {a.lr}, {a.steps} steps x {a.batch} labelled decisions, {cpu:.0f} s of "
+          f"update CPU | {machine()}")
+    for k, v in final.items():
+        print(f"held-out {k} success {v['success']:.3f} ({a.episodes} episodes); " +
+              ", ".join(f"{d.split('/')[1]} {x:.2f}" for d, x in v.items() if d.startswith("decision/")))
+    print(f"wrote {write_json(f'bc-{a.env}-lr{a.lr:g}.json', dict(machine=machine(), args=vars(a), log=log, final=final))}")
+
+
+# ====================================================================================================
 # ddp: iteration wall time of torchrun --nproc_per_node N against one process, same global batch
 # ====================================================================================================
 def bench_ddp(a):
@@ -475,6 +560,16 @@ def main():
     so = sub.add_parser("speed-one")
     so.add_argument("--env"), so.add_argument("--iters", type=int), so.add_argument("--threads", type=int)
     so.add_argument("--flags")
+    b = sub.add_parser("bc", help="behaviour cloning of the right decisions: what the tiny model learns with perfect labels")
+    b.add_argument("--env", default="textworld-tiny")
+    b.add_argument("--steps", type=int, default=1000)
+    b.add_argument("--batch", type=int, default=32)
+    b.add_argument("--lr", type=float, default=5e-4)
+    b.add_argument("--history", type=int, default=1)
+    b.add_argument("--every", type=int, default=250)
+    b.add_argument("--episodes", type=int, default=200)
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("ddp", help="iteration wall time: torchrun --nproc_per_node N vs one process")
     d.add_argument("--env", default="textworld-tiny")
     d.add_argument("--procs", type=int, default=2)
@@ -491,7 +586,7 @@ def main():
                    ("reps", int), ("chunk", int)):
         one.add_argument("--" + k, type=typ, required=True)
     a = p.parse_args()
-    {"learn": bench_learn, "loss": bench_loss, "ddp": bench_ddp, "loss-one": loss_one, "speed": bench_speed,
+    {"learn": bench_learn, "loss": bench_loss, "ddp": bench_ddp, "bc": bench_bc, "loss-one": loss_one, "speed": bench_speed,
      "speed-one": speed_one}[a.cmd](a)
 
 
