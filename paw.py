@@ -330,20 +330,18 @@ def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible
 
 def build_think_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible: list[str], k: int,
                        step: int) -> str:
-    """h_t for an instruct model, in the style of verl-agent's prompts: the same content as build_prompt
-    (task, last K observation/action pairs, current observation, admissible actions) plus the response
-    format: reasoning inside <think> </think>, then exactly one admissible action inside <action> </action>."""
-    lines = [f"You are an agent in a text environment. Your task is: {task}."]
+    """h_t for an instruct model: what build_prompt holds (task, last K observation/action pairs, current
+    observation, admissible actions), numbered by step as in verl-agent's prompts, plus the response format:
+    reasoning inside <think> </think>, then exactly one admissible action inside <action> </action>. Kept
+    short (no quoting, a one-line instruction): the prompt is read three times per step (generation,
+    scoring, update), and this one is ~30% shorter than a verl-agent-style wording (README, Speed)."""
+    lines = [f"Task: {task}."]
     recent = history[-k:] if k > 0 else []
-    if recent:
-        lines.append(f"You have taken {step} step(s) so far. Your most recent observations and actions:")
-        for i, (o, a) in enumerate(recent):
-            lines.append(f"[Observation {step - len(recent) + i + 1}: {o!r}, Action {step - len(recent) + i + 1}: {a!r}]")
-    lines.append(f"You are now at step {step + 1}. Current observation: {obs!r}")
-    lines.append("Admissible actions: [" + ", ".join(repr(a) for a in admissible) + "]")
-    lines.append("First reason step by step about the situation; this reasoning MUST be enclosed within "
-                 "<think> </think> tags. Then choose one admissible action for this step and present it "
-                 "within <action> </action> tags.")
+    for i, (o, a) in enumerate(recent):
+        lines.append(f"Step {step - len(recent) + i + 1}: {o} Action: {a}")
+    lines.append(f"Step {step + 1} (now): {obs}")
+    lines.append("Admissible actions: " + "; ".join(admissible))
+    lines.append("Reason inside <think> </think>, then give one admissible action inside <action> </action>.")
     return "\n".join(lines)
 
 
