@@ -224,6 +224,42 @@ def plot_learn(a, rows, curves, png: str):
 
 
 # ====================================================================================================
+# a small random chat model (Qwen2 architecture, byte-level BPE, ChatML), saved like a hub checkpoint: used by
+# `speed --model` here and by the tests
+# ====================================================================================================
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_chat_model(folder, template=CHATML, hidden: int = 32, layers: int = 1):
+    """A small randomly initialised Qwen2-architecture model with a byte-level BPE tokenizer (trained here
+    on environment text) that has a ChatML chat template, saved like a hub checkpoint."""
+    import torch
+    import envs
+    import paw
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    texts, _ = paw.gather_env_text(envs.TextWorldTiny, n_episodes=50)
+    texts += ["<think> I should act. </think> <action> go north </action>",
+              paw.build_think_prompt("t", [("o", "a")], "o", ["a"], 1, 1)]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = template
+    torch.manual_seed(0)
+    c = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                    num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    Qwen2ForCausalLM(c).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return tok
+
+
+# ====================================================================================================
 # speed: CPU time of one training iteration, by phase, at equal settings (issue: faster iterations)
 # ====================================================================================================
 SPEED_VARIANTS = {  # name -> paw.py flags on top of the defaults
@@ -242,11 +278,15 @@ def speed_one(a):
     import envs
     import paw
     torch.set_num_threads(a.threads)
-    cfg = paw.parse_config(["--env", a.env, "--prior-steps", "0", "--seed", "1", *json.loads(a.flags)])
+    cfg = paw.parse_config(["--env", a.env, "--prior-steps", "0", "--seed", "1", *(["--model", a.model] if a.model else []),
+                            *json.loads(a.flags)])
     random.seed(1), torch.manual_seed(1)
     env_cls = envs.load_env_class(cfg.env)
-    tok = paw.build_tiny_tokenizer(*paw.gather_env_text(env_cls, n_episodes=200, seed=1))
-    model = paw.build_tiny_model(tok, cfg)
+    if a.model:  # a Hugging Face folder: its own tokenizer and, with a chat template, the think format
+        tok, model = paw.load_hf_model(a.model, torch.float32)
+    else:
+        tok = paw.build_tiny_tokenizer(*paw.gather_env_text(env_cls, n_episodes=200, seed=1))
+        model = paw.build_tiny_model(tok, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     rng, fmt = random.Random(1), paw.make_prompt_format(tok, model, cfg)
     paw.train_iteration(0, model, tok, opt, env_cls, cfg, rng, True, None, fmt)  # warm-up iteration
@@ -269,13 +309,13 @@ def bench_speed(a):
     for rep in range(a.reps):
         for v, flags in SPEED_VARIANTS.items():
             cmd = [sys.executable, os.path.join(HERE, "bench.py"), "speed-one", "--env", a.env, "--iters", str(a.iters),
-                   "--threads", str(a.threads), "--flags", json.dumps(flags)]
+                   "--threads", str(a.threads), "--flags", json.dumps(flags + a.extra), "--model", a.model]
             r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
             if r.returncode != 0:
                 sys.exit(f"bench speed: {v} failed:\n{r.stderr[-2000:]}")
             results[v].append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(f"[rep {rep + 1}] {v}: {results[v][-1]['cpu_s']:.1f} s CPU per iteration", flush=True)
-    print(f"\nbench speed: {a.env}, {a.threads} thread(s), {a.iters} iterations x {a.reps} rounds, "
+    print(f"\nbench speed: {a.env}{f', --model {a.model}' if a.model else ''} {' '.join(a.extra)}, {a.threads} thread(s), {a.iters} iterations x {a.reps} rounds, "
           f"mean per iteration | {machine()}")
     print(f"{'variant':<38}{'CPU s':>8}{'wall s':>8}{'rollout':>9}{'update':>8}{'pad':>6}{'tok/trans':>10}{'peak MiB':>10}")
     summary = {}
@@ -287,7 +327,8 @@ def bench_speed(a):
     names = list(SPEED_VARIANTS)
     print(f"after / before CPU: {summary[names[1]]['cpu_s'] / summary[names[0]]['cpu_s']:.2f}; "
           f"PaW / --wm off CPU: {summary[names[1]]['cpu_s'] / summary[names[2]]['cpu_s']:.2f}")
-    print(f"wrote {write_json(f'speed-{a.env}.json', dict(machine=machine(), args=vars(a), results=results, mean=summary))}")
+    name = f"speed-{a.env}{'-model' if a.model else ''}.json"
+    print(f"wrote {write_json(name, dict(machine=machine(), args=vars(a), results=results, mean=summary))}")
 
 
 # ====================================================================================================
@@ -557,9 +598,15 @@ def main():
     s.add_argument("--iters", type=int, default=2)
     s.add_argument("--reps", type=int, default=2)
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--model", default="", help="a Hugging Face model folder instead of the tiny model (see chat-model)")
+    s.add_argument("extra", nargs="*", help="more paw.py flags for every variant, after --")
     so = sub.add_parser("speed-one")
     so.add_argument("--env"), so.add_argument("--iters", type=int), so.add_argument("--threads", type=int)
-    so.add_argument("--flags")
+    so.add_argument("--flags"), so.add_argument("--model", default="")
+    cm = sub.add_parser("chat-model", help="save a small random Qwen2 chat model (byte-level BPE, ChatML) to a folder")
+    cm.add_argument("folder")
+    cm.add_argument("--hidden", type=int, default=128)
+    cm.add_argument("--layers", type=int, default=2)
     b = sub.add_parser("bc", help="behaviour cloning of the right decisions: what the tiny model learns with perfect labels")
     b.add_argument("--env", default="textworld-tiny")
     b.add_argument("--steps", type=int, default=1000)
@@ -586,7 +633,8 @@ def main():
                    ("reps", int), ("chunk", int)):
         one.add_argument("--" + k, type=typ, required=True)
     a = p.parse_args()
-    {"learn": bench_learn, "loss": bench_loss, "ddp": bench_ddp, "bc": bench_bc, "loss-one": loss_one, "speed": bench_speed,
+    {"learn": bench_learn, "loss": bench_loss, "ddp": bench_ddp, "bc": bench_bc,
+     "chat-model": lambda a: print(f"saved {a.folder} ({len(make_chat_model(a.folder, hidden=a.hidden, layers=a.layers))} tokens)"), "loss-one": loss_one, "speed": bench_speed,
      "speed-one": speed_one}[a.cmd](a)
 
 

@@ -1016,33 +1016,7 @@ def test_env_raising_mid_run_exits_1_with_one_line_and_keeps_metrics(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Issue 7: your own Hugging Face model, the <think>/<action> format, checkpoints and exact resume
 # ------------------------------------------------------------------------------------------------
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def make_chat_model(folder, template=CHATML):
-    """A small randomly initialised Qwen2-architecture model with a byte-level BPE tokenizer (trained here
-    on environment text) that has a ChatML chat template, saved like a hub checkpoint."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-    texts, _ = paw.gather_env_text(envs.TextWorldTiny, n_episodes=50)
-    texts += ["<think> I should act. </think> <action> go north </action>",
-              paw.build_think_prompt("t", [("o", "a")], "o", ["a"], 1, 1)]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = template
-    torch.manual_seed(0)
-    c = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    Qwen2ForCausalLM(c).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return tok
+from bench import CHATML, make_chat_model  # noqa: E402  (a random chat model saved like a hub checkpoint)
 
 
 @pytest.mark.parametrize("response,prefilled,action,ok", [
