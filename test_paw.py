@@ -861,7 +861,8 @@ class SigInt(TextWorldTiny):
         elif SigInt.heldout >= 4:  # after the random-policy baseline (2 held-out episodes, 2 resets each)
             SigInt.train_after += 1
             n = SigInt.train_after if mode == "train" else -1
-        if n == int(k):
+        if n == int(k):  # Python's own handler, as in a terminal (a shell's background job inherits SIGINT ignored)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             os.kill(os.getpid(), signal.SIGINT)
         return super().reset(seed)
 '''
