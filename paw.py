@@ -1332,6 +1332,7 @@ def find_checkpoint(path: str) -> str:
 def load_checkpoint(ckpt: str, dtype: torch.dtype):
     """-> (tokenizer, model, reference model or None, trainer state). A damaged folder is one clear error."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    _quiet_transformers()  # no "Loading weights" bar in the middle of the run's output
     try:
         state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
         missing = {"iteration", "optimizer", "rng", "py_random", "numpy", "torch", "summary", "train_s"} - set(state)
