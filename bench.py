@@ -263,9 +263,9 @@ def make_chat_model(folder, template=CHATML, hidden: int = 32, layers: int = 1):
 # speed: CPU time of one training iteration, by phase, at equal settings (issue: faster iterations)
 # ====================================================================================================
 SPEED_VARIANTS = {  # name -> paw.py flags on top of the defaults
-    "rescore, unsorted (before)": ["--rescore", "on", "--micro-batch", "0"],
-    "generation log-probs, sorted slices": [],
-    "same, --wm off": ["--wm", "off"],
+    "rescore, unsorted": ["--rescore", "on", "--micro-batch", "0"],
+    "defaults": [],
+    "defaults, --wm off": ["--wm", "off"],
 }
 
 
@@ -294,7 +294,9 @@ def speed_one(a):
     for it in range(a.iters):
         c0, w0 = time.process_time(), time.time()
         m = paw.train_iteration(it + 1, model, tok, opt, env_cls, cfg, rng, True, None, fmt)
+        n_trans = m["episode_len"] * cfg.groups * cfg.group_size
         rows.append(dict(cpu_s=time.process_time() - c0, wall_s=time.time() - w0, rollout_s=m["rollout_s"],
+                         cpu_ms_per_transition=1000 * (time.process_time() - c0) / n_trans,
                          update_s=m["update_s"], pad=m["update_pad_frac"],
                          tokens=m["tokens_per_s"] * m["update_s"], transitions=m["episode_len"] * cfg.groups * cfg.group_size))
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
@@ -317,16 +319,18 @@ def bench_speed(a):
             print(f"[rep {rep + 1}] {v}: {results[v][-1]['cpu_s']:.1f} s CPU per iteration", flush=True)
     print(f"\nbench speed: {a.env}{f', --model {a.model}' if a.model else ''} {' '.join(a.extra)}, {a.threads} thread(s), {a.iters} iterations x {a.reps} rounds, "
           f"mean per iteration | {machine()}")
-    print(f"{'variant':<38}{'CPU s':>8}{'wall s':>8}{'rollout':>9}{'update':>8}{'pad':>6}{'tok/trans':>10}{'peak MiB':>10}")
+    print(f"{'variant':<38}{'CPU s':>8}{'ms/trans':>9}{'wall s':>8}{'rollout':>9}{'update':>8}{'pad':>6}{'tok/trans':>10}{'peak MiB':>10}")
     summary = {}
     for v, rs in results.items():
         m = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}
         summary[v] = m
-        print(f"{v:<38}{m['cpu_s']:>8.2f}{m['wall_s']:>8.2f}{m['rollout_s']:>9.2f}{m['update_s']:>8.2f}"
+        print(f"{v:<38}{m['cpu_s']:>8.2f}{m['cpu_ms_per_transition']:>9.2f}{m['wall_s']:>8.2f}{m['rollout_s']:>9.2f}{m['update_s']:>8.2f}"
               f"{m['pad']:>6.2f}{m['tokens_per_transition']:>10.1f}{m['peak_rss_mb']:>10.0f}")
     names = list(SPEED_VARIANTS)
-    print(f"after / before CPU: {summary[names[1]]['cpu_s'] / summary[names[0]]['cpu_s']:.2f}; "
-          f"PaW / --wm off CPU: {summary[names[1]]['cpu_s'] / summary[names[2]]['cpu_s']:.2f}")
+    per = {v: summary[v]["cpu_ms_per_transition"] for v in names}  # episode lengths differ between variants
+    print(f"defaults / rescore+unsorted CPU per transition: {per[names[1]] / per[names[0]]:.2f}; "
+          f"PaW / --wm off CPU per transition: {per[names[1]] / per[names[2]]:.2f} (observation-token share of the "
+          f"update: {1 - summary[names[2]]['tokens_per_transition'] / summary[names[1]]['tokens_per_transition']:.2f})")
     name = f"speed-{a.env}{'-model' if a.model else ''}.json"
     print(f"wrote {write_json(name, dict(machine=machine(), args=vars(a), results=results, mean=summary))}")
 

@@ -120,7 +120,7 @@ class Config:
     forward_batch: int = arg(64, "sequences per no-grad scoring forward")
     rescore: str = arg("auto", "recompute the behaviour log-probs in a no-grad pass (on) or take them from "
                        "generation (off); auto = off in float32, where both agree", choices=["auto", "on", "off"])
-    micro_batch: int = arg(64, "sequences per forward/backward in the update (sorted by length, gradients "
+    micro_batch: int = arg(16, "sequences per forward/backward in the update (sorted by length, gradients "
                               "accumulated with exact weights; 0 = the whole minibatch at once)")
     # --- evaluation ----------------------------------------------------------------------------------
     eval_episodes: int = arg(100, group="evaluation", doc= "held-out evaluation episodes at the end (greedy)")
@@ -809,6 +809,11 @@ def _kernel(name: str, backend: str):
     return _KERNELS[key]
 
 
+# Below this vocabulary (and without compile) the fused path takes the full logits of the gathered loss
+# positions only (at most ~8k x the positions of a slice: tens of MB) instead of running the chunked kernel.
+GATHERED_LOGITS_MAX_VOCAB = 8192
+
+
 def default_chunk(vocab: int) -> int:
     """A power of two so one chunk's logits tile holds about 2^26 values (256 MB in fp32), in [16, 4096]."""
     c = 2 ** int(math.log2(max(1, (1 << 26) // vocab)))
@@ -924,22 +929,25 @@ class Packed:
     act_allowed: tuple | None = None  # action mask: (action-token index, allowed id) pairs, or None (no mask)
 
 
-def pack_steps(steps: list[Step], pad_id: int, with_obs: bool = True) -> Packed:
+def pack_steps(steps: list[Step], pad_id: int, with_obs: bool | list[bool] = True) -> Packed:
     """§2: one sequence per step, [h_t ; a_t ; o_{t+1}]. The policy mask is a_t (EOS included), the WM
-    mask is o_{t+1}. The logits at position j predict token j+1, hence the -1 below."""
-    seqs = [s.prompt_ids + s.action_ids + (s.obs_ids if with_obs else []) for s in steps]
+    mask is o_{t+1}. The logits at position j predict token j+1, hence the -1 below. `with_obs` may be one
+    flag per step: a step whose WM term has no weight needs only [h_t ; a_t] (causal attention: its action
+    log-probs are the same either way)."""
+    obs_on = list(with_obs) if isinstance(with_obs, (list, tuple)) else [bool(with_obs)] * len(steps)
+    seqs = [s.prompt_ids + s.action_ids + (s.obs_ids if w else []) for s, w in zip(steps, obs_on)]
     T = max(len(x) for x in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     ap, at, ar, op, ot, orow = [], [], [], [], [], []
-    for r, (s, x) in enumerate(zip(steps, seqs)):
+    for r, (s, x, with_o) in enumerate(zip(steps, seqs, obs_on)):
         ids[r, :len(x)] = torch.tensor(x)
         mask[r, :len(x)] = 1
         a0, o0 = len(s.prompt_ids), len(s.prompt_ids) + len(s.action_ids)
         ap += [r * T + j - 1 for j in range(a0, o0)]
         at += s.action_ids
         ar += [r] * len(s.action_ids)
-        if with_obs:
+        if with_o:
             op += [r * T + j - 1 for j in range(o0, o0 + len(s.obs_ids))]
             ot += s.obs_ids
             orow += [r] * len(s.obs_ids)
@@ -969,7 +977,14 @@ def token_stats(model, pk: Packed, cfg: Config, fused: bool, return_top: bool = 
     if fused:
         hidden = ddp(ids, True, False) if ddp else model.get_decoder()(input_ids=ids).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1])[pos]
-        if allowed is None:
+        if backend == "off" and W.shape[0] < GATHERED_LOGITS_MAX_VOCAB:
+            # small vocabulary: the logits of the loss positions alone are small, and plain autograd over
+            # them is cheaper than the chunked kernel's Python loop (measured: README, Speed)
+            z = (h @ W.t()).float()
+            act = naive_logp_entropy(z[:n_act] / cfg.temperature, tgt[:n_act], allowed)
+            obs = naive_logp_entropy(z[n_act:], tgt[n_act:])
+            logp, ent, hit = (torch.cat(x) for x in zip(act, obs))
+        elif allowed is None:
             scale = torch.ones(h.shape[0], 1, dtype=h.dtype, device=dev)
             scale[:n_act] = 1.0 / cfg.temperature  # logits / T == (h / T) W^T
             logp, ent, hit = fused_logp_entropy(h * scale, W, tgt, cfg.loss_chunk, backend)
@@ -1101,7 +1116,9 @@ def ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg: Config, fus
     dev = next(model.parameters()).device
     logs, n_tokens, n_padded, hits, n_obs = [], 0, 0, 0, 0
     wm_on = cfg.wm != "off"
-    seq_len = [len(s.prompt_ids) + len(s.action_ids) + (len(s.obs_ids) if wm_on else 0) for s in steps]
+    # §2.4: a transition outside S, or with lambda = 0, adds nothing to the WM term: its o_{t+1} is not packed
+    wm_rows = [wm_on and bool(selected[i]) and float(lam[i]) != 0.0 and len(s.obs_ids) > 0 for i, s in enumerate(steps)]
+    seq_len = [len(s.prompt_ids) + len(s.action_ids) + (len(s.obs_ids) if w else 0) for s, w in zip(steps, wm_rows)]
     n_proc = world()[1]  # under torchrun: this process's steps are its share of a global minibatch
     n_mb = int(all_reduce([min(cfg.minibatches, len(steps))], "min")[0])
     model.train()
@@ -1126,7 +1143,7 @@ def ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg: Config, fus
                 sync = n_proc == 1 or j == len(parts) - 1
                 with (contextlib.nullcontext() if sync else model.no_sync()):
                     s = slice_backward(model, steps, part, old_logp, adv, selected, lam, ref_logp, cfg, fused,
-                                       pad_id, wm_on, n_act / n_proc, n_sel / n_proc)
+                                       pad_id, [wm_rows[i] for i in part], n_act / n_proc, n_sel / n_proc)
                 if epoch == 0:  # WM token accuracy of the policy that generated the rollouts (first pass)
                     hits, n_obs = hits + s.pop("obs_hits"), n_obs + s.pop("obs_tokens")
                 n_tokens, n_padded = n_tokens + s.pop("tokens"), n_padded + s.pop("padded")
@@ -1149,12 +1166,14 @@ def ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg: Config, fus
 
 
 def slice_backward(model, steps, part, old_logp, adv, selected, lam, ref_logp, cfg: Config, fused: bool,
-                   pad_id: int, wm_on: bool, n_act: float, n_sel: float) -> dict:
+                   pad_id: int, wm_rows: list[bool], n_act: float, n_sel: float) -> dict:
     """Forward and backward of one slice of a minibatch: L_RL weighted by the slice's share of the n_act action
-    tokens, the WM term by its share of the n_sel selected transitions, so that the slices' gradients add up
-    to the whole minibatch's (§2.4; §6 cap per slice)."""
+    tokens, the WM term by the slice's packed WM rows over the n_sel selected transitions (the rows left out
+    have lambda = 0 and add nothing), so that the slices' gradients add up to the whole minibatch's (§2.4; §6
+    cap per slice). `wm_rows`: per step of the slice, whether its o_{t+1} is packed."""
     dev = next(model.parameters()).device
-    pk = pack_steps([steps[i] for i in part], pad_id, with_obs=wm_on)
+    wm_on = any(wm_rows)
+    pk = pack_steps([steps[i] for i in part], pad_id, with_obs=wm_rows)
     (lp, ent, _), (olp, _, ohit), top = token_stats(model, pk, cfg, fused, return_top=True)
     old = torch.cat([old_logp[i] for i in part]).to(dev)
     a = adv[part].to(dev)[pk.act_row.to(dev)]  # the step's advantage on every action token
@@ -1162,7 +1181,7 @@ def slice_backward(model, steps, part, old_logp, adv, selected, lam, ref_logp, c
     l_rl, l_wm, s = combined_objective(lp, old, a, olp, pk.obs_row.to(dev), len(part),
                                        selected[part].to(dev), lam[part].to(dev), cfg, ref)
     w_rl = pk.act_tgt.numel() / n_act
-    w_wm = sum(bool(selected[i]) and len(steps[i].obs_ids) > 0 for i in part) / n_sel if wm_on else 0.0
+    w_wm = sum(wm_rows) / n_sel
     s.update(backward_with_wm_cap(w_rl * l_rl, w_wm * l_wm, top, cfg.wm_grad_cap if wm_on else 0.0))
     s.update(policy_loss=w_rl * l_rl.item(), wm_loss=w_wm * l_wm.item(), clipfrac=w_rl * s["clipfrac"],
              approx_kl=w_rl * s["approx_kl"], obs_hits=int(ohit.sum()), obs_tokens=ohit.numel(),

@@ -1178,6 +1178,51 @@ def test_micro_batch_accumulation_equals_whole_minibatch(tiny, wm):
     assert s0["grad_norm"] > 0 and (wm == "off" or s0["wm_loss"] > 0)
 
 
+@pytest.mark.parametrize("cap", [0.0, 1.0])
+def test_update_skips_observations_without_wm_weight(tiny, cap):
+    """§2.4: a transition outside S or with lambda_g = 0 adds nothing to the WM term, so the update packs its
+    [h ; a] only. The parameters after one SGD(lr=1) step must equal a naive reference that packs every
+    o_{t+1} and computes L_RL + (1/|S|) sum_S lambda L_WM with the §6 scale from the full batch."""
+    tok, _ = tiny
+    c = cfg(minibatches=1, micro_batch=0, wm="cmae", wm_rho=1.0, wm_alpha=0.6, wm_grad_cap=cap, max_grad_norm=1e9)
+    torch.manual_seed(5)
+    model0 = paw.build_tiny_model(tok, c)
+    steps = [s for e in paw.collect_rollouts(model0, tok, envs.TextWorldTiny, [3, 4], 3, c) for s in e.steps][:12]
+    old, ent, _, _ = paw.score_steps(model0, steps, c, False, tok.pad_token_id)
+    g = torch.Generator().manual_seed(1)
+    adv = torch.randn(len(steps), generator=g)
+    selected = paw.select_wm_targets(ent, c.wm_alpha)
+    lam = torch.rand(len(steps), generator=g) + 0.1
+    lam[selected.nonzero()[::2, 0]] = 0.0  # half of the WM targets carry no weight
+    assert (selected & (lam > 0)).any() and (selected & (lam == 0)).any()
+    model = paw.build_tiny_model(tok, c)
+    model.load_state_dict(model0.state_dict())
+    st = paw.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), steps, old, adv, selected, lam, c, False,
+                        tok.pad_token_id, random.Random(0))
+    ref = paw.build_tiny_model(tok, c)
+    ref.load_state_dict(model0.state_dict())
+    pk = paw.pack_steps(steps, tok.pad_token_id, with_obs=True)  # every observation packed
+    (lp, _, _), (olp, _, _), top = paw.token_stats(ref, pk, c, False, return_top=True)
+    a = adv[pk.act_row]
+    l_rl = paw.ppo_clip_loss(lp, torch.cat(old), a, c.clip_low, c.clip_high)[0]
+    per_t = paw.per_transition_mean(paw.cmae_loss(olp, c.wm_rho), pk.obs_row, len(steps))
+    l_wm = (lam[selected] * per_t[selected]).sum() / selected.sum()
+    scale = 1.0
+    if cap:
+        n_rl, n_wm = (torch.autograd.grad(x, top, retain_graph=True)[0].norm() for x in (l_rl, l_wm))
+        scale = min(1.0, cap * float(n_rl) / float(n_wm))
+    (l_rl + scale * l_wm).backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= p.grad
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+    assert st["wm_loss"] == pytest.approx(l_wm.item(), rel=1e-5)
+    packed_obs = sum(len(s.obs_ids) for s, sel, lm in zip(steps, selected, lam) if sel and lm > 0)
+    assert st["update_tokens"] == sum(len(s.prompt_ids) + len(s.action_ids) for s in steps) + packed_obs
+    assert st["update_tokens"] < int(pk.attention_mask.sum())  # fewer tokens than packing every o_{t+1}
+
+
 def test_readme_custom_env_example_trains(tmp_path):
     """The README's complete example environment: extracted verbatim, checked, and trained on end to end."""
     readme = open(os.path.join(HERE, "README.md")).read()
