@@ -294,11 +294,10 @@ def speed_one(a):
     for it in range(a.iters):
         c0, w0 = time.process_time(), time.time()
         m = paw.train_iteration(it + 1, model, tok, opt, env_cls, cfg, rng, True, None, fmt)
-        n_trans = m["episode_len"] * cfg.groups * cfg.group_size
-        rows.append(dict(cpu_s=time.process_time() - c0, wall_s=time.time() - w0, rollout_s=m["rollout_s"],
-                         cpu_ms_per_transition=1000 * (time.process_time() - c0) / n_trans,
-                         update_s=m["update_s"], pad=m["update_pad_frac"],
-                         tokens=m["tokens_per_s"] * m["update_s"], transitions=m["episode_len"] * cfg.groups * cfg.group_size))
+        cpu, n_trans = time.process_time() - c0, m["episode_len"] * cfg.groups * cfg.group_size
+        rows.append(dict(cpu_s=cpu, wall_s=time.time() - w0, rollout_s=m["rollout_s"],
+                         cpu_ms_per_transition=1000 * cpu / n_trans, update_s=m["update_s"], pad=m["update_pad_frac"],
+                         tokens=m["tokens_per_s"] * m["update_s"], transitions=n_trans))
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     mean["tokens_per_transition"] = mean.pop("tokens") / mean.pop("transitions")
     mean["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

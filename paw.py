@@ -977,13 +977,11 @@ def token_stats(model, pk: Packed, cfg: Config, fused: bool, return_top: bool = 
     if fused:
         hidden = ddp(ids, True, False) if ddp else model.get_decoder()(input_ids=ids).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1])[pos]
+        z = None
         if backend == "off" and W.shape[0] < GATHERED_LOGITS_MAX_VOCAB:
             # small vocabulary: the logits of the loss positions alone are small, and plain autograd over
             # them is cheaper than the chunked kernel's Python loop (measured: README, Speed)
             z = (h @ W.t()).float()
-            act = naive_logp_entropy(z[:n_act] / cfg.temperature, tgt[:n_act], allowed)
-            obs = naive_logp_entropy(z[n_act:], tgt[n_act:])
-            logp, ent, hit = (torch.cat(x) for x in zip(act, obs))
         elif allowed is None:
             scale = torch.ones(h.shape[0], 1, dtype=h.dtype, device=dev)
             scale[:n_act] = 1.0 / cfg.temperature  # logits / T == (h / T) W^T
@@ -996,6 +994,7 @@ def token_stats(model, pk: Packed, cfg: Config, fused: bool, return_top: bool = 
         out = ddp(ids, False, return_top) if ddp else model(input_ids=ids, output_hidden_states=return_top)
         hidden, logits = (out.hidden_states[-1] if return_top else None), out.logits
         z = logits.reshape(-1, logits.shape[-1])[pos].float()
+    if z is not None:  # the loss positions' full logits: the naive reference math
         act = naive_logp_entropy(z[:n_act] / cfg.temperature, tgt[:n_act], allowed)
         obs = naive_logp_entropy(z[n_act:], tgt[n_act:])
         logp, ent, hit = (torch.cat(x) for x in zip(act, obs))
