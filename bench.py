@@ -349,7 +349,7 @@ def bench_bc(a):
     import paw
     torch.set_num_threads(a.threads)
     random.seed(a.seed), torch.manual_seed(a.seed)
-    cfg = paw.parse_config(["--env", a.env, "--compile", "off", "--history", str(a.history)])
+    cfg = paw.parse_config(["--env", a.env, "--compile", "off", "--history", str(a.history)] + a.extra)
     env_cls = envs.load_env_class(a.env)
     if not hasattr(env_cls, "decision_points"):
         sys.exit(f"bench bc: {a.env} has no decision_points()")
@@ -415,7 +415,7 @@ def bench_bc(a):
     for k, v in final.items():
         print(f"held-out {k} success {v['success']:.3f} ({a.episodes} episodes); " +
               ", ".join(f"{d.split('/')[1]} {x:.2f}" for d, x in v.items() if d.startswith("decision/")))
-    print(f"wrote {write_json(f'bc-{a.env}-lr{a.lr:g}.json', dict(machine=machine(), args=vars(a), log=log, final=final))}")
+    print(f"wrote {write_json(f'bc-{a.env}-lr{a.lr:g}{a.tag}.json', dict(machine=machine(), args=vars(a), log=log, final=final))}")
 
 
 # ====================================================================================================
@@ -617,9 +617,11 @@ def main():
     b.add_argument("--lr", type=float, default=5e-4)
     b.add_argument("--history", type=int, default=1)
     b.add_argument("--every", type=int, default=250)
+    b.add_argument("--tag", default="", help="suffix of the JSON file name")
     b.add_argument("--episodes", type=int, default=200)
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("extra", nargs="*", help="more paw.py flags (the tiny model's shape: --d-model, --n-layers, ...), after --")
     d = sub.add_parser("ddp", help="iteration wall time: torchrun --nproc_per_node N vs one process")
     d.add_argument("--env", default="textworld-tiny")
     d.add_argument("--procs", type=int, default=2)

@@ -31,6 +31,7 @@ import math
 import numbers
 import os
 import random
+import re
 import sys
 
 import numpy as np
@@ -756,6 +757,149 @@ class SearchTinySparse(SearchTiny):
 
 
 # ----------------------------------------------------------------------------------------------------
+# textworld:<games>: real TextWorld games (Microsoft TextWorld, an optional dependency), one game per seed.
+# ----------------------------------------------------------------------------------------------------
+TW_GAME_EXTS = (".z8", ".ulx")
+TW_UNLISTED = ("look", "inventory", "examine ")  # understood (valid) but not offered: they change nothing
+
+
+def textworld_game_sets(spec: str) -> tuple[list[str], list[str]]:
+    """The training and held-out game files of `--env textworld:<spec>`. <spec> is a folder with train/
+    and eval/ subfolders (what `python envs.py textworld-games` makes), or a folder or glob of game files:
+    then, sorted by name, every 4th game is held out. Raises EnvError when either set would be empty."""
+    import glob
+    path = os.path.expanduser(spec)
+
+    def games(pattern_or_dir: str) -> list[str]:
+        files = (glob.glob(os.path.join(pattern_or_dir, "*")) if os.path.isdir(pattern_or_dir)
+                 else glob.glob(pattern_or_dir))
+        return sorted(os.path.abspath(f) for f in files if f.endswith(TW_GAME_EXTS))
+
+    if os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "eval")):
+        train, held = games(os.path.join(path, "train")), games(os.path.join(path, "eval"))
+    else:
+        every = games(path)
+        train = [g for i, g in enumerate(every) if i % 4 != 3]
+        held = [g for i, g in enumerate(every) if i % 4 == 3]
+    if not train or not held:
+        raise EnvError(f"--env textworld:{spec}: found {len(train)} training and {len(held)} held-out games "
+                       f"({', '.join(TW_GAME_EXTS)}); give a folder with train/ and eval/ subfolders or at least "
+                       f"4 games. Make a set with: python envs.py textworld-games {spec} --train 50 --eval 20")
+    return train, held
+
+
+def textworld_env_class(spec: str):
+    """The environment class of `--env textworld:<spec>`: TextWorldGames bound to that game set."""
+    try:
+        import textworld  # noqa: F401 - optional: only this environment needs it
+    except ImportError:
+        raise EnvError("--env textworld:... needs the optional package textworld: pip install textworld==1.7.0") from None
+    import warnings  # jericho (TextWorld's z-machine) warns that it cannot list valid actions for TextWorld's own
+    # games on some resets; TextWorld lists the admissible commands itself, so the warning is noise
+    warnings.filterwarnings("ignore", message="Unable to find valid actions in an unsupported game")
+    train, held = textworld_game_sets(spec)
+    return type("TextWorldGames", (TextWorldGames,), dict(name=f"textworld:{spec}", train_games=train, eval_games=held))
+
+
+def _tw_clean(text: str) -> str:
+    """TextWorld's feedback without its command-prompt/status line ("> ... -= Room =-0/3"), on one line."""
+    text = re.split(r"\n>", text or "")[0]
+    return " ".join(text.split())
+
+
+class TextWorldGames:
+    """Real TextWorld games behind paw's protocol. The seed picks the game: a training seed s plays
+    train_games[s % n], a held-out seed (>= EVAL_SEED_START) plays eval_games[(s - EVAL_SEED_START) % m], so
+    the two sets never share a game. A game is deterministic, so all G rollouts of a group start alike.
+      task        the game's objective text
+      observation the engine's feedback (its prompt/status line removed), then the room description unless the
+                  feedback already holds it, then the inventory: the same state always reads the same, and
+                  the ASCII banner of the reset feedback never appears (the first observation is description +
+                  inventory)
+      actions     the engine's admissible commands without look, inventory and examine (understood and
+                  valid, but they change nothing and the observation already shows what they would)
+      valid       the command was one of the engine's admissible commands; anything else is not sent to
+                  the engine ("Nothing happens.", state unchanged)
+      reward      the score gained, divided by the game's max score, so R_max = 1 on every game
+      done        won, lost, or max_steps
+    One engine per instance, kept open across resets of the same game (closed when the instance goes)."""
+
+    name = "textworld"
+    max_steps = 16
+    R_max = 1.0
+    text_episodes = 200  # random episodes for the tokenizer's text (a real engine step costs ~5-10 ms)
+    train_games: list = []
+    eval_games: list = []
+
+    def game_for_seed(self, seed: int) -> str:
+        seed = int(seed)
+        if seed >= EVAL_SEED_START:
+            return self.eval_games[(seed - EVAL_SEED_START) % len(self.eval_games)]
+        return self.train_games[seed % len(self.train_games)]
+
+    def _open(self, path: str):
+        import weakref
+        import textworld
+        if getattr(self, "_path", None) == path:
+            return
+        if getattr(self, "_closer", None) is not None:
+            self._closer()
+        infos = textworld.EnvInfos(admissible_commands=True, objective=True, won=True, lost=True,
+                                   description=True, inventory=True, max_score=True, score=True)
+        self._engine = textworld.start(path, request_infos=infos)
+        self._closer = weakref.finalize(self, self._engine.close)
+        self._path = path
+
+    def reset(self, seed: int):
+        self._open(self.game_for_seed(seed))
+        self._state = self._engine.reset()
+        self.steps, self.score, self.done = 0, 0, False
+        self.won = bool(self._state.won)
+        return self._obs(""), self._info(valid=True)
+
+    def _obs(self, feedback: str) -> str:
+        desc, inv = _tw_clean(self._state.description), _tw_clean(self._state.inventory)
+        parts = [feedback] + ([desc] if desc not in feedback else []) + [inv]
+        return " ".join(p for p in parts if p)
+
+    def admissible_actions(self) -> list[str]:
+        return [a for a in self._state.admissible_commands if not (a + " ").startswith(TW_UNLISTED)]
+
+    def _info(self, valid: bool) -> dict:
+        return dict(admissible_actions=self.admissible_actions(), task=_tw_clean(self._state.objective),
+                    won=self.won, valid=valid, game=os.path.basename(self._path))
+
+    def step(self, action: str):
+        if self.done:
+            return "The game is over.", 0.0, True, self._info(valid=False)
+        self.steps += 1
+        act = " ".join(action.split()) if isinstance(action, str) else ""
+        valid = act in self._state.admissible_commands
+        reward = 0.0
+        if valid:
+            self._state, _, _ = self._engine.step(act)
+            gained, self.score = self._state.score - self.score, self._state.score
+            reward = gained / max(1, self._state.max_score)
+            self.won = bool(self._state.won)
+            feedback = _tw_clean(self._state.feedback)
+        else:
+            feedback = "Nothing happens."
+        self.done = bool(self._state.won or self._state.lost) or self.steps >= self.max_steps
+        return self._obs(feedback), float(reward), self.done, self._info(valid=valid)
+
+    def vocabulary_text(self) -> list[str]:
+        """The opening text (objective, description, inventory) and every command of the first state of
+        every game, training and held-out: the words a pretrained model's vocabulary would hold anyway. No
+        transition is played, so nothing here tells how a held-out game responds to an action."""
+        out = ["Nothing happens. The game is over. You are carrying nothing."]
+        for path in self.train_games + self.eval_games:
+            self._open(path)
+            s = self._engine.reset()
+            out += [s.objective, s.description, s.inventory, " ; ".join(s.admissible_commands)]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
 # Registry and loading of user environments (`--env module:Class`)
 # ----------------------------------------------------------------------------------------------------
 ENVS = {c.name: c for c in (TextWorldTiny, TextWorldTinySparse, AlfWorldTiny, AlfWorldTinySparse, WebShopTiny,
@@ -832,6 +976,8 @@ def load_env_class(name: str):
     checked against the protocol once here and on every call after (see `checked`)."""
     if name in ENVS:
         return checked(ENVS[name], name)
+    if name.startswith("textworld:"):  # real TextWorld games (the package named textworld is never a user module)
+        return checked(textworld_env_class(name.partition(":")[2]), name)
     if ":" not in name:
         raise EnvError(f"unknown environment {name!r}; built-in: {', '.join(sorted(ENVS))}, "
                        "or give your own as module:Class")
@@ -909,3 +1055,72 @@ def random_rollout(env, seed: int, rng: random.Random, invalid_prob: float = 0.0
         if done:
             break
     return bool(info["won"]), transcript
+
+
+# ----------------------------------------------------------------------------------------------------
+# A reproducible TextWorld game set: `python envs.py textworld-games <folder> --train 50 --eval 20`
+# ----------------------------------------------------------------------------------------------------
+def make_textworld_games(folder: str, n_train: int, n_eval: int, world_sizes=(2, 3), quest_lengths=(2, 3),
+                         nb_objects: int = 3, seed: int = 0, jobs: int = 2, log=print) -> dict:
+    """Generate <folder>/train/ and <folder>/eval/ with TextWorld's own generator (`tw-make custom`, no
+    download). Game i uses seed + i, its world size and quest length drawn from Random(seed + i); a seed the
+    generator cannot make a quest for is skipped (the next one is tried). Every command run is written to
+    <folder>/manifest.json (run in <folder>), so the set can be rebuilt by hand. Existing games are kept (resumable)."""
+    import json
+    import shutil
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+    tw_make = shutil.which("tw-make") or os.path.join(os.path.dirname(sys.executable), "tw-make")
+    if not os.path.exists(tw_make):
+        raise EnvError("tw-make not found: pip install textworld==1.7.0")
+
+    def command(i: int, part: str) -> list[str]:
+        rng = random.Random(seed + i)
+        ws, ql = rng.choice(list(world_sizes)), rng.choice(list(quest_lengths))
+        out = f"{part}/tw-s{seed + i}-w{ws}-q{ql}.z8"  # relative: the commands are run in <folder>
+        return ["tw-make", "custom", "--world-size", str(ws), "--nb-objects", str(nb_objects), "--quest-length",
+                str(ql), "--seed", str(seed + i), "--output", out, "--silent", "-f"]
+
+    def make(cmd: list[str]) -> bool:
+        if os.path.exists(os.path.join(folder, cmd[cmd.index("--output") + 1])):
+            return True
+        return subprocess.run([tw_make] + cmd[1:], capture_output=True, cwd=folder).returncode == 0
+
+    made, i = {"train": [], "eval": []}, 0
+    for part, n in (("train", n_train), ("eval", n_eval)):
+        os.makedirs(os.path.join(folder, part), exist_ok=True)
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            while len(made[part]) < n:
+                cmds = [command(i + k, part) for k in range(n - len(made[part]))]
+                i += len(cmds)
+                for cmd, ok in zip(cmds, pool.map(make, cmds)):
+                    if ok:
+                        made[part].append(" ".join(cmd))
+                    else:
+                        log(f"skipped seed {cmd[cmd.index('--seed') + 1]}: tw-make found no quest")
+                log(f"{part}: {len(made[part])}/{n} games")
+    manifest = dict(generator=f"textworld {__import__('textworld').__version__}", commands=made)
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="make a TextWorld game set for paw's --env textworld:<folder>")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tg = sub.add_parser("textworld-games", help="generate <folder>/train and <folder>/eval with tw-make custom")
+    tg.add_argument("folder")
+    tg.add_argument("--train", type=int, default=50, help="training games")
+    tg.add_argument("--eval", type=int, default=20, help="held-out games")
+    tg.add_argument("--world-size", type=int, nargs="+", default=[2, 3], help="rooms, drawn per game")
+    tg.add_argument("--quest-length", type=int, nargs="+", default=[2, 3], help="winning actions, drawn per game")
+    tg.add_argument("--nb-objects", type=int, default=3)
+    tg.add_argument("--seed", type=int, default=0, help="game i uses seed + i")
+    tg.add_argument("--jobs", type=int, default=2, help="tw-make processes at a time")
+    a = ap.parse_args()
+    try:
+        make_textworld_games(a.folder, a.train, a.eval, a.world_size, a.quest_length, a.nb_objects, a.seed, a.jobs)
+    except (EnvError, ImportError) as e:
+        sys.exit(f"error: {e}")
+    print(f"done: python paw.py --env textworld:{a.folder}")

@@ -242,13 +242,13 @@ SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_tok
 
 def gather_env_text(env_cls, n_episodes: int = 1000, seed: int = 0):
     """Text for the tokenizer, taken from the environment itself: random rollouts on training seeds
-    (with some inadmissible actions, so "Nothing happens." is seen), plus whatever vocabulary the env
-    declares (§6: every string it can emit, or the tokenizer turns it into [UNK]). Returns (texts, the
+    (with some inadmissible actions, so "Nothing happens." is seen; the env class may set `text_episodes`
+    where an episode is expensive), plus whatever vocabulary the env declares (§6: every string it can emit, or the tokenizer turns it into [UNK]). Returns (texts, the
     set of admissible action strings seen)."""
     rng = random.Random(seed)
     env = env_cls()
     texts, actions = [], set()
-    for i in range(n_episodes):
+    for i in range(getattr(env_cls, "text_episodes", n_episodes)):
         obs, info = env.reset(rng.randrange(paw_envs.EVAL_SEED_START))
         texts += [obs, info["task"]]
         for _ in range(env_cls.max_steps):
@@ -1538,7 +1538,8 @@ def make_run_dir(cfg: Config) -> str:
     if cfg.resume:
         run_dir = cfg.resume.rstrip("/")
     else:
-        name = cfg.name or f"{cfg.env.replace(':', '.')}-{cfg.algo}-{cfg.wm}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        env = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.env.replace(":", ".")).strip("_.")[-40:]  # a path in --env too
+        name = cfg.name or f"{env}-{cfg.algo}-{cfg.wm}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = os.path.join(cfg.out, name)
         if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
             raise ConfigError(f"{run_dir} already holds a run; pick another --name or --resume it")

@@ -1340,3 +1340,121 @@ def test_torchrun_smoke_and_resume(tmp_path):
     assert [json.loads(x)["iter"] for x in open(folder / "metrics.jsonl")] == [1, 2, 3]
     r = run_paw(["--resume", str(folder), "--iters", "4"], tmp_path)
     assert r.returncode == 2 and "2 process(es)" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 14: real TextWorld games behind the protocol (`--env textworld:<games>`; textworld is optional)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tw_games(tmp_path_factory):
+    """Three training games and one held-out game, made by TextWorld's own generator (no download)."""
+    pytest.importorskip("textworld")
+    folder = str(tmp_path_factory.mktemp("tw-games"))
+    envs.make_textworld_games(folder, 3, 1, world_sizes=(2,), quest_lengths=(2,), seed=3, jobs=2, log=lambda *_: None)
+    return folder
+
+
+def tw_walkthrough(path: str) -> list[str]:
+    """The engine's own winning commands from the start of a game (an independent oracle)."""
+    import textworld
+    eng = textworld.start(path, request_infos=textworld.EnvInfos(policy_commands=True))
+    try:
+        return list(eng.reset().policy_commands)
+    finally:
+        eng.close()
+
+
+def test_textworld_adapter_follows_the_protocol_and_the_walkthrough_wins(tw_games):
+    cls = envs.load_env_class(f"textworld:{tw_games}")
+    envs.check_env_class(cls, "tw")
+    assert len(cls.train_games) == 3 and len(cls.eval_games) == 1 and cls.R_max == 1.0
+    for seed in (0, 1, 2, envs.EVAL_SEED_START):
+        env = cls()
+        obs, info = env.reset(seed)
+        assert "$$" not in obs and ">" not in obs and "\n" not in obs  # no banner, no prompt/status line
+        assert obs.endswith(".") and "carrying" in obs and info["task"] and info["valid"] and not info["won"]
+        assert not any(a.startswith(("look", "inventory", "examine")) for a in info["admissible_actions"])
+        total, done = 0.0, False
+        for cmd in tw_walkthrough(env.game_for_seed(seed)):
+            assert not done and cmd in info["admissible_actions"], (cmd, info["admissible_actions"])
+            obs, r, done, info = env.step(cmd)
+            total += r
+            assert info["valid"]
+        assert done and info["won"] and total == pytest.approx(1.0)
+        assert env.step(info["admissible_actions"][0])[1:3] == (0.0, True)  # the game is over
+
+
+def test_textworld_seeds_pick_disjoint_games_and_repeat_exactly(tw_games):
+    cls = envs.load_env_class(f"textworld:{tw_games}")
+    env = cls()
+    train = {env.game_for_seed(s) for s in range(0, 1000)}
+    held = {env.game_for_seed(envs.EVAL_SEED_START + s) for s in range(0, 1000)}
+    assert train == set(cls.train_games) and held == set(cls.eval_games) and not train & held
+    for seed in (7, envs.EVAL_SEED_START + 3):
+        runs = []
+        for _ in range(2):  # two instances, the same random commands: the same episode
+            env, rng = cls(), random.Random(seed)
+            obs, info = env.reset(seed)
+            trace, done = [obs, info], False
+            while not done:
+                obs, r, done, info = env.step(rng.choice(info["admissible_actions"] + ["xyzzy"]))
+                trace += [obs, r, done, info]
+            runs.append(trace)
+        assert runs[0] == runs[1]
+
+
+def test_textworld_game_set_layouts_and_errors(tw_games, tmp_path):
+    import shutil
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for g in envs.textworld_game_sets(tw_games)[0] + envs.textworld_game_sets(tw_games)[1]:
+        shutil.copy(g, flat)
+    train, held = envs.textworld_game_sets(str(flat))  # a flat folder: sorted, every 4th held out
+    names = sorted(os.listdir(flat))
+    assert [os.path.basename(g) for g in held] == [names[3]] and len(train) == 3
+    assert envs.textworld_game_sets(str(flat / "*.z8")) == (train, held)  # a glob
+    with pytest.raises(envs.EnvError, match="textworld-games"):
+        envs.textworld_game_sets(str(tmp_path / "empty"))
+    manifest = json.loads((open(os.path.join(tw_games, "manifest.json")).read()))
+    assert len(manifest["commands"]["train"]) == 3 and all(c.startswith("tw-make custom") for c in manifest["commands"]["train"])
+
+
+def test_textworld_missing_package_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "textworld", None)  # import textworld now raises ImportError
+    with pytest.raises(envs.EnvError, match="pip install textworld"):
+        envs.load_env_class("textworld:anything")
+
+
+def test_textworld_10k_random_and_malformed_commands_never_raise_or_change_the_state(tw_games):
+    cls = envs.load_env_class(f"textworld:{tw_games}")
+    long_cls = type("LongTW", (cls,), dict(max_steps=20_000))
+    env, rng = long_cls(), random.Random(0)
+    obs, info = env.reset(0)
+    junk = ["", " ", "\x00", "ü" * 50, "x" * 10_000, "go", "go up", "take", "take the cane", "open", "quit",
+            "restart", "save", "'; rm -rf /", "look", "inventory", "LOOK", None, 3, b"go west"]
+    state = lambda o: o[o.find("-="):] if "-=" in o else o  # the observation without its feedback
+    n = 0
+    for i in range(10_000):
+        a = rng.choice(junk + [w + " " + v for w in ("take", "examine", "open", "go") for v in ("cane", "north", "")])
+        if i % 500 == 0:  # now and then a real move, so the state changes between the junk
+            a = rng.choice(info["admissible_actions"])
+        before = (state(obs), sorted(info["admissible_actions"]), env.score)
+        obs, r, done, info = env.step(a)
+        if i % 500 == 0 and done:
+            obs, info = env.reset(0)
+        if i % 500 != 0:
+            n += 1
+            assert r == 0.0 and not done
+            assert (state(obs), sorted(info["admissible_actions"]), env.score) == before, a
+            assert info["valid"] == (isinstance(a, str) and a in ("look", "inventory") or str(a).startswith("examine ")
+                                     and a in env._state.admissible_commands)
+    assert n > 9_000
+
+
+def test_textworld_short_training_run(tw_games, tmp_path):
+    r = run_paw(SMOKE + ["--env", f"textworld:{tw_games}", "--name", "tw", "--iters", "1"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "tw" / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["iter"] == 1 and 0.0 <= m["success"] <= 1.0 and m["episode_len"] >= 1
+    summary = json.loads((tmp_path / "tw" / "summary.json").read_text())
+    assert "random" in summary
