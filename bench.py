@@ -12,6 +12,7 @@ Each prints a table and writes JSON under bench_out/.
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # §6 of the method notes: pin threads, no spinning
 
@@ -36,6 +37,11 @@ def machine() -> str:
     if torch.cuda.is_available():
         s += f", GPU {torch.cuda.get_device_name()}"
     return s
+
+
+def env_slug(env: str) -> str:
+    """An --env value as part of a file or run name (textworld:<folder> holds a path)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", env.replace(":", ".")).strip("_.")[-40:]
 
 
 def write_json(name: str, obj) -> str:
@@ -75,7 +81,7 @@ def warm_up_once(a, seed: int) -> str:
     """--shared-warmup: the pre-RL phase (the language prior) of (env, seed) runs once (paw.py --iters 0) and every variant
     starts from that model with --model, so the variants differ only in what the comparison is about.
     Cached in bench_out/warm/ across bench invocations."""
-    name = f"{a.env.replace(':', '.')}-s{seed}"
+    name = f"{env_slug(a.env)}-s{seed}"
     root = os.path.join(HERE, "bench_out", "warm")
     if not os.path.exists(os.path.join(root, name, "summary.json")):
         cmd = [sys.executable, os.path.join(HERE, "paw.py"), "--env", a.env, "--seed", str(seed), "--iters", "0",
@@ -106,7 +112,7 @@ def bench_learn(a):
     for seed in range(a.first_seed, a.first_seed + a.seeds):
         warm = warm_up_once(a, seed) if a.shared_warmup else None
         for vname, vargs in variants.items():
-            name = f"{a.env.replace(':', '.')}-{a.algo}-{vname}-s{seed}-{int(time.time())}"
+            name = f"{env_slug(a.env)}-{a.algo}-{vname}-s{seed}-{int(time.time())}"
             cmd = [sys.executable, os.path.join(HERE, "paw.py"), "--env", a.env, "--algo", a.algo, "--seed", str(seed),
                    "--iters", str(a.iters), "--time-budget", str(a.budget), "--eval-every", str(a.eval_every),
                    "--eval-every-episodes", str(a.eval_every_episodes), "--eval-episodes", str(a.eval_episodes),
@@ -150,7 +156,7 @@ def report_learn(a, rows, curves, quiet=False):
         common = sorted(set(p) & set(b))
         if common:
             eq[seed] = dict(iter=common[-1], paw=p[common[-1]], baseline=b[common[-1]])
-    path = write_json(f"learn-{a.env.replace(':', '.')}-{a.algo}{('-' + a.tag) if a.tag else ''}.json",
+    path = write_json(f"learn-{env_slug(a.env)}-{a.algo}{('-' + a.tag) if a.tag else ''}.json",
                       dict(machine=machine(), args=vars(a), rows=rows, equal_iters=eq, curves=curves))
     if quiet:
         return
@@ -330,7 +336,7 @@ def bench_speed(a):
     print(f"defaults / rescore+unsorted CPU per transition: {per[names[1]] / per[names[0]]:.2f}; "
           f"PaW / --wm off CPU per transition: {per[names[1]] / per[names[2]]:.2f} (observation-token share of the "
           f"update: {1 - summary[names[2]]['tokens_per_transition'] / summary[names[1]]['tokens_per_transition']:.2f})")
-    name = f"speed-{a.env}{'-model' if a.model else ''}.json"
+    name = f"speed-{env_slug(a.env)}{'-model' if a.model else ''}.json"
     print(f"wrote {write_json(name, dict(machine=machine(), args=vars(a), results=results, mean=summary))}")
 
 
@@ -415,7 +421,7 @@ def bench_bc(a):
     for k, v in final.items():
         print(f"held-out {k} success {v['success']:.3f} ({a.episodes} episodes); " +
               ", ".join(f"{d.split('/')[1]} {x:.2f}" for d, x in v.items() if d.startswith("decision/")))
-    print(f"wrote {write_json(f'bc-{a.env}-lr{a.lr:g}{a.tag}.json', dict(machine=machine(), args=vars(a), log=log, final=final))}")
+    print(f"wrote {write_json(f'bc-{env_slug(a.env)}-lr{a.lr:g}{a.tag}.json', dict(machine=machine(), args=vars(a), log=log, final=final))}")
 
 
 # ====================================================================================================
@@ -444,7 +450,7 @@ def bench_ddp(a):
     print(f"\nbench ddp: {a.env}, {a.iters} iterations x {a.reps} rounds, one thread per process | {machine()}")
     print(f"1 process: {mean[1]:.2f} s per iteration; {a.procs} processes: {mean[a.procs]:.2f} s "
           f"(ratio {mean[a.procs] / mean[1]:.2f})")
-    print(f"wrote {write_json(f'ddp-{a.env}.json', dict(machine=machine(), args=vars(a), times=times, mean=mean))}")
+    print(f"wrote {write_json(f'ddp-{env_slug(a.env)}.json', dict(machine=machine(), args=vars(a), times=times, mean=mean))}")
 
 
 # ====================================================================================================

@@ -19,6 +19,10 @@ and two class attributes:
     won: bool                       whether the task has been completed
     valid: bool                     whether the last action was admissible (True after reset)
 
+Optional: `decision_points()` (see TextWorldTiny) names the key decisions of the current state, and a class
+attribute `text_episodes` sets how many random episodes paw plays for the tiny tokenizer's text (default
+1000; fewer where a step is expensive, as in TextWorldGames).
+
 Rules: `step` never raises on any string (empty, unicode, 10k characters, injection-like text): an
 action that is not admissible is answered in-game ("Nothing happens.") with valid=False and leaves the
 world unchanged. The same seed gives the same episode. Training uses seeds in [0, EVAL_SEED_START),
@@ -33,6 +37,8 @@ import os
 import random
 import re
 import sys
+from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 
@@ -807,6 +813,22 @@ def _tw_clean(text: str) -> str:
     return " ".join(text.split())
 
 
+class TWState(NamedTuple):
+    """What the adapter keeps of a TextWorld GameState (cleaned text, commands, score, outcome)."""
+    feedback: str
+    description: str
+    inventory: str
+    admissible_commands: tuple
+    score: float
+    max_score: float
+    won: bool
+    lost: bool
+    objective: str
+
+
+_TW_CACHE: "OrderedDict[tuple, TWState]" = OrderedDict()  # (game, commands...) -> state, least recently used first
+
+
 class TextWorldGames:
     """Real TextWorld games behind paw's protocol. The seed picks the game: a training seed s plays
     train_games[s % n], a held-out seed (>= EVAL_SEED_START) plays eval_games[(s - EVAL_SEED_START) % m], so
@@ -822,12 +844,17 @@ class TextWorldGames:
                   the engine ("Nothing happens.", state unchanged)
       reward      the score gained, divided by the game's max score, so R_max = 1 on every game
       done        won, lost, or max_steps
-    One engine per instance, kept open across resets of the same game (closed when the instance goes)."""
+    Engine time: a game is deterministic, so every state is cached by (game, commands played) for the whole
+    process (`cache_size` states, least recently used dropped first; 0 = off); the G rollouts of a group share
+    their first steps and a greedy evaluation replays the same episode per game, so most steps never reach the
+    engine. An instance starts its engine only on a cache miss, keeps it open across resets of the same game
+    and closes it when the instance goes."""
 
     name = "textworld"
     max_steps = 16
     R_max = 1.0
     text_episodes = 200  # random episodes for the tokenizer's text (a real engine step costs ~5-10 ms)
+    cache_size = 50_000  # states cached per process (~1-2 kB each)
     train_games: list = []
     eval_games: list = []
 
@@ -838,27 +865,51 @@ class TextWorldGames:
         return self.train_games[seed % len(self.train_games)]
 
     def _open(self, path: str):
+        """This instance's engine, on game `path` (started on first need; one game at a time)."""
         import weakref
         import textworld
-        if getattr(self, "_path", None) == path:
-            return
-        if getattr(self, "_closer", None) is not None:
-            self._closer()
-        infos = textworld.EnvInfos(admissible_commands=True, objective=True, won=True, lost=True,
-                                   description=True, inventory=True, max_score=True, score=True)
-        self._engine = textworld.start(path, request_infos=infos)
-        self._closer = weakref.finalize(self, self._engine.close)
-        self._path = path
+        if getattr(self, "_engine_path", None) != path:
+            if getattr(self, "_closer", None) is not None:
+                self._closer()
+            infos = textworld.EnvInfos(admissible_commands=True, objective=True, won=True, lost=True,
+                                       description=True, inventory=True, max_score=True, score=True)
+            self._engine = textworld.start(path, request_infos=infos)
+            self._closer = weakref.finalize(self, self._engine.close)
+            self._engine_path, self._synced = path, -1
+        return self._engine
+
+    def _played(self, commands: tuple) -> TWState:
+        """The state after `commands` (admissible ones, from the start of the current game). A game is
+        deterministic, so a state seen before comes from the process-wide cache; otherwise the engine is
+        brought there (reset, then the commands it has not played yet) and plays the last one."""
+        key = (self._path,) + commands
+        if key in _TW_CACHE:
+            _TW_CACHE.move_to_end(key)
+            return _TW_CACHE[key]
+        engine = self._open(self._path)
+        if self._synced < 0:  # not reset since this episode began
+            gs, self._synced = engine.reset(), 0
+        for c in commands[self._synced:]:
+            gs, _, _ = engine.step(c)
+        self._synced = len(commands)
+        state = TWState(_tw_clean(gs.feedback), _tw_clean(gs.description), _tw_clean(gs.inventory),
+                        tuple(gs.admissible_commands), float(gs.score), float(gs.max_score), bool(gs.won),
+                        bool(gs.lost), _tw_clean(gs.objective))
+        if self.cache_size > 0:
+            _TW_CACHE[key] = state
+            while len(_TW_CACHE) > self.cache_size:
+                _TW_CACHE.popitem(last=False)
+        return state
 
     def reset(self, seed: int):
-        self._open(self.game_for_seed(seed))
-        self._state = self._engine.reset()
-        self.steps, self.score, self.done = 0, 0, False
-        self.won = bool(self._state.won)
+        self._path = self.game_for_seed(seed)
+        self._hist, self._synced = [], -1
+        self._state = self._played(())
+        self.steps, self.score, self.done, self.won = 0, 0.0, False, self._state.won
         return self._obs(""), self._info(valid=True)
 
     def _obs(self, feedback: str) -> str:
-        desc, inv = _tw_clean(self._state.description), _tw_clean(self._state.inventory)
+        desc, inv = self._state.description, self._state.inventory
         parts = [feedback] + ([desc] if desc not in feedback else []) + [inv]
         return " ".join(p for p in parts if p)
 
@@ -866,8 +917,8 @@ class TextWorldGames:
         return [a for a in self._state.admissible_commands if not (a + " ").startswith(TW_UNLISTED)]
 
     def _info(self, valid: bool) -> dict:
-        return dict(admissible_actions=self.admissible_actions(), task=_tw_clean(self._state.objective),
-                    won=self.won, valid=valid, game=os.path.basename(self._path))
+        return dict(admissible_actions=self.admissible_actions(), task=self._state.objective, won=self.won,
+                    valid=valid, game=os.path.basename(self._path))
 
     def step(self, action: str):
         if self.done:
@@ -877,14 +928,14 @@ class TextWorldGames:
         valid = act in self._state.admissible_commands
         reward = 0.0
         if valid:
-            self._state, _, _ = self._engine.step(act)
-            gained, self.score = self._state.score - self.score, self._state.score
-            reward = gained / max(1, self._state.max_score)
-            self.won = bool(self._state.won)
-            feedback = _tw_clean(self._state.feedback)
+            self._state = self._played(tuple(self._hist) + (act,))
+            self._hist.append(act)
+            reward = (self._state.score - self.score) / max(1.0, self._state.max_score)
+            self.score, self.won = self._state.score, self._state.won
+            feedback = self._state.feedback
         else:
             feedback = "Nothing happens."
-        self.done = bool(self._state.won or self._state.lost) or self.steps >= self.max_steps
+        self.done = self._state.won or self._state.lost or self.steps >= self.max_steps
         return self._obs(feedback), float(reward), self.done, self._info(valid=valid)
 
     def vocabulary_text(self) -> list[str]:
@@ -893,8 +944,8 @@ class TextWorldGames:
         transition is played, so nothing here tells how a held-out game responds to an action."""
         out = ["Nothing happens. The game is over. You are carrying nothing."]
         for path in self.train_games + self.eval_games:
-            self._open(path)
-            s = self._engine.reset()
+            self._path, self._hist, self._synced = path, [], -1
+            s = self._played(())
             out += [s.objective, s.description, s.inventory, " ; ".join(s.admissible_commands)]
         return out
 

@@ -1403,6 +1403,24 @@ def test_textworld_seeds_pick_disjoint_games_and_repeat_exactly(tw_games):
         assert runs[0] == runs[1]
 
 
+def test_textworld_state_cache_replays_the_engine_exactly(tw_games):
+    cls = envs.load_env_class(f"textworld:{tw_games}")
+    envs._TW_CACHE.clear()
+    traces = {}
+    for kind, c in (("engine", type("NoCache", (cls,), dict(cache_size=0))), ("cache", cls), ("cache again", cls)):
+        rng, out, env = random.Random(0), [], c()  # one instance: resets, game switches, hits then misses
+        for _ in range(30):
+            obs, info = env.reset(rng.choice([0, 1, 2, envs.EVAL_SEED_START]))
+            out.append((obs, info))
+            done = False
+            while not done:
+                obs, r, done, info = env.step(rng.choice(info["admissible_actions"] + ["look", "xyzzy"]))
+                out.append((obs, r, done, info))
+        traces[kind] = (out, getattr(env, "_engine_path", None))
+    assert traces["engine"][0] == traces["cache"][0] == traces["cache again"][0]
+    assert traces["engine"][1] is not None and traces["cache again"][1] is None  # all of it from the cache
+
+
 def test_textworld_game_set_layouts_and_errors(tw_games, tmp_path):
     import shutil
     flat = tmp_path / "flat"
