@@ -939,14 +939,24 @@ class TextWorldGames:
         return self._obs(feedback), float(reward), self.done, self._info(valid=valid)
 
     def vocabulary_text(self) -> list[str]:
-        """The opening text (objective, description, inventory) and every command of the first state of
-        every game, training and held-out: the words a pretrained model's vocabulary would hold anyway. No
-        transition is played, so nothing here tells how a held-out game responds to an action."""
+        """The opening text (objective, description, inventory), every command of the first state, and every
+        entity, verb and command-template word of every game, training and held-out: the words a pretrained
+        model's vocabulary would hold anyway. No transition is played, so nothing here tells how a game
+        answers an action."""
+        import textworld
         out = ["Nothing happens. The game is over. You are carrying nothing."]
         for path in self.train_games + self.eval_games:
             self._path, self._hist, self._synced = path, [], -1
             s = self._played(())
             out += [s.objective, s.description, s.inventory, " ; ".join(s.admissible_commands)]
+            names = textworld.start(path, request_infos=textworld.EnvInfos(entities=True, verbs=True,
+                                                                           command_templates=True))
+            try:  # every object, verb and command word, so no admissible action holds an [UNK]
+                first = names.reset()
+                templates = [re.sub(r"\{[^}]*\}", " ", t) for t in first.command_templates]  # "unlock {c} with {k}"
+                out.append(" ".join(list(first.entities) + list(first.verbs) + templates))
+            finally:
+                names.close()
         return out
 
 

@@ -554,6 +554,9 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
         for n, (i, p, (a, a_logp, a_ent)) in enumerate(zip(active, prompts, actions)):
             s = live[i]
             text, format_ok = project_action(decode_action(tok, a, fmt.stop_ids), fmt.think, fmt.prefilled_think)
+            if tries is not None:  # masked: the ids spell one admissible action; play its own string, since
+                # decoding may not give it back ("non-euclidean" is three word-level tokens, joined by spaces)
+                text = next((x for x in live[i]["info"]["admissible_actions"] if enc_cache[x] == a), text)
             points = s["env"].decision_points() if hasattr(s["env"], "decision_points") else {}
             obs, reward, done, info = s["env"].step(text)  # checked: a protocol violation is EnvFailure
             obs_ids = tok(obs, add_special_tokens=False)["input_ids"][:cfg.wm_max_tokens]

@@ -303,6 +303,35 @@ def test_masked_rollouts_emit_only_admissible_actions(tiny, greedy):
     assert not all(s.valid for e in eps for s in e.steps)  # the same random model without the mask
 
 
+class PunctuatedActions:
+    """Admissible actions that word-level decoding does not give back verbatim (real TextWorld has them:
+    "take non-euclidean latchkey", "open Henderson's locker")."""
+    max_steps, R_max = 6, 1.0
+    ACTS = ["take non-euclidean key", "open Henderson's box", "go north"]
+
+    def reset(self, seed):
+        self.t = 0
+        return "A room.", dict(admissible_actions=list(self.ACTS), task="open the box", won=False, valid=True)
+
+    def step(self, action):
+        self.t += 1
+        valid = action in self.ACTS
+        return "A room.", 0.0, self.t >= self.max_steps, dict(admissible_actions=list(self.ACTS), task="open the box",
+                                                             won=False, valid=valid)
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_masked_rollouts_play_the_admissible_string_itself(greedy):
+    torch.manual_seed(0)
+    cls = envs.checked(PunctuatedActions, "punct")
+    tok = paw.build_tiny_tokenizer(*paw.gather_env_text(cls, n_episodes=5))
+    ids = tok("take non-euclidean key", add_special_tokens=False)["input_ids"]
+    assert paw.decode_action(tok, ids) != "take non-euclidean key"  # the case the rollout must handle
+    eps = paw.collect_rollouts(paw.build_tiny_model(tok, cfg()), tok, cls, [0, 1, 2], 4, cfg(action_mask="on"), greedy=greedy)
+    steps = [s for e in eps for s in e.steps]
+    assert len(steps) == 12 * 6 and all(s.valid for s in steps)
+
+
 @pytest.mark.parametrize("mask", ["on", "off"])
 def test_generation_logprobs_equal_scoring_pass(tiny, mask):
     """The behaviour log-probs and H(a_t|h_t) that generation returns equal a separate full forward
@@ -1419,6 +1448,21 @@ def test_textworld_state_cache_replays_the_engine_exactly(tw_games):
         traces[kind] = (out, getattr(env, "_engine_path", None))
     assert traces["engine"][0] == traces["cache"][0] == traces["cache again"][0]
     assert traces["engine"][1] is not None and traces["cache again"][1] is None  # all of it from the cache
+
+
+def test_textworld_tokenizer_has_every_command_word(tw_games):
+    """The entity and verb names in vocabulary_text() cover commands that only appear after some actions
+    (an object inside a closed container), so no admissible action holds [UNK]."""
+    cls = type("FewEpisodes", (envs.load_env_class(f"textworld:{tw_games}"),), dict(text_episodes=2))
+    tok = paw.build_tiny_tokenizer(*paw.gather_env_text(cls))
+    env, rng, seen = cls(), random.Random(0), set()
+    for seed in [0, 1, 2, envs.EVAL_SEED_START] * 5:
+        obs, info, done = *env.reset(seed), False
+        while not done:
+            seen.update(info["admissible_actions"])
+            obs, _, done, info = env.step(rng.choice(info["admissible_actions"]))
+    assert len(seen) > 20
+    assert [a for a in seen if tok.unk_token_id in tok(a, add_special_tokens=False)["input_ids"]] == []
 
 
 def test_textworld_game_set_layouts_and_errors(tw_games, tmp_path):
