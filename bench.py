@@ -425,6 +425,55 @@ def bench_bc(a):
 
 
 # ====================================================================================================
+# engine: how much of the rollouts an environment's own step/reset takes (e.g. real TextWorld), cache on/off
+# ====================================================================================================
+def bench_engine(a):
+    """Process CPU of training rollouts (groups x group size, sampled) and of a greedy evaluation, and the part
+    of it spent inside the environment's reset/step, for a saved model (--model folder). For textworld:<games>
+    the adapter's state cache is turned off and on, alternately."""
+    import random
+    import torch
+    import envs
+    import paw
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(a.threads)
+    tok, model = AutoTokenizer.from_pretrained(a.model), AutoModelForCausalLM.from_pretrained(a.model)
+    cfg = paw.parse_config(["--env", a.env, "--threads", str(a.threads)])
+    base, spent = envs.load_env_class(a.env), {}
+
+    def timed(cls):  # the env class with its reset/step on the clock
+        def clocked(f):
+            def g(self, x):
+                t = time.process_time()
+                try:
+                    return f(self, x)
+                finally:
+                    spent["env"] += time.process_time() - t
+            return g
+        return type(cls.__name__, (cls,), dict(step=clocked(cls.step), reset=clocked(cls.reset)))
+    kinds = ["cache off", "cache on"] * a.reps if hasattr(base, "cache_size") else ["env"] * a.reps
+    rows = []
+    for kind in kinds:
+        cls = timed(type(base.__name__, (base,), dict(cache_size=0)) if kind == "cache off" else base)
+        getattr(envs, "_TW_CACHE", {}).clear()
+        rng = random.Random(5)
+        torch.manual_seed(5)  # the same episodes in every round (the cache changes no result, only the time)
+        for what in ("rollouts", "greedy eval"):
+            spent["env"], t = 0.0, time.process_time()
+            if what == "rollouts":
+                paw.collect_rollouts(model, tok, cls, [rng.randrange(envs.EVAL_SEED_START) for _ in range(a.groups)],
+                                     a.group_size, cfg)
+            else:
+                paw.evaluate(model, tok, cls, cfg, a.eval_episodes, greedy=True)
+            total = time.process_time() - t
+            rows.append(dict(kind=kind, what=what, cpu_s=total, env_cpu_s=spent["env"], env_share=spent["env"] / total))
+            print(f"{kind:<10} {what:<12} CPU {total:6.1f} s, in the env {spent['env']:6.1f} s ({spent['env'] / total:.0%})",
+                  flush=True)
+    print(f"bench engine: {a.env}, {a.groups} x {a.group_size} rollouts, {a.eval_episodes} greedy episodes | {machine()}")
+    print(f"wrote {write_json(f'engine-{env_slug(a.env)}.json', dict(machine=machine(), args=vars(a), rows=rows))}")
+
+
+# ====================================================================================================
 # ddp: iteration wall time of torchrun --nproc_per_node N against one process, same global batch
 # ====================================================================================================
 def bench_ddp(a):
@@ -628,6 +677,14 @@ def main():
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("extra", nargs="*", help="more paw.py flags (the tiny model's shape: --d-model, --n-layers, ...), after --")
+    e = sub.add_parser("engine", help="CPU of rollouts and evaluation spent inside the environment (cache off/on)")
+    e.add_argument("--env", required=True)
+    e.add_argument("--model", required=True, help="a saved paw model folder (runs/<name>/model)")
+    e.add_argument("--groups", type=int, default=8)
+    e.add_argument("--group-size", type=int, default=8)
+    e.add_argument("--eval-episodes", type=int, default=100)
+    e.add_argument("--reps", type=int, default=2)
+    e.add_argument("--threads", type=int, default=1)
     d = sub.add_parser("ddp", help="iteration wall time: torchrun --nproc_per_node N vs one process")
     d.add_argument("--env", default="textworld-tiny")
     d.add_argument("--procs", type=int, default=2)
@@ -644,7 +701,7 @@ def main():
                    ("reps", int), ("chunk", int)):
         one.add_argument("--" + k, type=typ, required=True)
     a = p.parse_args()
-    {"learn": bench_learn, "loss": bench_loss, "ddp": bench_ddp, "bc": bench_bc,
+    {"learn": bench_learn, "loss": bench_loss, "ddp": bench_ddp, "bc": bench_bc, "engine": bench_engine,
      "chat-model": lambda a: print(f"saved {a.folder} ({len(make_chat_model(a.folder, hidden=a.hidden, layers=a.layers))} tokens)"), "loss-one": loss_one, "speed": bench_speed,
      "speed-one": speed_one}[a.cmd](a)
 
