@@ -12,7 +12,6 @@ Each prints a table and writes JSON under bench_out/.
 from __future__ import annotations
 
 import os
-import re
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # §6 of the method notes: pin threads, no spinning
 
@@ -22,6 +21,8 @@ import platform
 import subprocess
 import sys
 import time
+
+from envs import env_slug  # noqa: E402 - envs needs only numpy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,11 +38,6 @@ def machine() -> str:
     if torch.cuda.is_available():
         s += f", GPU {torch.cuda.get_device_name()}"
     return s
-
-
-def env_slug(env: str) -> str:
-    """An --env value as part of a file or run name (textworld:<folder> holds a path)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", env.replace(":", ".")).strip("_.")[-40:]
 
 
 def write_json(name: str, obj) -> str:

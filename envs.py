@@ -1032,6 +1032,11 @@ def checked(cls, name: str):
     return Checked
 
 
+def env_slug(env: str) -> str:
+    """An --env value as part of a file or run name (textworld:<folder> holds a path)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", env.replace(":", ".")).strip("_.")[-40:]
+
+
 def load_env_class(name: str):
     """A built-in name or `module:Class` (module importable from the working directory or PYTHONPATH),
     checked against the protocol once here and on every call after (see `checked`)."""

@@ -240,15 +240,16 @@ def parse_config(argv=None) -> Config:
 SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
 
 
-def gather_env_text(env_cls, n_episodes: int = 1000, seed: int = 0):
+def gather_env_text(env_cls, n_episodes: int = 0, seed: int = 0):
     """Text for the tokenizer, taken from the environment itself: random rollouts on training seeds
-    (with some inadmissible actions, so "Nothing happens." is seen; the env class may set `text_episodes`
-    where an episode is expensive), plus whatever vocabulary the env declares (§6: every string it can emit, or the tokenizer turns it into [UNK]). Returns (texts, the
-    set of admissible action strings seen)."""
+    (with some inadmissible actions, so "Nothing happens." is seen), plus whatever vocabulary the env
+    declares (§6: every string it can emit, or the tokenizer turns it into [UNK]). n_episodes = 0: the env
+    class's `text_episodes` (fewer where a step is expensive), else 1000. Returns (texts, the set of
+    admissible action strings seen)."""
     rng = random.Random(seed)
     env = env_cls()
     texts, actions = [], set()
-    for i in range(getattr(env_cls, "text_episodes", n_episodes)):
+    for i in range(n_episodes or getattr(env_cls, "text_episodes", 1000)):
         obs, info = env.reset(rng.randrange(paw_envs.EVAL_SEED_START))
         texts += [obs, info["task"]]
         for _ in range(env_cls.max_steps):
@@ -1541,8 +1542,7 @@ def make_run_dir(cfg: Config) -> str:
     if cfg.resume:
         run_dir = cfg.resume.rstrip("/")
     else:
-        env = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.env.replace(":", ".")).strip("_.")[-40:]  # a path in --env too
-        name = cfg.name or f"{env}-{cfg.algo}-{cfg.wm}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = cfg.name or f"{paw_envs.env_slug(cfg.env)}-{cfg.algo}-{cfg.wm}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = os.path.join(cfg.out, name)
         if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
             raise ConfigError(f"{run_dir} already holds a run; pick another --name or --resume it")
