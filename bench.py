@@ -289,13 +289,14 @@ def speed_one(a):
     else:
         tok = paw.build_tiny_tokenizer(*paw.gather_env_text(env_cls, n_episodes=200, seed=1))
         model = paw.build_tiny_model(tok, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    rng, fmt = random.Random(1), paw.make_prompt_format(tok, model, cfg)
-    paw.train_iteration(0, model, tok, opt, env_cls, cfg, rng, True, None, fmt)  # warm-up iteration
+    cfg.fused_loss = cfg.fused_loss and paw.plain_linear_head(model)[0]  # as paw.py decides it
+    run = paw.Run(cfg, env_cls, tok, model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), random.Random(1),
+                  paw.make_prompt_format(tok, model, cfg))
+    paw.train_iteration(run, 0)  # warm-up iteration
     rows = []
     for it in range(a.iters):
         c0, w0 = time.process_time(), time.time()
-        m = paw.train_iteration(it + 1, model, tok, opt, env_cls, cfg, rng, True, None, fmt)
+        m = paw.train_iteration(run, it + 1)
         cpu, n_trans = time.process_time() - c0, m["episode_len"] * cfg.groups * cfg.group_size
         rows.append(dict(cpu_s=cpu, wall_s=time.time() - w0, rollout_s=m["rollout_s"],
                          cpu_ms_per_transition=1000 * cpu / n_trans, update_s=m["update_s"], pad=m["update_pad_frac"],
@@ -399,7 +400,7 @@ def bench_bc(a):
         c0 = time.process_time()
         for g in opt.param_groups:
             g["lr"] = a.lr * min(1.0, step / 20)
-        (lp, _, _), _ = paw.token_stats(model, paw.pack_steps(batch, tok.pad_token_id, with_obs=False), cfg, True)
+        lp = paw.action_and_obs_logprobs(model, paw.pack_steps(batch, with_obs=False), cfg).action.logp
         loss = -lp.sum() / len(batch)
         opt.zero_grad()
         loss.backward()

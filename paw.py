@@ -2,23 +2,25 @@
 
 An LLM agent is trained with RL (GRPO / GiGPO / RLOO + PPO-clip) on a multi-turn text environment and,
 from the same rollouts and the same forward pass, with an auxiliary world-modeling (WM) loss that
-predicts the next observation. Read alongside the method notes in README.md ("The method"), whose sections
-(§1 ... §6) the comments here name.
+predicts the next observation. Read it alongside the method notes in README.md ("The method"): the
+comments name their sections (§1 ... §6).
 
     python paw.py --env textworld-tiny            # trains PaW, evaluates, saves to runs/<name>/
     python paw.py --env textworld-tiny --wm off   # the plain GRPO baseline
 
-The file reads top to bottom in the order of the method:
-  1. config            2. tokenizer + model     3. prompts + rollout loop     4. advantages (§3)
-  5. WM targets (§2, §2.1, §2.3)                6. losses (§2.2, §2.4, §3)    7. the fused loss path
-  8. language prior    9. training loop         10. evaluation                11. checkpoints   12. main
+The method reads top to bottom in the paper's order:
+  1. config   2. rollouts (§2)   3. the one forward pass over [h ; a ; o'] (§2)   4. advantages (§3)
+  5. WM targets (§2.1, §2.3)   6. losses and the objective (§2.2, §2.4, §3, §6)   7. the update
+  8. training loop and evaluation.
+The appendix after it is engineering (skip it on a first read): the fused loss kernel, the tiny model
+and Hugging Face loading, the think/chat format, the language prior, several processes, checkpoints,
+the command line.
 """
 from __future__ import annotations
 
 import os
 
-# §6: under load, torch's default OpenMP thread spin slowed a forward+backward 10x.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # §6: under load, OpenMP's spinning threads cost 10x
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
@@ -34,6 +36,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,277 +48,129 @@ import envs as paw_envs
 
 
 # ====================================================================================================
-# 1. Config. Every field has a one-line doc, which is also its --help text.
+# 1. Config. Every field has a one-line doc, which is also its --help text. The method's fields come first.
 # ====================================================================================================
 def arg(default, doc, **kw):
+    """A Config field: its default, its one-line doc (the --help text), and optionally its `group` in --help,
+    `choices`, and `check` (">0" or ">=0")."""
     return field(default=default, metadata=dict(help=doc, **kw))
-
-
-@dataclass
-class Config:
-    # --- run -----------------------------------------------------------------------------------------
-    env: str = arg("textworld-tiny", "built-in environment name, or module:Class of your own (see envs.py)", group="run")
-    model: str = arg("", "Hugging Face causal LM (hub id or local folder); empty = build the tiny model locally")
-    seed: int = arg(1, "random seed (python, numpy, torch, task sampling)")
-    iters: int = arg(1000, "RL iterations (each: rollouts of groups x group-size episodes, then an update); "
-                          "0 = only the language prior, saved for reuse with --model")
-    time_budget: float = arg(10.0, "stop training after this many minutes of wall-clock (the language prior "
-                                   "included); 0 = no limit")
-    out: str = arg("runs", "parent folder of the run folder <out>/<name>/")
-    name: str = arg("", "run name; empty = <env>-<algo>-<wm>-s<seed>-<time>")
-    device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
-    dtype: str = arg("float32", "parameter dtype", choices=["float32", "bfloat16"])
-    threads: int = arg(0, "torch CPU threads (0 = torch's default)")
-    grad_checkpointing: bool = arg(False, "recompute activations in backward (less memory for big --model)")
-    save_every: int = arg(0, "write a checkpoint every N iterations (0 = only the final model); the last two are kept")
-    resume: str = arg("", "continue the run in this folder (runs/<name>) from its latest checkpoint")
-    # --- rollouts (§2) ---------------------------------------------------------------------------------
-    groups: int = arg(8, "tasks per iteration (each a group g of G rollouts from the same initial state)",
-                      group="rollouts (§2)")
-    group_size: int = arg(8, "G, rollouts per task")
-    history: int = arg(1, "K, past (observation, action) pairs shown in the prompt")
-    max_action_tokens: int = arg(0, "longest response the policy may generate (tokens, EOS included); 0 = auto: 8 plain, 256 think")
-    prompt_format: str = arg("auto", "plain prompt + bare action, or think: chat template + <think>..</think><action>..</action>; "
-                             "auto = think for a --model with a chat template", choices=["auto", "plain", "think"])
-    temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature")
-    action_mask: str = arg("auto", "decode only admissible actions (a prefix mask over their tokenizations; log-probs "
-                           "and entropies of the renormalised distribution); auto = on for the plain prompt, off for "
-                           "think", choices=["auto", "on", "off"])
-    # --- RL (§3) -------------------------------------------------------------------------------------
-    algo: str = arg("grpo", "advantage estimator (§3)", choices=["grpo", "gigpo", "rloo"], group="RL (§3)")
-    adv_norm: str = arg("mean_std", "episode-level normalisation of GRPO/GiGPO", choices=["mean_std", "mean"])
-    gamma: float = arg(0.95, "GiGPO step level: discount of the return-to-go")
-    gigpo_omega: float = arg(1.0, "GiGPO: weight omega of the step-level advantage")
-    invalid_penalty: float = arg(0.0, "subtracted from the RL return per inadmissible action (not from lambda_g); see README")
-    lr: float = arg(1e-3, "AdamW learning rate of the RL phase")
-    clip_low: float = arg(0.2, "PPO-clip eps_low")
-    clip_high: float = arg(0.28, "PPO-clip eps_high")
-    kl_coef: float = arg(0.0, "k3 KL to the reference (pre-RL) policy; 0 = no reference model")
-    ppo_epochs: int = arg(1, "passes over each iteration's rollouts")
-    minibatches: int = arg(16, "optimizer steps per pass")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
-    # --- world modeling (§2.1-§2.4) ------------------------------------------------------------------
-    wm: str = arg("cmae", "WM loss: cmae (§2.2), ce (ablation) or off (plain RL baseline)", choices=["cmae", "ce", "off"],
-                  group="world modeling (§2.1-§2.4)")
-    wm_alpha: float = arg(0.75, "§2.1: fraction of highest-entropy transitions used as WM targets (1 = all)")
-    wm_rho: float = arg(0.2, "§2.2: tokens predicted with p > rho get no CMAE loss")
-    wm_lambda: str = arg("adaptive", "§2.3: 'adaptive' (1 - mean_return/R_max per group) or a constant")
-    wm_coef: float = arg(1.0, "§2.3: global coefficient multiplying lambda")
-    wm_max_tokens: int = arg(48, "§2: the next observation o_{t+1} is truncated to this many tokens")
-    wm_grad_cap: float = arg(1.0, "§6 safeguard: WM gradient norm <= cap x RL gradient norm per step (0 = off, one backward)")
-    # --- language prior (tiny model only) -------------------------------------------------------------
-    prior_steps: int = arg(150, group="tiny model: language prior and shape", doc= "next-token pretraining steps on observation text alone (0 = none): the tiny model "
-                                "learns the language of the env, not its dynamics, as a pretrained LLM would")
-    prior_batch: int = arg(32, "observations per language-prior step")
-    prior_lr: float = arg(2e-3, "language-prior learning rate")
-    # --- the tiny model ------------------------------------------------------------------------------
-    d_model: int = arg(96, "tiny model: hidden size")
-    n_layers: int = arg(3, "tiny model: decoder layers")
-    n_heads: int = arg(4, "tiny model: attention heads")
-    # --- the hot loss path (part 7 of this file) ---------------------------------------------------------
-    fused_loss: bool = arg(True, group="loss path", doc= "chunked fused lm_head -> log-prob/entropy (never the full logits)")
-    compile: str = arg("auto", "torch.compile backend of the loss kernels; auto = inductor from a 32k vocabulary "
-                       "(where it pays, measured), off below", choices=["auto", "inductor", "aot_eager", "off"])
-    loss_chunk: int = arg(0, "tokens per chunk of the fused loss (0 = auto: logits tile of about 2^26 values)")
-    forward_batch: int = arg(64, "sequences per no-grad scoring forward")
-    rescore: str = arg("auto", "recompute the behaviour log-probs in a no-grad pass (on) or take them from "
-                       "generation (off); auto = off in float32, where both agree", choices=["auto", "on", "off"])
-    micro_batch: int = arg(16, "sequences per forward/backward in the update (sorted by length, gradients "
-                              "accumulated with exact weights; 0 = the whole minibatch at once)")
-    # --- evaluation ----------------------------------------------------------------------------------
-    eval_episodes: int = arg(100, group="evaluation", doc= "held-out evaluation episodes at the end (greedy)")
-    eval_sampled: bool = arg(False, "also evaluate with temperature sampling")
-    eval_every: int = arg(0, "evaluate on held-out seeds every N iterations (0 = only at the end)")
-    eval_every_episodes: int = arg(50, "episodes of the periodic evaluation")
 
 
 class ConfigError(ValueError):
     pass
 
 
-def validate_config(cfg: Config):
-    """Nonsense values get one clear line (main turns it into exit code 2)."""
-    for f in dataclasses.fields(Config):  # nan / inf never make sense
-        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
-            raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number (got {getattr(cfg, f.name)})")
-    positive = ["groups", "group_size", "minibatches", "ppo_epochs", "prior_batch",
-                "wm_max_tokens", "d_model", "n_layers", "n_heads", "forward_batch",
-                "eval_every_episodes"]
-    for f in positive:
-        if getattr(cfg, f) <= 0:
-            raise ConfigError(f"--{f.replace('_', '-')} must be > 0 (got {getattr(cfg, f)})")
-    for f in ["iters", "micro_batch", "max_action_tokens", "save_every", "history", "prior_steps", "eval_episodes", "eval_every", "time_budget", "kl_coef",
-              "invalid_penalty", "loss_chunk", "threads", "wm_grad_cap", "wm_coef", "max_grad_norm"]:
-        if getattr(cfg, f) < 0:
-            raise ConfigError(f"--{f.replace('_', '-')} must be >= 0 (got {getattr(cfg, f)})")
-    if not 0.0 < cfg.wm_alpha <= 1.0:
-        raise ConfigError(f"--wm-alpha must be in (0, 1] (got {cfg.wm_alpha})")
-    if not 0.0 < cfg.wm_rho < 1.0:
-        raise ConfigError(f"--wm-rho must be in (0, 1) (got {cfg.wm_rho})")
-    if cfg.wm_lambda != "adaptive":
-        try:
-            v = float(cfg.wm_lambda)
-        except ValueError:
-            raise ConfigError(f"--wm-lambda must be 'adaptive' or a number (got {cfg.wm_lambda!r})") from None
-        if v < 0 or not math.isfinite(v):
-            raise ConfigError(f"--wm-lambda must be >= 0 (got {cfg.wm_lambda})")
-    if not cfg.temperature > 0:
-        raise ConfigError(f"--temperature must be > 0 (got {cfg.temperature})")
-    if not (0 <= cfg.clip_low < 1 and cfg.clip_high >= 0):
-        raise ConfigError("--clip-low must be in [0, 1) and --clip-high >= 0")
-    if not 0 < cfg.gamma <= 1:
-        raise ConfigError(f"--gamma must be in (0, 1] (got {cfg.gamma})")
-    if not cfg.lr > 0 or not cfg.prior_lr > 0:
-        raise ConfigError("--lr and --prior-lr must be > 0")
-    if not 0 <= cfg.seed < 2**32:
-        raise ConfigError(f"--seed must be in [0, 2^32) (got {cfg.seed})")
-    if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
-        raise ConfigError(f"--d-model ({cfg.d_model}) must be --n-heads ({cfg.n_heads}) x an even head size "
-                          "(rotary embeddings rotate pairs of dimensions)")
-    if cfg.name and (os.path.basename(cfg.name) != cfg.name or cfg.name in (".", "..")):
-        raise ConfigError(f"--name {cfg.name!r} must be a plain folder name (no '/' or '..'): runs go under --out")
-    if cfg.prompt_format == "think" and not cfg.model and not cfg.resume:
-        raise ConfigError("--prompt-format think needs an instruction-following --model; the tiny model is "
-                          "trained from scratch and uses the plain format")
+@dataclass
+class Config:
+    # --- rollouts (§2) ---------------------------------------------------------------------------------
+    groups: int = arg(8, "tasks per iteration, each a group g of G rollouts from the same initial state",
+                      group="rollouts (§2)", check=">0")
+    group_size: int = arg(8, "G, rollouts per task", check=">0")
+    history: int = arg(1, "K, past (observation, action) pairs shown in the prompt", check=">=0")
+    temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature")
+    action_mask: str = arg("auto", "decode only admissible actions (log-probs and entropies of the renormalised "
+                           "distribution); auto = on for the plain prompt, off for think", choices=["auto", "on", "off"])
+    max_action_tokens: int = arg(0, "longest response in tokens, EOS included (0 = 8 plain, 256 think)", check=">=0")
+    # --- RL (§3) -------------------------------------------------------------------------------------
+    algo: str = arg("grpo", "advantage estimator (§3)", choices=["grpo", "gigpo", "rloo"], group="RL (§3)")
+    adv_norm: str = arg("mean_std", "episode-level normalisation of GRPO/GiGPO", choices=["mean_std", "mean"])
+    gamma: float = arg(0.95, "GiGPO step level: discount of the return-to-go")
+    gigpo_omega: float = arg(1.0, "GiGPO: weight omega of the step-level advantage")
+    invalid_penalty: float = arg(0.0, "subtracted from the RL return per inadmissible action (not from lambda_g)",
+                                 check=">=0")
+    lr: float = arg(1e-3, "AdamW learning rate of the RL phase")
+    clip_low: float = arg(0.2, "PPO-clip eps_low")
+    clip_high: float = arg(0.28, "PPO-clip eps_high")
+    kl_coef: float = arg(0.0, "k3 KL to the reference (pre-RL) policy; 0 = no reference model", check=">=0")
+    ppo_epochs: int = arg(1, "passes over each iteration's rollouts", check=">0")
+    minibatches: int = arg(16, "optimizer steps per pass", check=">0")
+    max_grad_norm: float = arg(1.0, "gradient clipping", check=">=0")
+    # --- world modeling (§2.1-§2.4, §6) ----------------------------------------------------------------
+    wm: str = arg("cmae", "WM loss: cmae (§2.2), ce (ablation) or off (plain RL baseline)",
+                  choices=["cmae", "ce", "off"], group="world modeling (§2.1-§2.4, §6)")
+    wm_alpha: float = arg(0.75, "§2.1: fraction of highest-entropy transitions used as WM targets (1 = all)")
+    wm_rho: float = arg(0.2, "§2.2: tokens predicted with p > rho get no CMAE loss")
+    wm_lambda: str = arg("adaptive", "§2.3: 'adaptive' (1 - mean_return/R_max per group) or a constant")
+    wm_coef: float = arg(1.0, "§2.3: global coefficient multiplying lambda", check=">=0")
+    wm_max_tokens: int = arg(48, "§2: the next observation o_{t+1} is truncated to this many tokens", check=">0")
+    wm_grad_cap: float = arg(1.0, "§6: WM gradient norm <= cap x RL gradient norm (0 = off)", check=">=0")
+    # --- run -----------------------------------------------------------------------------------------
+    env: str = arg("textworld-tiny", "built-in environment, or module:Class of your own (see envs.py)", group="run")
+    model: str = arg("", "Hugging Face causal LM (hub id or local folder); empty = the tiny model, built here")
+    seed: int = arg(1, "random seed (python, numpy, torch, task sampling)")
+    iters: int = arg(1000, "RL iterations; 0 = only the language prior, saved for reuse with --model", check=">=0")
+    time_budget: float = arg(10.0, "minutes of training wall-clock, language prior included (0 = no limit)",
+                             check=">=0")
+    out: str = arg("runs", "parent folder of the run folder <out>/<name>/")
+    name: str = arg("", "run name; empty = <env>-<algo>-<wm>-s<seed>-<time>")
+    device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
+    dtype: str = arg("float32", "parameter dtype", choices=["float32", "bfloat16"])
+    threads: int = arg(0, "torch CPU threads (0 = torch's default)", check=">=0")
+    grad_checkpointing: bool = arg(False, "recompute activations in backward (less memory for a big --model)")
+    save_every: int = arg(0, "checkpoint every N iterations (0 = only the final model); the last two are kept",
+                          check=">=0")
+    resume: str = arg("", "continue the run in this folder (runs/<name>) from its latest checkpoint")
+    prompt_format: str = arg("auto", "plain (prompt + bare action) or think (chat template, <think>..</think>"
+                             "<action>..</action>); auto = think for a --model with a chat template",
+                             choices=["auto", "plain", "think"])
+    # --- the tiny model and its language prior (appendix A2, A4) --------------------------------------
+    d_model: int = arg(96, "tiny model: hidden size", group="tiny model", check=">0")
+    n_layers: int = arg(3, "tiny model: decoder layers", check=">0")
+    n_heads: int = arg(4, "tiny model: attention heads", check=">0")
+    prior_steps: int = arg(150, "language prior: next-token steps on observation text alone (0 = none)", check=">=0")
+    prior_batch: int = arg(32, "observations per language-prior step", check=">0")
+    prior_lr: float = arg(2e-3, "language-prior learning rate")
+    # --- how (never what) the losses are computed (appendix A1) ---------------------------------------
+    fused_loss: bool = arg(True, "chunked fused lm_head -> log-prob/entropy, never the full logits (off for a "
+                                 "head that is not a plain linear layer)", group="loss path")
+    compile: str = arg("auto", "torch.compile backend of the loss kernels; auto = inductor from a 32k vocabulary, "
+                       "off below", choices=["auto", "inductor", "aot_eager", "off"])
+    loss_chunk: int = arg(0, "tokens per chunk of the fused loss (0 = a logits tile of about 2^26 values)", check=">=0")
+    forward_batch: int = arg(64, "sequences per no-grad scoring forward", check=">0")
+    rescore: str = arg("auto", "behaviour log-probs from a no-grad pass (on) or from generation (off); auto = off "
+                       "in float32, where both agree", choices=["auto", "on", "off"])
+    micro_batch: int = arg(16, "sequences per forward/backward of the update, sorted by length, gradients "
+                               "accumulated exactly (0 = the whole minibatch)", check=">=0")
+    # --- evaluation ----------------------------------------------------------------------------------
+    eval_episodes: int = arg(100, "held-out evaluation episodes at the end (greedy)", group="evaluation", check=">=0")
+    eval_sampled: bool = arg(False, "also evaluate with temperature sampling")
+    eval_every: int = arg(0, "evaluate on held-out seeds every N iterations (0 = only at the end)", check=">=0")
+    eval_every_episodes: int = arg(50, "episodes of the periodic evaluation", check=">0")
 
-
-# flags a --resume may change: budget, evaluation, logging, and how (not what) is computed
-RESUME_SAFE = {"iters", "time_budget", "eval_episodes", "eval_sampled", "eval_every", "eval_every_episodes",
-               "save_every", "threads", "device", "resume", "compile", "micro_batch", "forward_batch",
-               "loss_chunk", "fused_loss", "grad_checkpointing", "out", "name"}
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and a pointer to --help instead of a 30-line usage block
-        print(f"paw.py: error: {message} (see python paw.py --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def parse_config(argv=None) -> Config:
-    """argparse from the Config fields. With --resume, the run's saved config.json supplies the defaults,
-    so only flags given again (e.g. a larger --iters) change."""
-    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                           epilog="built-in environments: " + ", ".join(sorted(paw_envs.ENVS)) + ", or module:Class")
-    groups = {}
-    for f in dataclasses.fields(Config):
-        g = f.metadata.get("group") or groups.get("last", "run")
-        groups["last"] = g
-        target = groups.setdefault(g, p.add_argument_group(g))
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            target.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            target.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"],
-                                choices=f.metadata.get("choices"))
-    args = p.parse_args(argv)
-    if args.resume:
-        path = os.path.join(args.resume, "config.json")
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-        except (OSError, ValueError) as e:
-            print(f"paw.py: error: --resume {args.resume}: cannot read {path} ({type(e).__name__})", file=sys.stderr)
-            sys.exit(2)
-        known = {f.name for f in dataclasses.fields(Config)}
-        given = vars(args).copy()
-        p.set_defaults(**{k: v for k, v in saved.items() if k in known and k != "resume"})
-        args = p.parse_args(argv)
-        # a resumed run keeps its environment, model, tokenizer and method; only these may change
-        changed = [k for k in known - RESUME_SAFE if k in saved and vars(args)[k] != saved[k]]
-        if changed:
-            p.error(f"--resume {args.resume}: cannot change {', '.join('--' + k.replace('_', '-') for k in sorted(changed))}"
-                    f" of a run (allowed: {', '.join('--' + k.replace('_', '-') for k in sorted(RESUME_SAFE - {'resume'}))})")
-    cfg = Config(**vars(args))
-    try:
-        validate_config(cfg)
-    except ConfigError as e:
-        p.error(str(e))
-    return cfg
-
-
-# ====================================================================================================
-# 2. Tokenizer and model
-# ====================================================================================================
-SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
-
-
-def gather_env_text(env_cls, n_episodes: int = 0, seed: int = 0):
-    """Text for the tokenizer, taken from the environment itself: random rollouts on training seeds
-    (with some inadmissible actions, so "Nothing happens." is seen), plus whatever vocabulary the env
-    declares (§6: every string it can emit, or the tokenizer turns it into [UNK]). n_episodes = 0: the env
-    class's `text_episodes` (fewer where a step is expensive), else 1000. Returns (texts, the set of
-    admissible action strings seen)."""
-    rng = random.Random(seed)
-    env = env_cls()
-    texts, actions = [], set()
-    for i in range(n_episodes or getattr(env_cls, "text_episodes", 1000)):
-        obs, info = env.reset(rng.randrange(paw_envs.EVAL_SEED_START))
-        texts += [obs, info["task"]]
-        for _ in range(env_cls.max_steps):
-            acts = info["admissible_actions"]
-            actions.update(acts)
-            a = "xyzzy" if (rng.random() < 0.1 or not acts) else rng.choice(acts)
-            obs, _, done, info = env.step(a)
-            texts.append(obs)
-            if done:
-                break
-    if hasattr(env, "vocabulary_text"):
-        texts += list(env.vocabulary_text())
-    texts.append(build_prompt("task", [("obs", "act")], "obs", ["a", "b"], 1))  # the prompt's own words
-    texts += sorted(actions)
-    return texts, sorted(actions)
-
-
-def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
-    """Word-level tokenizer trained with `tokenizers` on environment text; loadable with AutoTokenizer.
-    Actions are plain words too ("take apple" = take + apple + EOS): the object word of an action is then
-    the same token as in the task and the observation, so the policy can learn to copy it (see the README's
-    design decisions for the measurement against whole-action tokens). `actions` only enter the vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tk = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk_token"]))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
-    tk.train_from_iterator(list(texts) + list(actions), trainers.WordLevelTrainer(special_tokens=list(SPECIALS.values()), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, **SPECIALS)
-    tok.padding_side = "left"
-    return tok
-
-
-def build_tiny_model(tok, cfg: Config):
-    """A randomly initialised Llama-architecture decoder, small enough to train on a laptop CPU. (Llama, not
-    Qwen2: transformers 5's AutoTokenizer always rebuilds a qwen2 checkpoint's tokenizer as the byte-level
-    Qwen2Tokenizer, which would silently mis-tokenize our word-level one on reload; measured.)"""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
-                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                       num_key_value_heads=cfg.n_heads // 2 if cfg.n_heads % 2 == 0 else cfg.n_heads, max_position_embeddings=4096,
-                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, use_cache=True, attention_bias=True)
-    return LlamaForCausalLM(mcfg)
-
-
-def load_hf_model(name: str, dtype: torch.dtype):
-    """Any Hugging Face causal LM (hub id or local folder) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if name.startswith((os.sep, ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
-        raise ConfigError(f"--model {name}: no such folder")
-    try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype)
-    except Exception as e:  # noqa: BLE001 - report any loading failure as one line
-        what = " ".join(str(e).split())
-        what = what[:what.find(". ") + 1] if 0 < what.find(". ") < 300 else what[:300]  # its first sentence
-        raise ConfigError(f"cannot load --model {name!r} as a causal LM with its tokenizer: {type(e).__name__}: {what}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return tok, model
+    def __post_init__(self):
+        """Nonsense values get one clear line (the command line turns it into exit code 2)."""
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ConfigError(msg)
+        for f in dataclasses.fields(self):
+            v, flag, check = getattr(self, f.name), "--" + f.name.replace("_", "-"), f.metadata.get("check")
+            need(not isinstance(v, float) or math.isfinite(v), f"{flag} must be a finite number (got {v})")
+            need(check != ">0" or v > 0, f"{flag} must be > 0 (got {v})")
+            need(check != ">=0" or v >= 0, f"{flag} must be >= 0 (got {v})")
+        need(0.0 < self.wm_alpha <= 1.0, f"--wm-alpha must be in (0, 1] (got {self.wm_alpha})")
+        need(0.0 < self.wm_rho < 1.0, f"--wm-rho must be in (0, 1) (got {self.wm_rho})")
+        if self.wm_lambda != "adaptive":
+            try:
+                lam = float(self.wm_lambda)
+            except ValueError:
+                raise ConfigError(f"--wm-lambda must be 'adaptive' or a number (got {self.wm_lambda!r})") from None
+            need(lam >= 0 and math.isfinite(lam), f"--wm-lambda must be >= 0 (got {self.wm_lambda})")
+        need(self.temperature > 0, f"--temperature must be > 0 (got {self.temperature})")
+        need(0 <= self.clip_low < 1 and self.clip_high >= 0, "--clip-low must be in [0, 1) and --clip-high >= 0")
+        need(0 < self.gamma <= 1, f"--gamma must be in (0, 1] (got {self.gamma})")
+        need(self.lr > 0 and self.prior_lr > 0, "--lr and --prior-lr must be > 0")
+        need(0 <= self.seed < 2**32, f"--seed must be in [0, 2^32) (got {self.seed})")
+        need(not self.d_model % self.n_heads and not (self.d_model // self.n_heads) % 2,
+             f"--d-model ({self.d_model}) must be --n-heads ({self.n_heads}) x an even head size (rotary "
+             "embeddings rotate pairs of dimensions)")
+        need(not self.name or (os.path.basename(self.name) == self.name and self.name not in (".", "..")),
+             f"--name {self.name!r} must be a plain folder name (no '/' or '..'): runs go under --out")
+        need(self.prompt_format != "think" or bool(self.model) or bool(self.resume), "--prompt-format think needs an "
+             "instruction-following --model; the tiny model is trained from scratch and uses the plain format")
 
 
 # ====================================================================================================
-# 3. Prompts and the rollout loop (§2)
+# 2. Rollouts (§2): prompts, generation restricted to admissible actions, the lock-step rollout loop
 # ====================================================================================================
 def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible: list[str], k: int) -> str:
     """h_t: the task, the last K (observation, action) pairs, the current observation, the admissible
@@ -327,90 +182,6 @@ def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible
     lines.append("Actions: " + " ; ".join(admissible))
     lines.append("Your action:")
     return "\n".join(lines)
-
-
-def build_think_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible: list[str], k: int,
-                       step: int) -> str:
-    """h_t for an instruct model: what build_prompt holds (task, last K observation/action pairs, current
-    observation, admissible actions), numbered by step as in verl-agent's prompts, plus the response format:
-    reasoning inside <think> </think>, then exactly one admissible action inside <action> </action>. Kept
-    short (no quoting, a one-line instruction): the prompt is read three times per step (generation,
-    scoring, update), and this one is ~30% shorter than a verl-agent-style wording (README, Speed)."""
-    lines = [f"Task: {task}."]
-    recent = history[-k:] if k > 0 else []
-    for i, (o, a) in enumerate(recent):
-        lines.append(f"Step {step - len(recent) + i + 1}: {o} Action: {a}")
-    lines.append(f"Step {step + 1} (now): {obs}")
-    lines.append("Admissible actions: " + "; ".join(admissible))
-    lines.append("Reason inside <think> </think>, then give one admissible action inside <action> </action>.")
-    return "\n".join(lines)
-
-
-@dataclass
-class PromptFormat:
-    """How prompts are rendered and responses turned into actions (decided once per run)."""
-    think: bool             # <think>/<action> responses, projected by project_action
-    chat: bool              # the tokenizer's chat template wraps the prompt
-    prefilled_think: bool   # the template ends the generation prompt with "<think>" (e.g. some reasoning models)
-    stop_ids: list          # generation ends at any of these ids (EOS, end-of-turn)
-    max_new_tokens: int
-    mask: bool = False      # decode only admissible actions (AdmissiblePrefixMask)
-
-
-def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
-    """think for --prompt-format think, or auto with a --model whose tokenizer has a chat template; stop at
-    the tokenizer's EOS and at every EOS of the model's generation config (e.g. <|im_end|>, <|eot_id|>)."""
-    chat = getattr(tok, "chat_template", None) is not None
-    think = cfg.prompt_format == "think" or (cfg.prompt_format == "auto" and bool(cfg.model) and chat)
-    prefilled = False
-    if think and chat:
-        rendered = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
-        prefilled = rendered.rstrip().endswith("<think>")
-    stop = {tok.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stop.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-    stop.discard(None)
-    budget = cfg.max_action_tokens or (256 if think else 8)
-    mask = cfg.action_mask == "on" or (cfg.action_mask == "auto" and not think)
-    if mask and think:
-        raise ConfigError("--action-mask on needs --prompt-format plain (a think response is free text)")
-    return PromptFormat(think, chat and think, prefilled, sorted(stop), budget, mask)
-
-
-def render_prompt(tok, fmt: PromptFormat, task, history, obs, admissible, k: int) -> list[int]:
-    """Prompt text -> token ids: the plain prompt (tiny model) or the think prompt in the chat template."""
-    if not fmt.think:
-        return encode_prompt(tok, build_prompt(task, history, obs, admissible, k))
-    text = build_think_prompt(task, history, obs, admissible, k, len(history))
-    if fmt.chat:  # the template carries its own BOS / role tokens
-        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
-        return tok(text, add_special_tokens=False)["input_ids"]
-    return encode_prompt(tok, text + "\n")
-
-
-def encode_prompt(tok, text: str) -> list[int]:
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
-
-
-def project_action(response: str, think: bool, prefilled_think: bool = False) -> tuple[str, bool]:
-    """Response text -> (action for the environment, format_ok). Plain format: the stripped text.
-    Think format (verl-agent's projection, made strict): well-formed is `<think> ... </think>` followed by
-    exactly one non-empty `<action> ... </action>`; a template that pre-fills "<think>" means the response
-    starts inside the thought. A malformed response is a format violation: the environment still gets
-    the raw text (and answers it in-game) and the step is penalised like an inadmissible one."""
-    if not think:
-        return " ".join(response.split()), True
-    text = ("<think>" + response) if prefilled_think and "<think>" not in response[:20] else response
-    ok = (text.count("<think>") == 1 and text.count("</think>") == 1 and text.count("<action>") == 1
-          and text.count("</action>") == 1)
-    if ok:
-        t0, t1, a0, a1 = (text.index(s) for s in ("<think>", "</think>", "<action>", "</action>"))
-        ok = t0 < t1 < a0 < a1 and text[:t0].strip() == ""
-    if not ok:
-        return " ".join(response.split()), False
-    action = " ".join(text[a0 + len("<action>"):a1].split())
-    return action, bool(action)
 
 
 @dataclass
@@ -464,6 +235,10 @@ def allowed_along(trie: dict, ids: list[int]) -> list[list[int]]:
     return out
 
 
+def trie_depth(trie: dict) -> int:
+    return 1 + max(map(trie_depth, trie.values())) if trie else 0
+
+
 class AdmissiblePrefixMask:
     """A transformers logits processor: row r may only continue a prefix of one of its admissible actions
     (scores of every other token -> -inf, so sampling and argmax renormalise over the allowed ones). A row
@@ -492,23 +267,20 @@ def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: 
     mask). With `tries` (the action mask), each row can only produce one of its admissible actions."""
     fmt = fmt or make_prompt_format(tok, model, cfg)
     dev = next(model.parameters()).device
-    L = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), L), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), L), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        ids[i, L - len(p):] = torch.tensor(p)
-        mask[i, L - len(p):] = 1
+    rows = [torch.tensor(p, dtype=torch.long) for p in prompts]  # left padding: all prompts end where generation starts
+    ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tok.pad_token_id, padding_side="left")
+    mask = nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
     gen_kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
     budget = fmt.max_new_tokens
     if tries is not None:
         from transformers import LogitsProcessorList
-        gen_kw["logits_processor"] = LogitsProcessorList([AdmissiblePrefixMask(tries, L)])
+        gen_kw["logits_processor"] = LogitsProcessorList([AdmissiblePrefixMask(tries, ids.shape[1])])
         budget = max(trie_depth(t) for t in tries) or 1  # the longest admissible action + EOS
     keep = behaviour_from_generation(cfg, len(prompts) * budget * model.get_output_embeddings().weight.shape[0])
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=budget,
                          eos_token_id=fmt.stop_ids, pad_token_id=tok.pad_token_id, repetition_penalty=1.0,
                          output_scores=keep, return_dict_in_generate=True, **gen_kw)
-    new = out.sequences[:, L:]
+    new = out.sequences[:, ids.shape[1]:]
     if keep:  # the scores generate sampled from (logits / T, masked): their log-softmax is the behaviour policy
         logp_all = torch.log_softmax(torch.stack(out.scores, 1).float(), dim=-1)  # [B, new tokens, V]
         tok_logp = logp_all.gather(2, new[:, :, None]).squeeze(2).cpu()
@@ -520,13 +292,19 @@ def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: 
     return actions
 
 
-def trie_depth(trie: dict) -> int:
-    return 1 + max(map(trie_depth, trie.values())) if trie else 0
-
-
 def decode_action(tok, ids: list[int], stop_ids=()) -> str:
     stop = set(stop_ids) | {tok.eos_token_id}
     return tok.decode([t for t in ids if t not in stop], skip_special_tokens=True).strip()
+
+
+@dataclass
+class Slot:
+    """One live episode of the lock-step rollout loop."""
+    env: object
+    obs: str
+    info: dict
+    history: list = field(default_factory=list)  # (observation, action) pairs played so far
+    done: bool = False
 
 
 def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg: Config,
@@ -536,41 +314,201 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
     fmt = fmt or make_prompt_format(tok, model, cfg)
     was_training = model.training
     model.eval()
-    eps, live, enc_cache = [], [], {}
+    episodes, slots, action_ids = [], [], {}  # action_ids: admissible string -> its token ids + EOS
     for g, seed in enumerate(seeds):
         for _ in range(group_size):
             env = env_cls()
             obs, info = env.reset(seed)
-            eps.append(Episode(group=g, seed=seed, task_type=str(info.get("task_type", ""))))
-            live.append(dict(env=env, obs=obs, info=info, hist=[], done=False))
-    for _t in range(env_cls.max_steps):
-        active = [i for i, s in enumerate(live) if not s["done"]]
+            episodes.append(Episode(group=g, seed=seed, task_type=str(info.get("task_type", ""))))
+            slots.append(Slot(env, obs, info))
+    for _ in range(env_cls.max_steps):
+        active = [i for i, slot in enumerate(slots) if not slot.done]
         if not active:
             break
-        prompts = [render_prompt(tok, fmt, live[i]["info"]["task"], live[i]["hist"], live[i]["obs"],
-                                 live[i]["info"]["admissible_actions"], cfg.history) for i in active]
-        tries = [action_trie(tok, live[i]["info"]["admissible_actions"], tok.eos_token_id, enc_cache)
+        prompts = [render_prompt(tok, fmt, slots[i].info["task"], slots[i].history, slots[i].obs,
+                                 slots[i].info["admissible_actions"], cfg.history) for i in active]
+        tries = [action_trie(tok, slots[i].info["admissible_actions"], tok.eos_token_id, action_ids)
                  for i in active] if fmt.mask else None
-        actions = generate_actions(model, tok, prompts, cfg, greedy, fmt, tries)
-        for n, (i, p, (a, a_logp, a_ent)) in enumerate(zip(active, prompts, actions)):
-            s = live[i]
-            text, format_ok = project_action(decode_action(tok, a, fmt.stop_ids), fmt.think, fmt.prefilled_think)
+        generated = generate_actions(model, tok, prompts, cfg, greedy, fmt, tries)
+        for n, (i, prompt, (ids, logp, entropy)) in enumerate(zip(active, prompts, generated)):
+            slot, ep = slots[i], episodes[i]
+            text, format_ok = project_action(decode_action(tok, ids, fmt.stop_ids), fmt.think, fmt.prefilled_think)
             if tries is not None:  # masked: the ids spell one admissible action; play its own string, since
                 # decoding may not give it back ("non-euclidean" is three word-level tokens, joined by spaces)
-                text = next((x for x in live[i]["info"]["admissible_actions"] if enc_cache[x] == a), text)
-            points = s["env"].decision_points() if hasattr(s["env"], "decision_points") else {}
-            obs, reward, done, info = s["env"].step(text)  # checked: a protocol violation is EnvFailure
-            obs_ids = tok(obs, add_special_tokens=False)["input_ids"][:cfg.wm_max_tokens]
-            valid = bool(info.get("valid", True)) and format_ok
-            allowed = allowed_along(tries[n], a) if tries is not None else None
-            eps[i].steps.append(Step(p, a, obs_ids, float(reward), valid, s["obs"], format_ok, allowed,
-                                     {k: text in right for k, right in points.items()}, a_logp, a_ent))
-            s["hist"].append((s["obs"], text if format_ok else text[:200]))  # a rambling violation stays short
-            s["obs"], s["info"] = obs, info
-            eps[i].won = bool(info.get("won", False))
-            s["done"] = bool(done) or len(eps[i].steps) >= env_cls.max_steps
+                text = next((x for x in slot.info["admissible_actions"] if action_ids[x] == ids), text)
+            points = slot.env.decision_points() if hasattr(slot.env, "decision_points") else {}
+            obs, reward, done, info = slot.env.step(text)  # checked: a protocol violation is EnvFailure
+            ep.steps.append(Step(
+                prompt_ids=prompt, action_ids=ids, obs_ids=tok(obs, add_special_tokens=False)["input_ids"][:cfg.wm_max_tokens],
+                reward=float(reward), valid=bool(info.get("valid", True)) and format_ok, anchor=slot.obs,
+                format_ok=format_ok, allowed=allowed_along(tries[n], ids) if tries is not None else None,
+                decisions={k: text in right for k, right in points.items()}, gen_logp=logp, gen_entropy=entropy))
+            slot.history.append((slot.obs, text if format_ok else text[:200]))  # a rambling violation stays short
+            slot.obs, slot.info = obs, info
+            ep.won = bool(info.get("won", False))
+            slot.done = bool(done) or len(ep.steps) >= env_cls.max_steps
     model.train(was_training)
-    return eps
+    return episodes
+
+
+# ====================================================================================================
+# 3. The one forward pass (§2): [h_t ; a_t ; o_{t+1}] -> per-token log-prob and entropy of a_t and o_{t+1}
+# ====================================================================================================
+@dataclass
+class Packed:
+    """A right-padded batch of [h_t ; a_t ; o_{t+1}] sequences and where their loss tokens are."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    act_pos: torch.Tensor   # flat positions (row * T + col) of the hidden states that predict action tokens
+    act_tgt: torch.Tensor
+    act_row: torch.Tensor   # which sequence of the batch each action token belongs to
+    obs_pos: torch.Tensor
+    obs_tgt: torch.Tensor
+    obs_row: torch.Tensor
+    act_allowed: tuple | None = None  # action mask: (action-token index, allowed id) pairs, or None (no mask)
+
+
+def pack_steps(steps: list[Step], with_obs: bool | list[bool] = True, pad_id: int = 0) -> Packed:
+    """§2: one sequence per step, [h_t ; a_t ; o_{t+1}]. The policy mask is a_t (EOS included), the WM
+    mask is o_{t+1}. The logits at position j predict token j+1, hence the -1 below. `with_obs` may be one
+    flag per step: a step whose WM term has no weight needs only [h_t ; a_t] (causal attention: its action
+    log-probs are the same either way). Right padding under causal attention is never attended by a real
+    token, so the pad id is arbitrary."""
+    obs_on = list(with_obs) if isinstance(with_obs, (list, tuple)) else [bool(with_obs)] * len(steps)
+    seqs = [torch.tensor(s.prompt_ids + s.action_ids + (s.obs_ids if w else []), dtype=torch.long)
+            for s, w in zip(steps, obs_on)]
+    ids = nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad_id)
+    mask = nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in seqs], batch_first=True)
+    T = ids.shape[1]
+    ap, at, ar, op, ot, orow = [], [], [], [], [], []
+    for r, (s, with_o) in enumerate(zip(steps, obs_on)):
+        a0, o0 = len(s.prompt_ids), len(s.prompt_ids) + len(s.action_ids)
+        ap += [r * T + j - 1 for j in range(a0, o0)]
+        at += s.action_ids
+        ar += [r] * len(s.action_ids)
+        if with_o:
+            op += [r * T + j - 1 for j in range(o0, o0 + len(s.obs_ids))]
+            ot += s.obs_ids
+            orow += [r] * len(s.obs_ids)
+    long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    allowed = None
+    if steps and all(s.allowed is not None for s in steps):
+        flat = [ids_j for s in steps for ids_j in s.allowed]
+        allowed = (long([k for k, a in enumerate(flat) for _ in a]), long([t for a in flat for t in a]))
+    return Packed(ids, mask, long(ap), long(at), long(ar), long(op), long(ot), long(orow), allowed)
+
+
+class TokenStats(NamedTuple):
+    """Per token: log-prob of the target token, entropy of the distribution, whether the target is its argmax."""
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    is_argmax: torch.Tensor
+
+
+class ForwardOut(NamedTuple):
+    """What the one forward pass over packed [h_t ; a_t ; o_{t+1}] sequences gives."""
+    action: TokenStats   # a_t's tokens, at the sampling temperature (and renormalised under the action mask)
+    obs: TokenStats      # o_{t+1}'s tokens, at temperature 1: the model's own prediction of the next observation
+    head_input: torch.Tensor | None = None  # the last hidden state (the §6 safeguard measures gradients there)
+
+
+def naive_logp_entropy(logits, targets, allowed: torch.Tensor | None = None) -> TokenStats:
+    """The reference: full log_softmax over the vocabulary, gather, entropy, autograd. With `allowed`
+    ([N, V] bool, the action mask) the distribution is renormalised over the allowed tokens."""
+    z = logits.float()
+    if allowed is not None:
+        z = z.masked_fill(~allowed, float("-inf"))
+    logp_all = torch.log_softmax(z, dim=-1)
+    logp = logp_all.gather(1, targets[:, None]).squeeze(1)
+    plogp = logp_all.exp() * logp_all
+    ent = -(plogp if allowed is None else plogp.masked_fill(~allowed, 0.0)).sum(-1)
+    is_argmax = z.gather(1, targets[:, None]).squeeze(1) >= z.max(-1).values
+    return TokenStats(logp, ent, is_argmax)
+
+
+def allowed_matrix(packed: Packed, n_act: int, vocab: int, device) -> torch.Tensor | None:
+    """The action mask of a packed batch as a dense [action tokens, vocab] bool matrix (None: no mask)."""
+    if packed.act_allowed is None:
+        return None
+    m = torch.zeros(n_act, vocab, dtype=torch.bool, device=device)
+    m[packed.act_allowed[0].to(device), packed.act_allowed[1].to(device)] = True
+    m[~m.any(1)] = True  # no admissible action there: generation was not masked either
+    return m
+
+
+def action_and_obs_logprobs(model, packed: Packed, cfg: Config, with_head_input: bool = False) -> ForwardOut:
+    """One forward pass over packed sequences -> per-token (log-prob, entropy, is-argmax) of the action tokens
+    (at the sampling temperature) and of the observation tokens (temperature 1). With `with_head_input`, also
+    the last hidden state. With --fused-loss the head is applied to the loss positions only (appendix A1)."""
+    ddp, model = (model, model.module.lm) if isinstance(model, nn.parallel.DistributedDataParallel) else (None, model)
+    dev = next(model.parameters()).device
+    # Right padding + causal attention: no real token ever attends to a pad, so no mask is needed and
+    # attention takes its fast causal path. Positions 0..T-1 match generation's (left pad + mask).
+    ids = packed.input_ids.to(dev)
+    pos = torch.cat([packed.act_pos, packed.obs_pos]).to(dev)
+    tgt = torch.cat([packed.act_tgt, packed.obs_tgt]).to(dev)
+    n_act = packed.act_pos.numel()
+    W = model.get_output_embeddings().weight
+    allowed = allowed_matrix(packed, n_act, W.shape[0], dev)
+    backend = cfg.compile if cfg.compile != "auto" else ("inductor" if W.shape[0] >= 32768 else "off")
+    if cfg.fused_loss:
+        hidden = ddp(ids, True, False) if ddp else model.get_decoder()(input_ids=ids).last_hidden_state
+        h = hidden.reshape(-1, hidden.shape[-1])[pos]
+        z = None
+        if backend == "off" and W.shape[0] < GATHERED_LOGITS_MAX_VOCAB:
+            z = (h @ W.t()).float()  # small vocabulary: plain autograd over these logits beats the chunk loop
+        elif allowed is None:
+            scale = torch.ones(h.shape[0], 1, dtype=h.dtype, device=dev)
+            scale[:n_act] = 1.0 / cfg.temperature  # logits / T == (h / T) W^T
+            stats = fused_logp_entropy(h * scale, W, tgt, cfg.loss_chunk, backend)
+        else:  # masked actions are few tokens: their logits in full, the observation tokens fused
+            act = naive_logp_entropy((h[:n_act] @ W.t()) / cfg.temperature, tgt[:n_act], allowed)
+            obs = fused_logp_entropy(h[n_act:], W, tgt[n_act:], cfg.loss_chunk, backend)
+            stats = [torch.cat([a.to(o.dtype) if a.is_floating_point() else a, o]) for a, o in zip(act, obs)]
+    else:
+        out = ddp(ids, False, with_head_input) if ddp else model(input_ids=ids, output_hidden_states=with_head_input)
+        hidden = out.hidden_states[-1] if with_head_input else None
+        z = out.logits.reshape(-1, out.logits.shape[-1])[pos].float()
+    if z is not None:  # the loss positions' full logits: the naive reference math
+        act = naive_logp_entropy(z[:n_act] / cfg.temperature, tgt[:n_act], allowed)
+        stats = [torch.cat(x) for x in zip(act, naive_logp_entropy(z[n_act:], tgt[n_act:]))]
+    return ForwardOut(TokenStats(*(x[:n_act] for x in stats)), TokenStats(*(x[n_act:] for x in stats)),
+                      hidden if with_head_input else None)
+
+
+def behaviour_from_generation(cfg: Config, score_values: int = 0) -> bool:
+    """Take the behaviour (old) log-probs and H(a_t|h_t) from generation instead of a scoring pass? In float32,
+    cached decoding and a full forward give the same numbers (tested); in bf16 they do not. `score_values`
+    (batch x new tokens x vocab) is what generate would keep: above 2^26 values (256 MB), e.g. a 150k
+    vocabulary and 256-token think responses, rescoring is cheaper in memory."""
+    return cfg.rescore == "off" or (cfg.rescore == "auto" and cfg.dtype == "float32" and score_values <= 2**26)
+
+
+@torch.no_grad()
+def score_steps(model, steps: list[Step], cfg: Config, ref_model=None, policy: bool = True):
+    """The no-grad scoring pass (§2.1 Decision): rollout-time (old) log-probs of every action token at
+    the sampling temperature, per-token entropy, the WM token accuracy, and (with --kl-coef) the
+    reference policy's log-probs. Same weights as at generation, so these are the behaviour log-probs.
+    policy=False: only the reference log-probs (generation already gave the behaviour ones).
+    -> (old log-probs per step, H(a_t|h_t) per step, reference log-probs per step, WM token accuracy)."""
+    was_training = model.training
+    model.eval()
+    old, ent_mean, ref, hits, n_obs = [], [], [], 0, 0
+    for i in range(0, len(steps), cfg.forward_batch):
+        chunk = steps[i:i + cfg.forward_batch]
+        packed = pack_steps(chunk, with_obs=policy)
+        counts = torch.bincount(packed.act_row, minlength=len(chunk)).tolist()
+        if policy:
+            fwd = action_and_obs_logprobs(model, packed, cfg)
+            old += list(torch.split(fwd.action.logp.float().cpu(), counts))
+            ent_mean += [x.mean().item() if x.numel() else 0.0  # H(a_t|h_t), the mean over a_t's tokens (§2.1)
+                         for x in torch.split(fwd.action.entropy.float().cpu(), counts)]
+            hits += int(fwd.obs.is_argmax.sum())
+            n_obs += fwd.obs.is_argmax.numel()
+        if ref_model is not None:
+            ref += list(torch.split(action_and_obs_logprobs(ref_model, packed, cfg).action.logp.float().cpu(), counts))
+    model.train(was_training)
+    return old, torch.tensor(ent_mean), ref, (hits / n_obs if n_obs else None)
 
 
 # ====================================================================================================
@@ -669,7 +607,7 @@ def compute_advantages(episodes: list[Episode], cfg: Config):
 
 
 # ====================================================================================================
-# 5. World-model targets (§2, §2.1, §2.3)
+# 5. World-model targets (§2.1) and weights (§2.3)
 # ====================================================================================================
 def select_wm_targets(action_entropy: torch.Tensor, alpha: float) -> torch.Tensor:
     """§2.1: S = the top ceil(alpha * M) of the M transitions, ranked by H(a_t|h_t) (mean token entropy
@@ -703,7 +641,7 @@ def wm_weights(episodes: list[Episode], cfg: Config, r_max: float) -> torch.Tens
 
 
 # ====================================================================================================
-# 6. Losses (§2.2, §2.4, §3)
+# 6. Losses and the objective (§2.2, §2.4, §3), with the §6 safeguard
 # ====================================================================================================
 def cmae_loss(logp: torch.Tensor, rho: float) -> torch.Tensor:
     """§2.2 per-token clipped MAE: l = 1[p <= rho] * (1 - p), the indicator on detached p. For a one-hot
@@ -719,10 +657,7 @@ def ce_wm_loss(logp: torch.Tensor) -> torch.Tensor:
 
 def per_transition_mean(token_values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """(1/|o_{t+1}|) sum_i l_{t,i} for every transition t (0 for a transition with no tokens)."""
-    tot = torch.zeros(n_rows, dtype=token_values.dtype, device=token_values.device).index_add(0, rows, token_values)
-    cnt = torch.zeros(n_rows, dtype=token_values.dtype, device=token_values.device).index_add(
-        0, rows, torch.ones_like(token_values))
-    return tot / cnt.clamp(min=1)
+    return token_values.new_zeros(n_rows).scatter_reduce(0, rows, token_values, "mean", include_self=False)
 
 
 def ppo_clip_loss(logp, old_logp, adv, clip_low: float, clip_high: float):
@@ -757,21 +692,310 @@ def wm_term(obs_logp, obs_rows, n_rows, selected, lam, cfg: Config) -> torch.Ten
     return (lam[s] * per_t[s]).sum() / s.sum()
 
 
-def combined_objective(act_logp, old_logp, adv, obs_logp, obs_rows, n_rows, selected, lam, cfg: Config,
-                       ref_logp=None):
-    """§2.4: L(theta) = L_RL(theta) + (1/|S|) sum_{t in S} lambda_{g(t)} L_WM(t). Each loss is averaged over
-    its own tokens/transitions. Returns (L_RL, WM term, stats)."""
-    l_rl, clipfrac, approx_kl = ppo_clip_loss(act_logp, old_logp, adv, cfg.clip_low, cfg.clip_high)
-    if ref_logp is not None and cfg.kl_coef > 0:
-        l_rl = l_rl + cfg.kl_coef * k3_kl(act_logp, ref_logp)
-    l_wm = wm_term(obs_logp, obs_rows, n_rows, selected, lam, cfg) if cfg.wm != "off" else act_logp.sum() * 0.0
+def combined_objective(fwd: ForwardOut, packed: Packed, part: Batch, cfg: Config):
+    """§2.4: L(theta) = L_RL(theta) + (1/|S|) sum_{t in S} lambda_{g(t)} L_WM(t), on the steps of `part`
+    packed as `packed` and scored as `fwd`. Each loss is averaged over its own tokens/transitions.
+    Returns (L_RL, WM term, stats)."""
+    dev = fwd.action.logp.device
+    old_logp = torch.cat(part.old_logp).to(dev)
+    adv = part.adv.to(dev)[packed.act_row.to(dev)]  # the step's advantage on every one of its action tokens
+    l_rl, clipfrac, approx_kl = ppo_clip_loss(fwd.action.logp, old_logp, adv, cfg.clip_low, cfg.clip_high)
+    if part.ref_logp and cfg.kl_coef > 0:
+        l_rl = l_rl + cfg.kl_coef * k3_kl(fwd.action.logp, torch.cat(part.ref_logp).to(dev))
+    l_wm = (wm_term(fwd.obs.logp, packed.obs_row.to(dev), len(part.steps), part.selected.to(dev), part.lam.to(dev), cfg)
+            if cfg.wm != "off" else fwd.action.logp.sum() * 0.0)
     return l_rl, l_wm, dict(clipfrac=clipfrac.item(), approx_kl=approx_kl.item())
 
 
+def backward_with_wm_cap(l_rl, l_wm, head_input: torch.Tensor, cap: float) -> dict:
+    """§6 safeguard. Early in training every group fails, L_RL is exactly 0 and lambda_g = 1 (§2.3), so the
+    WM loss alone would drive AdamW steps of full size (AdamW's step size does not depend on the loss
+    weight) and the policy collapses (§6: valid actions 0.99 -> 0 in 2-3 iterations, measured).
+    We therefore scale the WM term so that the gradient it sends into the shared trunk is at most `cap`
+    times the RL gradient's:  L = L_RL + s * WM,  s = min(1, cap ||dL_RL/dtop|| / ||dWM/dtop||),
+    where `head_input` is the last hidden state. Both norms cost only a backward through
+    the head; then one backward of the combined loss as in §2.4. With no RL signal s = 0: no WM step
+    either. cap = 0 switches the safeguard off (the literal §2.4 objective)."""
+    if cap <= 0 or not l_wm.requires_grad:
+        (l_rl + l_wm).backward()
+        return dict(wm_scale=1.0)
+    g_rl, g_wm = (torch.autograd.grad(l, head_input, retain_graph=True, allow_unused=True)[0] for l in (l_rl, l_wm))
+    sq = [g.float().square().sum().item() if g is not None else 0.0 for g in (g_rl, g_wm)]
+    n_rl, n_wm = (math.sqrt(v) for v in all_reduce(sq))  # under torchrun: the norms over every process's slice
+    s = min(1.0, cap * n_rl / (n_wm + 1e-12)) if n_wm > 0 else 1.0
+    (l_rl + s * l_wm).backward()
+    return dict(wm_scale=s, grad_norm_rl_top=n_rl, grad_norm_wm_top=n_wm)
+
+
 # ====================================================================================================
-# 7. The fused loss path: chunked lm_head -> per-token log-prob and entropy, never the full logits.
-#    Select first (only positions that enter a loss), project second (the model's own output embedding,
-#    so tied embeddings keep working). The kernels are plain PyTorch; torch.compile fuses them.
+# 7. The update and one training iteration
+# ====================================================================================================
+@dataclass
+class Batch:
+    """The update's input, one entry per step (transition) t of the iteration's rollouts."""
+    steps: list                # Step
+    old_logp: list             # per step: the behaviour log-prob of each action token (at the sampling temperature)
+    entropy: torch.Tensor      # H(a_t|h_t), the mean token entropy of the action (§2.1)
+    adv: torch.Tensor          # A_t (§3)
+    selected: torch.Tensor     # bool: t is a WM target, t in S (§2.1)
+    lam: torch.Tensor          # lambda_{g(t)} (§2.3)
+    ref_logp: list = field(default_factory=list)  # per step: the reference policy's log-probs (--kl-coef), else []
+
+    def rows(self, idx: list[int]) -> Batch:
+        return Batch([self.steps[i] for i in idx], [self.old_logp[i] for i in idx], self.entropy[idx], self.adv[idx],
+                     self.selected[idx], self.lam[idx], [self.ref_logp[i] for i in idx] if self.ref_logp else [])
+
+
+def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random) -> dict:
+    """PPO-clip epochs over minibatches of steps; one optimizer step per minibatch (§2.4, §3). With
+    --micro-batch, a minibatch is processed in slices whose gradients are accumulated; each slice's losses
+    are weighted by its share of the minibatch's action tokens (L_RL, token mean) and of its selected
+    transitions (WM term, mean over S), so the summed gradient equals the whole-minibatch one. (The §6 cap
+    is then applied per slice.)"""
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps, logs, counts = batch.steps, [], dict(tokens=0, padded=0, obs_hits=0, obs_tokens=0)
+    wm_on = cfg.wm != "off"
+    # §2.4: a transition outside S, or with lambda = 0, adds nothing to the WM term: its o_{t+1} is not packed
+    wm_rows = [wm_on and bool(batch.selected[i]) and float(batch.lam[i]) != 0.0 and len(s.obs_ids) > 0
+               for i, s in enumerate(steps)]
+    seq_len = [len(s.prompt_ids) + len(s.action_ids) + (len(s.obs_ids) if w else 0) for s, w in zip(steps, wm_rows)]
+    n_proc = world()[1]  # under torchrun: this process's steps are its share of a global minibatch
+    n_mb = int(all_reduce([min(cfg.minibatches, len(steps))], "min")[0])
+    model.train()
+    for epoch in range(cfg.ppo_epochs):
+        order = list(range(len(steps)))
+        rng.shuffle(order)
+        for mb in np.array_split(np.array(order), n_mb):
+            # membership is random; within the minibatch, slices of similar length waste little on padding
+            mb = sorted(mb.tolist(), key=lambda i: seq_len[i])
+            in_s = [wm_on and bool(batch.selected[i]) and len(steps[i].obs_ids) > 0 for i in mb]
+            n_act, n_sel = all_reduce([sum(len(steps[i].action_ids) for i in mb), sum(in_s)])  # global counts
+            size = cfg.micro_batch or len(mb)
+            if n_proc > 1:  # every process runs the same number of slices (DDP syncs on the last one)
+                n_parts = int(min(all_reduce([-(-len(mb) // size)], "max")[0], all_reduce([len(mb)], "min")[0]))
+                parts = [p.tolist() for p in np.array_split(np.array(mb), n_parts)]
+            else:
+                parts = [mb[j:j + size] for j in range(0, len(mb), size)]
+            opt.zero_grad(set_to_none=True)
+            log = dict(policy_loss=0.0, wm_loss=0.0, clipfrac=0.0, approx_kl=0.0)
+            for j, part in enumerate(parts):
+                sync = n_proc == 1 or j == len(parts) - 1
+                with (contextlib.nullcontext() if sync else model.no_sync()):
+                    out = slice_backward(model, batch.rows(part), cfg, [wm_rows[i] for i in part],
+                                         n_act / n_proc, max(1.0, n_sel) / n_proc)
+                for k in counts:  # WM token accuracy: of the policy that generated the rollouts (first pass)
+                    v = out.pop(k)
+                    counts[k] += v if epoch == 0 or k in ("tokens", "padded") else 0
+                for k, v in out.items():  # losses: already weighted; §6 scale and norms: mean over slices
+                    log[k] = log.get(k, 0.0) + (v if k in ("policy_loss", "wm_loss", "clipfrac", "approx_kl")
+                                                else v * len(part) / len(mb))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            if grad_norm > 0:  # §6: no RL signal (every advantage 0, so WM scaled to 0): no optimizer step
+                opt.step()
+            logs.append(dict(log, grad_norm=grad_norm, stepped=float(grad_norm > 0)))
+    out = process_mean({k: float(np.mean([d[k] for d in logs if k in d])) for k in logs[0]})  # over processes too
+    tokens, padded, hits, n_obs = all_reduce([counts[k] for k in ("tokens", "padded", "obs_hits", "obs_tokens")])
+    out.update(update_tokens=tokens, update_pad_frac=1 - tokens / max(1, padded))
+    if n_obs:
+        out["wm_token_acc"] = hits / n_obs
+    return out
+
+
+def slice_backward(model, part: Batch, cfg: Config, wm_rows: list[bool], n_act: float, n_sel: float) -> dict:
+    """Forward and backward of one slice of a minibatch: L_RL weighted by the slice's share of the n_act action
+    tokens, the WM term by the slice's packed WM rows over the n_sel selected transitions (the rows left out
+    have lambda = 0 and add nothing), so that the slices' gradients add up to the whole minibatch's (§2.4; §6
+    cap per slice). `wm_rows`: per step of the slice, whether its o_{t+1} is packed."""
+    packed = pack_steps(part.steps, with_obs=wm_rows)
+    fwd = action_and_obs_logprobs(model, packed, cfg, with_head_input=True)
+    l_rl, l_wm, log = combined_objective(fwd, packed, part, cfg)
+    w_rl, w_wm = packed.act_tgt.numel() / n_act, sum(wm_rows) / n_sel
+    log.update(backward_with_wm_cap(w_rl * l_rl, w_wm * l_wm, fwd.head_input, cfg.wm_grad_cap if any(wm_rows) else 0.0))
+    log.update(policy_loss=w_rl * l_rl.item(), wm_loss=w_wm * l_wm.item(), clipfrac=w_rl * log["clipfrac"],
+               approx_kl=w_rl * log["approx_kl"], obs_hits=int(fwd.obs.is_argmax.sum()),
+               obs_tokens=fwd.obs.is_argmax.numel(), tokens=int(packed.attention_mask.sum()),
+               padded=packed.attention_mask.numel())
+    return log
+
+
+@dataclass
+class Run:
+    """One training run: what an iteration uses and what a checkpoint keeps."""
+    cfg: Config
+    env_cls: type
+    tok: object
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    rng: random.Random                  # task sampling and minibatch order
+    fmt: PromptFormat
+    run_dir: str = ""
+    ref_model: nn.Module | None = None  # the frozen pre-RL policy, with --kl-coef > 0
+    trainer: nn.Module | None = None    # under torchrun: DistributedDataParallel around the model
+    summary: dict = field(default_factory=dict)
+    train_s: float = 0.0                # wall-clock of training so far (the clock of --time-budget)
+    started_at: float = 0.0             # when this process started building the run (time.time())
+
+
+def train_iteration(run: Run, it: int) -> dict:
+    """One PaW iteration: rollouts -> behaviour log-probs -> advantages -> WM targets -> PPO + WM update."""
+    cfg, model, t0 = run.cfg, run.model, time.time()
+    seeds = [run.rng.randrange(paw_envs.EVAL_SEED_START) for _ in range(cfg.groups // world()[1])]  # this process's
+    episodes = collect_rollouts(model, run.tok, run.env_cls, seeds, cfg.group_size, cfg, fmt=run.fmt)
+    steps = [s for e in episodes for s in e.steps]
+    t1 = time.time()
+    if all(s.gen_logp is not None for s in steps):  # the sampler's own log-probs: no second pass over the rollouts
+        old_logp = [s.gen_logp for s in steps]
+        entropy = torch.tensor([s.gen_entropy.mean().item() if len(s.action_ids) else 0.0 for s in steps])
+        ref_logp, wm_acc = [], None  # the WM token accuracy then comes from the update's first pass
+        if run.ref_model is not None:
+            ref_logp = score_steps(model, steps, cfg, run.ref_model, policy=False)[2]
+    else:
+        old_logp, entropy, ref_logp, wm_acc = score_steps(model, steps, cfg, run.ref_model)
+    adv, adv_stats = compute_advantages(episodes, cfg)
+    every_entropy = all_gather(entropy)  # §2.1 ranks the whole batch (under torchrun: every process's transitions)
+    selected = (select_wm_targets(torch.cat(every_entropy), cfg.wm_alpha) if cfg.wm != "off"
+                else torch.zeros(sum(map(len, every_entropy)), dtype=torch.bool))
+    first = sum(map(len, every_entropy[:world()[0]]))
+    batch = Batch(steps, old_logp, entropy, adv, selected[first:first + len(steps)],
+                  wm_weights(episodes, cfg, run.env_cls.R_max), ref_logp)
+    local = dict(adv_stats, action_entropy=entropy.mean().item(), wm_lambda_mean=batch.lam.mean().item(),
+                 wm_selected_frac=batch.selected.float().mean().item())
+    if world()[1] > 1:  # the advantages are final: now every process gets an equal share of all the steps
+        batch = balanced_share(it, batch)
+    upd = ppo_update(run.trainer or model, run.opt, batch, cfg, run.rng)
+    t2 = time.time()
+    everyone = [e for part in all_gather(slim(episodes)) for e in part]  # all processes' episodes
+    return dict(iter=it, **episode_stats(everyone), **process_mean(local),
+                **{k: v for k, v in upd.items() if k not in ("update_tokens", "wm_token_acc")},
+                wm_token_acc=wm_acc if wm_acc is not None else upd.get("wm_token_acc"),  # None: --wm off
+                rollout_s=t1 - t0, update_s=t2 - t1, tokens_per_s=upd["update_tokens"] / max(1e-9, t2 - t1))
+
+
+def episode_stats(episodes: list[Episode], prefix: str = "") -> dict:
+    """Success, return, length, admissible-action ratio, format-valid ratio; success per task type when
+    the environment reports types (e.g. alfworld-tiny's six)."""
+    steps = [s for e in episodes for s in e.steps]
+    out = {prefix + "success": float(np.mean([e.won for e in episodes])),
+           prefix + "return": float(np.mean([e.task_return for e in episodes])),
+           prefix + "episode_len": float(np.mean([len(e.steps) for e in episodes])),
+           prefix + "valid_ratio": float(np.mean([s.valid for s in steps])) if steps else 0.0,
+           prefix + "format_valid_ratio": float(np.mean([s.format_ok for s in steps])) if steps else 0.0}
+    for t in sorted({e.task_type for e in episodes if e.task_type}):
+        out[f"{prefix}success/{t}"] = float(np.mean([e.won for e in episodes if e.task_type == t]))
+    for d in sorted({k for s in steps for k in s.decisions}):  # how often each key decision is right
+        out[f"{prefix}decision/{d}"] = float(np.mean([s.decisions[d] for s in steps if d in s.decisions]))
+    return out
+
+
+# ====================================================================================================
+# 8. The training loop and evaluation on held-out seeds
+# ====================================================================================================
+def train(run: Run, start: int) -> tuple[int, bool]:
+    """The RL iterations after `start`, each a train_iteration, with the periodic held-out evaluation,
+    metrics.jsonl, checkpoints and the time budget. -> (last iteration done, interrupted by Ctrl-C)."""
+    cfg, it, warned = run.cfg, start, False
+    bar = tqdm(range(start + 1, cfg.iters + 1), desc="PaW", dynamic_ncols=True, initial=start, total=cfg.iters,
+               disable=world()[0] != 0)
+    metrics_path = os.path.join(run.run_dir, "metrics.jsonl")
+    with open(metrics_path, "a") if world()[0] == 0 else contextlib.nullcontext() as metrics_file:
+        for it in bar:
+            t_it = time.time()
+            try:
+                m = train_iteration(run, it)
+                run.train_s += time.time() - t_it
+                m["train_s"] = run.train_s
+                if cfg.eval_every and it % cfg.eval_every == 0:
+                    ev = evaluate(run.model, run.tok, run.env_cls, cfg, cfg.eval_every_episodes, greedy=True, fmt=run.fmt)
+                    m.update({"eval_" + k: v for k, v in ev.items()})
+            except KeyboardInterrupt:  # keep what was learned: evaluate and save after the loop
+                if world()[1] > 1:  # the other processes cannot be told: the last checkpoint is what is kept
+                    fail(f"interrupted at iteration {it}; under torchrun the last checkpoint is kept", 130)
+                print(f"\ninterrupted at iteration {it}; evaluating and saving what was trained (Ctrl-C again: save only)")
+                return it - 1, True
+            warned = report_iteration(run, m, metrics_file, bar, warned)
+            if it == start + 1:  # the first measured iteration gives the estimate of the whole run
+                left = (cfg.iters - it) * (time.time() - t_it)
+                left = min(left, max(0.0, 60 * cfg.time_budget - run.train_s)) if cfg.time_budget else left
+                say(f"paw: one iteration took {time.time() - t_it:.0f} s; about {left / 60:.0f} more min of RL")
+            if cfg.save_every and it % cfg.save_every == 0:
+                save_or_warn(run, it)
+            # every process stops at the same iteration (the slowest one's clock decides)
+            if cfg.time_budget and all_reduce([run.train_s], "max")[0] > 60 * cfg.time_budget:
+                say(f"time budget of {cfg.time_budget} min reached after {it} iterations")
+                break
+    return it, False
+
+
+def report_iteration(run: Run, m: dict, metrics_file, bar, warned: bool) -> bool:
+    """One metrics.jsonl line (strict JSON: a non-finite value is written as null, then the run stops), the
+    progress bar, and a one-time warning if the policy looks collapsed. -> whether that warning was given."""
+    m, bad = strict_json(m)
+    if metrics_file:
+        metrics_file.write(json.dumps(m) + "\n")
+        metrics_file.flush()
+    if bad:
+        fail(f"non-finite {', '.join(bad)} at iteration {m['iter']} (written as null); stopping (metrics kept in "
+             f"{run.run_dir}/metrics.jsonl)", 1)
+    bar.set_postfix(succ=f"{m['success']:.2f}", **({} if run.fmt.mask else dict(valid=f"{m['valid_ratio']:.2f}")),
+                    **({} if m["wm_token_acc"] is None else dict(wm_acc=f"{m['wm_token_acc']:.2f}")),
+                    ent=f"{m['action_entropy']:.2f}")
+    if not warned and (m["approx_kl"] > 1.0 or (not run.fmt.mask and m["iter"] > 1 and m["valid_ratio"] < 0.05)):
+        say(f"paw: warning: the policy looks collapsed at iteration {m['iter']} (approx KL {m['approx_kl']:.3g},"
+            f" valid ratio {m['valid_ratio']:.2f}); try a smaller --lr")
+        return True
+    return warned
+
+
+def evaluate(model, tok, env_cls, cfg: Config, n: int, greedy: bool = True, batch: int = 64,
+             fmt: PromptFormat | None = None) -> dict:
+    """Held-out seeds from EVAL_SEED_START on (never used in training): success rate, mean return, mean
+    episode length, valid-action and format-valid ratios, success per task type."""
+    rank, n_proc = world()
+    seeds = [paw_envs.EVAL_SEED_START + i for i in range(n)][rank::n_proc]  # under torchrun: split, then gathered
+    episodes = []
+    for i in range(0, len(seeds), batch):
+        episodes += collect_rollouts(model, tok, env_cls, seeds[i:i + batch], 1, cfg, greedy=greedy, fmt=fmt)
+    return episode_stats([e for part in all_gather(slim(episodes)) for e in part])
+
+
+def random_policy_success(env_cls, n: int, seed: int = 0) -> dict:
+    """The uniformly random admissible-action policy on the held-out seeds (success, per task type)."""
+    rng = random.Random(seed)
+    env = env_cls()
+    wins, types = [], []
+    for i in range(n):
+        types.append(str(env.reset(paw_envs.EVAL_SEED_START + i)[1].get("task_type", "")))
+        wins.append(paw_envs.random_rollout(env, paw_envs.EVAL_SEED_START + i, rng)[0])
+    out = dict(success=float(np.mean(wins)))
+    for t in sorted(set(types) - {""}):
+        out[f"success/{t}"] = float(np.mean([w for w, u in zip(wins, types) if u == t]))
+    return out
+
+
+def print_eval_table(rows: dict):
+    cols = ["success", "return", "episode_len", "valid_ratio", "format_valid_ratio"]
+    print(f"\n{'policy':<26}" + "".join(f"{c.replace('_ratio', ''):>13}" for c in cols))
+    for name, r in rows.items():
+        print(f"{name:<26}" + "".join(f"{r[c]:>13.3f}" if c in r else f"{'-':>13}" for c in cols))
+    types = sorted({k.split("/", 1)[1] for r in rows.values() for k in r if k.startswith("success/")})
+    if types:  # per-task-type success (environments that report info["task_type"])
+        print(f"\n{'success per task type':<26}" + "".join(f"{n[:12]:>13}" for n in rows))
+        for t in types:
+            print(f"{t:<26}" + "".join(f"{r[f'success/{t}']:>13.3f}" if f"success/{t}" in r else f"{'-':>13}"
+                                     for r in rows.values()))
+
+
+# ####################################################################################################
+# Appendix: engineering (skip on a first read). Nothing below changes the method; it makes it fast,
+# loads models, formats prompts for chat models, runs several processes, saves and resumes, and parses
+# the command line.
+# ####################################################################################################
+
+
+# ====================================================================================================
+# A1. The fused loss path: chunked lm_head -> per-token log-prob and entropy, never the full logits.
+#     Select first (only positions that enter a loss), project second (the model's own output embedding,
+#     so tied embeddings keep working). The kernels are plain PyTorch; torch.compile fuses them.
 # ====================================================================================================
 def _upcast(x):
     """Reductions run in at least fp32 (bf16/fp16 logits are upcast; fp32/fp64 stay as they are)."""
@@ -785,8 +1009,8 @@ def _chunk_forward(h, W, t):
     zt = z.gather(1, t[:, None]).squeeze(1)
     logp_all = z - lse[:, None]
     ent = -(torch.exp(logp_all) * logp_all).sum(-1)  # not lse - sum(p z): that cancels badly in fp32
-    hit = zt >= z.max(dim=-1).values
-    return zt - lse, ent, lse, hit
+    is_argmax = zt >= z.max(dim=-1).values
+    return zt - lse, ent, lse, is_argmax
 
 
 def _chunk_backward(h, W, t, lse, ent, g_logp, g_ent, with_entropy: bool):
@@ -836,12 +1060,12 @@ class FusedLinearLogpEntropy(torch.autograd.Function):
         tp = F.pad(targets, (0, n_pad))
         fwd = _kernel("fwd", backend)
         outs = [fwd(hp[i:i + chunk], W, tp[i:i + chunk]) for i in range(0, N + n_pad, chunk)]
-        logp, ent, lse, hit = (torch.cat(x)[:N] for x in zip(*outs))
+        logp, ent, lse, is_argmax = (torch.cat(x)[:N] for x in zip(*outs))
         ctx.save_for_backward(h, W, targets, lse, ent)
         ctx.chunk, ctx.backend = chunk, backend
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(hit)
-        return logp, ent, hit
+        ctx.mark_non_differentiable(is_argmax)
+        return logp, ent, is_argmax
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, _g_hit):
@@ -872,30 +1096,6 @@ def fused_logp_entropy(h, W, targets, chunk: int = 0, backend: str = "off"):
     return FusedLinearLogpEntropy.apply(h, W, targets, chunk or default_chunk(W.shape[0]), backend)
 
 
-def naive_logp_entropy(logits, targets, allowed: torch.Tensor | None = None):
-    """The reference: full log_softmax over the vocabulary, gather, entropy, autograd. With `allowed`
-    ([N, V] bool, the action mask) the distribution is renormalised over the allowed tokens."""
-    z = logits.float()
-    if allowed is not None:
-        z = z.masked_fill(~allowed, float("-inf"))
-    logp_all = torch.log_softmax(z, dim=-1)
-    logp = logp_all.gather(1, targets[:, None]).squeeze(1)
-    plogp = logp_all.exp() * logp_all
-    ent = -(plogp if allowed is None else plogp.masked_fill(~allowed, 0.0)).sum(-1)
-    hit = z.gather(1, targets[:, None]).squeeze(1) >= z.max(-1).values
-    return logp, ent, hit
-
-
-def allowed_matrix(pk, n_act: int, vocab: int, device) -> torch.Tensor | None:
-    """The action mask of a packed batch as a dense [action tokens, vocab] bool matrix (None: no mask)."""
-    if pk.act_allowed is None:
-        return None
-    m = torch.zeros(n_act, vocab, dtype=torch.bool, device=device)
-    m[pk.act_allowed[0].to(device), pk.act_allowed[1].to(device)] = True
-    m[~m.any(1)] = True  # no admissible action there: generation was not masked either
-    return m
-
-
 def plain_linear_head(model) -> tuple[bool, str]:
     """Can the fused path reproduce the model's logits? Only if they are exactly hidden @ W^T: no bias,
     no soft-capping, no scaling. Checked by config attributes and numerically on a short input."""
@@ -919,95 +1119,175 @@ def plain_linear_head(model) -> tuple[bool, str]:
     return True, ""
 
 
-@dataclass
-class Packed:
-    """A right-padded batch of [h_t ; a_t ; o_{t+1}] sequences and where their loss tokens are."""
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    act_pos: torch.Tensor   # flat positions (row * T + col) of the hidden states that predict action tokens
-    act_tgt: torch.Tensor
-    act_row: torch.Tensor   # which sequence of the batch each action token belongs to
-    obs_pos: torch.Tensor
-    obs_tgt: torch.Tensor
-    obs_row: torch.Tensor
-    act_allowed: tuple | None = None  # action mask: (action-token index, allowed id) pairs, or None (no mask)
+# ====================================================================================================
+# A2. The tiny model, its tokenizer, and Hugging Face models
+# ====================================================================================================
+SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
 
 
-def pack_steps(steps: list[Step], pad_id: int, with_obs: bool | list[bool] = True) -> Packed:
-    """§2: one sequence per step, [h_t ; a_t ; o_{t+1}]. The policy mask is a_t (EOS included), the WM
-    mask is o_{t+1}. The logits at position j predict token j+1, hence the -1 below. `with_obs` may be one
-    flag per step: a step whose WM term has no weight needs only [h_t ; a_t] (causal attention: its action
-    log-probs are the same either way)."""
-    obs_on = list(with_obs) if isinstance(with_obs, (list, tuple)) else [bool(with_obs)] * len(steps)
-    seqs = [s.prompt_ids + s.action_ids + (s.obs_ids if w else []) for s, w in zip(steps, obs_on)]
-    T = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    ap, at, ar, op, ot, orow = [], [], [], [], [], []
-    for r, (s, x, with_o) in enumerate(zip(steps, seqs, obs_on)):
-        ids[r, :len(x)] = torch.tensor(x)
-        mask[r, :len(x)] = 1
-        a0, o0 = len(s.prompt_ids), len(s.prompt_ids) + len(s.action_ids)
-        ap += [r * T + j - 1 for j in range(a0, o0)]
-        at += s.action_ids
-        ar += [r] * len(s.action_ids)
-        if with_o:
-            op += [r * T + j - 1 for j in range(o0, o0 + len(s.obs_ids))]
-            ot += s.obs_ids
-            orow += [r] * len(s.obs_ids)
-    L = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    allowed = None
-    if steps and all(s.allowed is not None for s in steps):
-        flat = [ids_j for s in steps for ids_j in s.allowed]
-        allowed = (L([k for k, a in enumerate(flat) for _ in a]), L([t for a in flat for t in a]))
-    return Packed(ids, mask, L(ap), L(at), L(ar), L(op), L(ot), L(orow), allowed)
+def gather_env_text(env_cls, n_episodes: int = 0, seed: int = 0):
+    """Text for the tokenizer, taken from the environment itself: random rollouts on training seeds
+    (with some inadmissible actions, so "Nothing happens." is seen), plus whatever vocabulary the env
+    declares (§6: every string it can emit, or the tokenizer turns it into [UNK]). n_episodes = 0: the env
+    class's `text_episodes` (fewer where a step is expensive), else 1000. Returns (texts, the set of
+    admissible action strings seen)."""
+    rng = random.Random(seed)
+    env = env_cls()
+    texts, actions = [], set()
+    for i in range(n_episodes or getattr(env_cls, "text_episodes", 1000)):
+        obs, info = env.reset(rng.randrange(paw_envs.EVAL_SEED_START))
+        texts += [obs, info["task"]]
+        for _ in range(env_cls.max_steps):
+            acts = info["admissible_actions"]
+            actions.update(acts)
+            a = "xyzzy" if (rng.random() < 0.1 or not acts) else rng.choice(acts)
+            obs, _, done, info = env.step(a)
+            texts.append(obs)
+            if done:
+                break
+    if hasattr(env, "vocabulary_text"):
+        texts += list(env.vocabulary_text())
+    texts.append(build_prompt("task", [("obs", "act")], "obs", ["a", "b"], 1))  # the prompt's own words
+    texts += sorted(actions)
+    return texts, sorted(actions)
 
 
-def token_stats(model, pk: Packed, cfg: Config, fused: bool, return_top: bool = False):
-    """One forward pass over packed sequences -> per-token (logp, entropy, hit) for action tokens (at the
-    sampling temperature) and for observation tokens (temperature 1, the model's own prediction).
-    With return_top, also the last hidden state (the head's input; used by the §6 safeguard)."""
-    ddp, model = (model, model.module.lm) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else (None, model)
-    dev = next(model.parameters()).device
-    # Right padding + causal attention: no real token ever attends to a pad, so no mask is needed and
-    # attention takes its fast causal path. Positions 0..T-1 match generation's (left pad + mask).
-    ids = pk.input_ids.to(dev)
-    pos = torch.cat([pk.act_pos, pk.obs_pos]).to(dev)
-    tgt = torch.cat([pk.act_tgt, pk.obs_tgt]).to(dev)
-    n_act = pk.act_pos.numel()
-    W = model.get_output_embeddings().weight
-    allowed = allowed_matrix(pk, n_act, W.shape[0], dev)
-    backend = cfg.compile if cfg.compile != "auto" else ("inductor" if W.shape[0] >= 32768 else "off")
-    if fused:
-        hidden = ddp(ids, True, False) if ddp else model.get_decoder()(input_ids=ids).last_hidden_state
-        h = hidden.reshape(-1, hidden.shape[-1])[pos]
-        z = None
-        if backend == "off" and W.shape[0] < GATHERED_LOGITS_MAX_VOCAB:
-            # small vocabulary: the logits of the loss positions alone are small, and plain autograd over
-            # them is cheaper than the chunked kernel's Python loop (measured: README, Speed)
-            z = (h @ W.t()).float()
-        elif allowed is None:
-            scale = torch.ones(h.shape[0], 1, dtype=h.dtype, device=dev)
-            scale[:n_act] = 1.0 / cfg.temperature  # logits / T == (h / T) W^T
-            logp, ent, hit = fused_logp_entropy(h * scale, W, tgt, cfg.loss_chunk, backend)
-        else:  # masked actions are few tokens: their logits in full, the observation tokens fused
-            act = naive_logp_entropy((h[:n_act] @ W.t()) / cfg.temperature, tgt[:n_act], allowed)
-            obs = fused_logp_entropy(h[n_act:], W, tgt[n_act:], cfg.loss_chunk, backend)
-            logp, ent, hit = (torch.cat([a.to(o.dtype) if a.is_floating_point() else a, o]) for a, o in zip(act, obs))
-    else:
-        out = ddp(ids, False, return_top) if ddp else model(input_ids=ids, output_hidden_states=return_top)
-        hidden, logits = (out.hidden_states[-1] if return_top else None), out.logits
-        z = logits.reshape(-1, logits.shape[-1])[pos].float()
-    if z is not None:  # the loss positions' full logits: the naive reference math
-        act = naive_logp_entropy(z[:n_act] / cfg.temperature, tgt[:n_act], allowed)
-        obs = naive_logp_entropy(z[n_act:], tgt[n_act:])
-        logp, ent, hit = (torch.cat(x) for x in zip(act, obs))
-    res = (logp[:n_act], ent[:n_act], hit[:n_act]), (logp[n_act:], ent[n_act:], hit[n_act:])
-    return res + (hidden,) if return_top else res
+def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
+    """Word-level tokenizer trained with `tokenizers` on environment text; loadable with AutoTokenizer.
+    Actions are plain words too ("take apple" = take + apple + EOS): the object word of an action is then
+    the same token as in the task and the observation, so the policy can learn to copy it (see the README's
+    design decisions for the measurement against whole-action tokens). `actions` only enter the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk_token"]))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    tk.train_from_iterator(list(texts) + list(actions), trainers.WordLevelTrainer(special_tokens=list(SPECIALS.values()), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, **SPECIALS)
+    tok.padding_side = "left"
+    return tok
+
+
+def build_tiny_model(tok, cfg: Config):
+    """A randomly initialised Llama-architecture decoder, small enough to train on a laptop CPU. (Llama, not
+    Qwen2: transformers 5's AutoTokenizer always rebuilds a qwen2 checkpoint's tokenizer as the byte-level
+    Qwen2Tokenizer, which would silently mis-tokenize our word-level one on reload; measured.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
+                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                       num_key_value_heads=cfg.n_heads // 2 if cfg.n_heads % 2 == 0 else cfg.n_heads, max_position_embeddings=4096,
+                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, use_cache=True, attention_bias=True)
+    return LlamaForCausalLM(mcfg)
+
+
+def load_hf_model(name: str, dtype: torch.dtype):
+    """Any Hugging Face causal LM (hub id or local folder) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if name.startswith((os.sep, ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise ConfigError(f"--model {name}: no such folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - report any loading failure as one line
+        what = " ".join(str(e).split())
+        what = what[:what.find(". ") + 1] if 0 < what.find(". ") < 300 else what[:300]  # its first sentence
+        raise ConfigError(f"cannot load --model {name!r} as a causal LM with its tokenizer: {type(e).__name__}: {what}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok, model
 
 
 # ====================================================================================================
-# 8. The language prior (tiny model only)
+# A3. The think format for chat models: prompt, chat template, response -> action
+# ====================================================================================================
+def build_think_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible: list[str], k: int,
+                       step: int) -> str:
+    """h_t for an instruct model: what build_prompt holds (task, last K observation/action pairs, current
+    observation, admissible actions), numbered by step as in verl-agent's prompts, plus the response format:
+    reasoning inside <think> </think>, then exactly one admissible action inside <action> </action>. Kept
+    short (no quoting, a one-line instruction): the prompt is read three times per step (generation,
+    scoring, update), and this one is ~30% shorter than a verl-agent-style wording (README, Speed)."""
+    lines = [f"Task: {task}."]
+    recent = history[-k:] if k > 0 else []
+    for i, (o, a) in enumerate(recent):
+        lines.append(f"Step {step - len(recent) + i + 1}: {o} Action: {a}")
+    lines.append(f"Step {step + 1} (now): {obs}")
+    lines.append("Admissible actions: " + "; ".join(admissible))
+    lines.append("Reason inside <think> </think>, then give one admissible action inside <action> </action>.")
+    return "\n".join(lines)
+
+
+@dataclass
+class PromptFormat:
+    """How prompts are rendered and responses turned into actions (decided once per run)."""
+    think: bool             # <think>/<action> responses, projected by project_action
+    chat: bool              # the tokenizer's chat template wraps the prompt
+    prefilled_think: bool   # the template ends the generation prompt with "<think>" (e.g. some reasoning models)
+    stop_ids: list          # generation ends at any of these ids (EOS, end-of-turn)
+    max_new_tokens: int
+    mask: bool = False      # decode only admissible actions (AdmissiblePrefixMask)
+
+
+def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
+    """think for --prompt-format think, or auto with a --model whose tokenizer has a chat template; stop at
+    the tokenizer's EOS and at every EOS of the model's generation config (e.g. <|im_end|>, <|eot_id|>)."""
+    chat = getattr(tok, "chat_template", None) is not None
+    think = cfg.prompt_format == "think" or (cfg.prompt_format == "auto" and bool(cfg.model) and chat)
+    prefilled = False
+    if think and chat:
+        rendered = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
+        prefilled = rendered.rstrip().endswith("<think>")
+    stop = {tok.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    stop.discard(None)
+    budget = cfg.max_action_tokens or (256 if think else 8)
+    mask = cfg.action_mask == "on" or (cfg.action_mask == "auto" and not think)
+    if mask and think:
+        raise ConfigError("--action-mask on needs --prompt-format plain (a think response is free text)")
+    return PromptFormat(think, chat and think, prefilled, sorted(stop), budget, mask)
+
+
+def render_prompt(tok, fmt: PromptFormat, task, history, obs, admissible, k: int) -> list[int]:
+    """Prompt text -> token ids: the plain prompt (tiny model) or the think prompt in the chat template."""
+    if not fmt.think:
+        return encode_prompt(tok, build_prompt(task, history, obs, admissible, k))
+    text = build_think_prompt(task, history, obs, admissible, k, len(history))
+    if fmt.chat:  # the template carries its own BOS / role tokens
+        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return encode_prompt(tok, text + "\n")
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
+
+
+def project_action(response: str, think: bool, prefilled_think: bool = False) -> tuple[str, bool]:
+    """Response text -> (action for the environment, format_ok). Plain format: the stripped text.
+    Think format (verl-agent's projection, made strict): well-formed is `<think> ... </think>` followed by
+    exactly one non-empty `<action> ... </action>`; a template that pre-fills "<think>" means the response
+    starts inside the thought. A malformed response is a format violation: the environment still gets
+    the raw text (and answers it in-game) and the step is penalised like an inadmissible one."""
+    if not think:
+        return " ".join(response.split()), True
+    text = ("<think>" + response) if prefilled_think and "<think>" not in response[:20] else response
+    ok = (text.count("<think>") == 1 and text.count("</think>") == 1 and text.count("<action>") == 1
+          and text.count("</action>") == 1)
+    if ok:
+        t0, t1, a0, a1 = (text.index(s) for s in ("<think>", "</think>", "<action>", "</action>"))
+        ok = t0 < t1 < a0 < a1 and text[:t0].strip() == ""
+    if not ok:
+        return " ".join(response.split()), False
+    action = " ".join(text[a0 + len("<action>"):a1].split())
+    return action, bool(action)
+
+
+# ====================================================================================================
+# A4. The language prior (tiny model only)
 # ====================================================================================================
 def observation_corpus(env_cls, n: int, rng: random.Random) -> list[str]:
     """Observations of random-policy episodes on training seeds, each on its own (no action before it)."""
@@ -1042,366 +1322,27 @@ def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random) -> dict
     losses, accs = [], []
     for step in tqdm(range(cfg.prior_steps), desc="language prior", leave=False, dynamic_ncols=True, disable=world()[0] != 0):
         batch = ids[step * cfg.prior_batch:(step + 1) * cfg.prior_batch]
-        steps = [Step(bos, [], x[:4 * cfg.wm_max_tokens] + [tok.eos_token_id], 0.0, True, "") for x in batch]
+        steps = [Step(prompt_ids=bos, action_ids=[], obs_ids=x[:4 * cfg.wm_max_tokens] + [tok.eos_token_id],
+                      reward=0.0, valid=True, anchor="") for x in batch]
         for g in opt.param_groups:  # a short linear ramp avoids an early blow-up
             g["lr"] = cfg.prior_lr * min(1.0, (step + 1) / 20)
-        _, (lp, _, hit) = token_stats(model, pack_steps(steps, tok.pad_token_id), cfg, cfg.fused_loss)
-        loss = -lp.mean()
+        obs = action_and_obs_logprobs(model, pack_steps(steps), cfg).obs
+        loss = -obs.logp.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-        accs.append(hit.float().mean().item())
+        accs.append(obs.is_argmax.float().mean().item())
     return dict(prior_loss=float(np.mean(losses[-20:])), prior_token_acc=float(np.mean(accs[-20:])),
                 prior_s=time.time() - t0)
 
 
 # ====================================================================================================
-# 9. Training loop
-# ====================================================================================================
-@torch.no_grad()
-def score_steps(model, steps: list[Step], cfg: Config, fused: bool, pad_id: int, ref_model=None,
-                policy: bool = True):
-    """The no-grad scoring pass (§2.1 Decision): rollout-time (old) log-probs of every action token at
-    the sampling temperature, per-token entropy, the WM token accuracy, and (with --kl-coef) the
-    reference policy's log-probs. Same weights as at generation, so these are the behaviour log-probs.
-    policy=False: only the reference log-probs (generation already gave the behaviour ones)."""
-    was_training = model.training
-    model.eval()
-    old, ent_mean, ref, hits, n_obs = [], [], [], 0, 0
-    for i in range(0, len(steps), cfg.forward_batch):
-        chunk = steps[i:i + cfg.forward_batch]
-        pk = pack_steps(chunk, pad_id, with_obs=policy)
-        cnt = torch.bincount(pk.act_row, minlength=len(chunk)).tolist()
-        if policy:
-            (lp, en, _), (_, _, ohit) = token_stats(model, pk, cfg, fused)
-            lp, en = lp.float().cpu(), en.float().cpu()
-            old += list(torch.split(lp, cnt))
-            ent_mean += [x.mean().item() if x.numel() else 0.0 for x in torch.split(en, cnt)]  # H(a_t|h_t), §2.1
-            hits += int(ohit.sum())
-            n_obs += ohit.numel()
-        if ref_model is not None:
-            (rlp, _, _), _ = token_stats(ref_model, pk, cfg, fused)
-            ref += list(torch.split(rlp.float().cpu(), cnt))
-    model.train(was_training)
-    return old, torch.tensor(ent_mean), ref, (hits / n_obs if n_obs else None)
-
-
-def backward_with_wm_cap(l_rl, l_wm, top: torch.Tensor, cap: float) -> dict:
-    """§6 safeguard. Early in training every group fails, L_RL is exactly 0 and lambda_g = 1 (§2.3), so the
-    WM loss alone would drive AdamW steps of full size (AdamW's step size does not depend on the loss
-    weight) and the policy collapses (§6: valid actions 0.99 -> 0 in 2-3 iterations, measured).
-    We therefore scale the WM term so that the gradient it sends into the shared trunk is at most `cap`
-    times the RL gradient's:  L = L_RL + s * WM,  s = min(1, cap ||dL_RL/dtop|| / ||dWM/dtop||),
-    where `top` is the last hidden state (the head's input). Both norms cost only a backward through
-    the head; then one backward of the combined loss as in §2.4. With no RL signal s = 0: no WM step
-    either. cap = 0 switches the safeguard off (the literal §2.4 objective)."""
-    if cap <= 0 or not l_wm.requires_grad:
-        (l_rl + l_wm).backward()
-        return dict(wm_scale=1.0)
-    g_rl, g_wm = (torch.autograd.grad(l, top, retain_graph=True, allow_unused=True)[0] for l in (l_rl, l_wm))
-    sq = [g.float().square().sum().item() if g is not None else 0.0 for g in (g_rl, g_wm)]
-    n_rl, n_wm = (math.sqrt(v) for v in all_reduce(sq))  # under torchrun: the norms over every process's slice
-    s = min(1.0, cap * n_rl / (n_wm + 1e-12)) if n_wm > 0 else 1.0
-    (l_rl + s * l_wm).backward()
-    return dict(wm_scale=s, grad_norm_rl_top=n_rl, grad_norm_wm_top=n_wm)
-
-
-def ppo_update(model, opt, steps, old_logp, adv, selected, lam, cfg: Config, fused: bool, pad_id: int,
-               rng: random.Random, ref_logp=None) -> dict:
-    """PPO-clip epochs over minibatches of steps; one optimizer step per minibatch (§2.4, §3). With
-    --micro-batch, a minibatch is processed in slices whose gradients are accumulated; each slice's losses
-    are weighted by its share of the minibatch's action tokens (L_RL, token mean) and of its selected
-    transitions (WM term, mean over S), so the summed gradient equals the whole-minibatch one. (The §6 cap
-    is then applied per slice.)"""
-    params = [p for p in model.parameters() if p.requires_grad]
-    dev = next(model.parameters()).device
-    logs, n_tokens, n_padded, hits, n_obs = [], 0, 0, 0, 0
-    wm_on = cfg.wm != "off"
-    # §2.4: a transition outside S, or with lambda = 0, adds nothing to the WM term: its o_{t+1} is not packed
-    wm_rows = [wm_on and bool(selected[i]) and float(lam[i]) != 0.0 and len(s.obs_ids) > 0 for i, s in enumerate(steps)]
-    seq_len = [len(s.prompt_ids) + len(s.action_ids) + (len(s.obs_ids) if w else 0) for s, w in zip(steps, wm_rows)]
-    n_proc = world()[1]  # under torchrun: this process's steps are its share of a global minibatch
-    n_mb = int(all_reduce([min(cfg.minibatches, len(steps))], "min")[0])
-    model.train()
-    for epoch in range(cfg.ppo_epochs):
-        order = list(range(len(steps)))
-        rng.shuffle(order)
-        for mb in np.array_split(np.array(order), n_mb):
-            # membership is random; within the minibatch, slices of similar length waste little on padding
-            mb = sorted(mb.tolist(), key=lambda i: seq_len[i])
-            in_s = [bool(selected[i]) and len(steps[i].obs_ids) > 0 for i in mb] if wm_on else [False] * len(mb)
-            n_act, n_sel = all_reduce([sum(len(steps[i].action_ids) for i in mb), sum(in_s)])  # global counts
-            n_sel = max(1.0, n_sel)
-            size = cfg.micro_batch or len(mb)
-            if n_proc > 1:  # every process runs the same number of slices (DDP syncs on the last one)
-                n_parts = int(min(all_reduce([-(-len(mb) // size)], "max")[0], all_reduce([len(mb)], "min")[0]))
-                parts = [p.tolist() for p in np.array_split(np.array(mb), n_parts)]
-            else:
-                parts = [mb[j:j + size] for j in range(0, len(mb), size)]
-            opt.zero_grad(set_to_none=True)
-            st = dict(policy_loss=0.0, wm_loss=0.0, clipfrac=0.0, approx_kl=0.0)
-            for j, part in enumerate(parts):
-                sync = n_proc == 1 or j == len(parts) - 1
-                with (contextlib.nullcontext() if sync else model.no_sync()):
-                    s = slice_backward(model, steps, part, old_logp, adv, selected, lam, ref_logp, cfg, fused,
-                                       pad_id, [wm_rows[i] for i in part], n_act / n_proc, n_sel / n_proc)
-                if epoch == 0:  # WM token accuracy of the policy that generated the rollouts (first pass)
-                    hits, n_obs = hits + s.pop("obs_hits"), n_obs + s.pop("obs_tokens")
-                n_tokens, n_padded = n_tokens + s.pop("tokens"), n_padded + s.pop("padded")
-                for k in ("policy_loss", "wm_loss", "clipfrac", "approx_kl"):
-                    st[k] += s.pop(k)
-                for k, v in s.items():  # §6 scale and norms: mean over slices
-                    st[k] = st.get(k, 0.0) + v * len(part) / len(mb)
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if gn.item() > 0:  # §6: no RL signal (every advantage 0, so WM scaled to 0): no optimizer step
-                opt.step()
-            st.update(grad_norm=gn.item(), stepped=float(gn.item() > 0))
-            logs.append(st)
-    out = {k: float(np.mean([d[k] for d in logs if k in d])) for k in logs[0]}
-    out = process_mean(out)  # under torchrun: the mean over processes, and global token counts
-    n_tokens, n_padded, hits, n_obs = all_reduce([n_tokens, n_padded, hits, n_obs])
-    out.update(update_tokens=n_tokens, update_pad_frac=1 - n_tokens / max(1, n_padded))
-    if n_obs:
-        out["wm_token_acc"] = hits / n_obs
-    return out
-
-
-def slice_backward(model, steps, part, old_logp, adv, selected, lam, ref_logp, cfg: Config, fused: bool,
-                   pad_id: int, wm_rows: list[bool], n_act: float, n_sel: float) -> dict:
-    """Forward and backward of one slice of a minibatch: L_RL weighted by the slice's share of the n_act action
-    tokens, the WM term by the slice's packed WM rows over the n_sel selected transitions (the rows left out
-    have lambda = 0 and add nothing), so that the slices' gradients add up to the whole minibatch's (§2.4; §6
-    cap per slice). `wm_rows`: per step of the slice, whether its o_{t+1} is packed."""
-    dev = next(model.parameters()).device
-    wm_on = any(wm_rows)
-    pk = pack_steps([steps[i] for i in part], pad_id, with_obs=wm_rows)
-    (lp, ent, _), (olp, _, ohit), top = token_stats(model, pk, cfg, fused, return_top=True)
-    old = torch.cat([old_logp[i] for i in part]).to(dev)
-    a = adv[part].to(dev)[pk.act_row.to(dev)]  # the step's advantage on every action token
-    ref = torch.cat([ref_logp[i] for i in part]).to(dev) if ref_logp else None
-    l_rl, l_wm, s = combined_objective(lp, old, a, olp, pk.obs_row.to(dev), len(part),
-                                       selected[part].to(dev), lam[part].to(dev), cfg, ref)
-    w_rl = pk.act_tgt.numel() / n_act
-    w_wm = sum(wm_rows) / n_sel
-    s.update(backward_with_wm_cap(w_rl * l_rl, w_wm * l_wm, top, cfg.wm_grad_cap if wm_on else 0.0))
-    s.update(policy_loss=w_rl * l_rl.item(), wm_loss=w_wm * l_wm.item(), clipfrac=w_rl * s["clipfrac"],
-             approx_kl=w_rl * s["approx_kl"], obs_hits=int(ohit.sum()), obs_tokens=ohit.numel(),
-             tokens=int(pk.attention_mask.sum()), padded=pk.attention_mask.numel())
-    return s
-
-
-def episode_stats(episodes: list[Episode], prefix: str = "") -> dict:
-    """Success, return, length, admissible-action ratio, format-valid ratio; success per task type when
-    the environment reports types (e.g. alfworld-tiny's six)."""
-    steps = [s for e in episodes for s in e.steps]
-    out = {prefix + "success": float(np.mean([e.won for e in episodes])),
-           prefix + "return": float(np.mean([e.task_return for e in episodes])),
-           prefix + "episode_len": float(np.mean([len(e.steps) for e in episodes])),
-           prefix + "valid_ratio": float(np.mean([s.valid for s in steps])) if steps else 0.0,
-           prefix + "format_valid_ratio": float(np.mean([s.format_ok for s in steps])) if steps else 0.0}
-    for t in sorted({e.task_type for e in episodes if e.task_type}):
-        out[f"{prefix}success/{t}"] = float(np.mean([e.won for e in episodes if e.task_type == t]))
-    for d in sorted({k for s in steps for k in s.decisions}):  # how often each key decision is right
-        out[f"{prefix}decision/{d}"] = float(np.mean([s.decisions[d] for s in steps if d in s.decisions]))
-    return out
-
-
-def behaviour_from_generation(cfg: Config, score_values: int = 0) -> bool:
-    """Take the behaviour (old) log-probs and H(a_t|h_t) from generation instead of a scoring pass? In float32,
-    cached decoding and a full forward give the same numbers (tested); in bf16 they do not. `score_values`
-    (batch x new tokens x vocab) is what generate would keep: above 2^26 values (256 MB), e.g. a 150k
-    vocabulary and 256-token think responses, rescoring is cheaper in memory."""
-    return cfg.rescore == "off" or (cfg.rescore == "auto" and cfg.dtype == "float32" and score_values <= 2**26)
-
-
-def train_iteration(it, model, tok, opt, env_cls, cfg: Config, rng, fused, ref_model=None,
-                    fmt: PromptFormat | None = None, trainer=None) -> dict:
-    """One PaW iteration: rollouts -> scoring pass -> advantages -> WM targets -> PPO + WM update."""
-    t0 = time.time()
-    seeds = [rng.randrange(paw_envs.EVAL_SEED_START) for _ in range(cfg.groups // world()[1])]  # this process's groups
-    episodes = collect_rollouts(model, tok, env_cls, seeds, cfg.group_size, cfg, fmt=fmt)
-    steps = [s for e in episodes for s in e.steps]
-    t1 = time.time()
-    if all(s.gen_logp is not None for s in steps):  # the sampler's own log-probs: no second pass over the rollouts
-        old_logp = [s.gen_logp for s in steps]
-        act_entropy = torch.tensor([s.gen_entropy.mean().item() if len(s.action_ids) else 0.0 for s in steps])
-        ref_logp, wm_acc = [], None  # the WM token accuracy then comes from the update's first pass
-        if ref_model is not None:
-            _, _, ref_logp, _ = score_steps(model, steps, cfg, fused, tok.pad_token_id, ref_model, policy=False)
-    else:
-        old_logp, act_entropy, ref_logp, wm_acc = score_steps(model, steps, cfg, fused, tok.pad_token_id, ref_model)
-    adv, adv_stats = compute_advantages(episodes, cfg)
-    # §2.1 over the whole batch (under torchrun: every process's transitions ranked together)
-    every_entropy = all_gather(act_entropy)
-    selected = select_wm_targets(torch.cat(every_entropy), cfg.wm_alpha) if cfg.wm != "off" else torch.zeros(
-        sum(map(len, every_entropy)), dtype=torch.bool)
-    first = sum(map(len, every_entropy[:world()[0]]))
-    selected = selected[first:first + len(steps)]
-    lam = wm_weights(episodes, cfg, env_cls.R_max)
-    upd_in = (steps, old_logp, adv, selected, lam, ref_logp)
-    if world()[1] > 1:  # the advantages are final: now every process gets an equal share of all the steps
-        upd_in = balanced_share(it, *upd_in)
-    upd = ppo_update(trainer or model, opt, *upd_in[:5], cfg, fused, tok.pad_token_id, rng, upd_in[5])
-    t2 = time.time()
-    everyone = [e for part in all_gather(slim(episodes)) for e in part]  # all processes' episodes
-    local = process_mean(dict(adv_stats, action_entropy=act_entropy.mean().item(), wm_lambda_mean=lam.mean().item(),
-                              wm_selected_frac=selected.float().mean().item()))
-    m = dict(iter=it, **episode_stats(everyone), **local, **{k: v for k, v in upd.items() if k not in ("update_tokens", "wm_token_acc")},
-             wm_token_acc=wm_acc if wm_acc is not None else upd.get("wm_token_acc"),  # None: not measured (--wm off)
-             rollout_s=t1 - t0, update_s=t2 - t1, tokens_per_s=upd["update_tokens"] / max(1e-9, t2 - t1))
-    return m
-
-
-# ====================================================================================================
-# 10. Evaluation on held-out seeds
-# ====================================================================================================
-def evaluate(model, tok, env_cls, cfg: Config, n: int, greedy: bool = True, batch: int = 64,
-             fmt: PromptFormat | None = None) -> dict:
-    """Held-out seeds from EVAL_SEED_START on (never used in training): success rate, mean return, mean
-    episode length, valid-action and format-valid ratios, success per task type."""
-    rank, n_proc = world()
-    seeds = [paw_envs.EVAL_SEED_START + i for i in range(n)][rank::n_proc]  # under torchrun: split, then gathered
-    episodes = []
-    for i in range(0, len(seeds), batch):
-        episodes += collect_rollouts(model, tok, env_cls, seeds[i:i + batch], 1, cfg, greedy=greedy, fmt=fmt)
-    return episode_stats([e for part in all_gather(slim(episodes)) for e in part])
-
-
-def random_policy_success(env_cls, n: int, seed: int = 0) -> dict:
-    """The uniformly random admissible-action policy on the held-out seeds (success, per task type)."""
-    rng = random.Random(seed)
-    env = env_cls()
-    wins, types = [], []
-    for i in range(n):
-        types.append(str(env.reset(paw_envs.EVAL_SEED_START + i)[1].get("task_type", "")))
-        wins.append(paw_envs.random_rollout(env, paw_envs.EVAL_SEED_START + i, rng)[0])
-    out = dict(success=float(np.mean(wins)))
-    for t in sorted(set(types) - {""}):
-        out[f"success/{t}"] = float(np.mean([w for w, u in zip(wins, types) if u == t]))
-    return out
-
-
-def print_eval_table(rows: dict):
-    cols = ["success", "return", "episode_len", "valid_ratio", "format_valid_ratio"]
-    print(f"\n{'policy':<26}" + "".join(f"{c.replace('_ratio', ''):>13}" for c in cols))
-    for name, r in rows.items():
-        print(f"{name:<26}" + "".join(f"{r[c]:>13.3f}" if c in r else f"{'-':>13}" for c in cols))
-    types = sorted({k.split("/", 1)[1] for r in rows.values() for k in r if k.startswith("success/")})
-    if types:  # per-task-type success (environments that report info["task_type"])
-        print(f"\n{'success per task type':<26}" + "".join(f"{n[:12]:>13}" for n in rows))
-        for t in types:
-            print(f"{t:<26}" + "".join(f"{r[f'success/{t}']:>13.3f}" if f"success/{t}" in r else f"{'-':>13}"
-                                     for r in rows.values()))
-
-
-# ====================================================================================================
-# 11. Checkpoints (atomic, the last two kept) and exact resume
-# ====================================================================================================
-CKPT_NAME = re.compile(r"iter-\d{6}")
-
-
-def save_checkpoint(run_dir: str, it: int, model, tok, opt, rng: random.Random, summary: dict, train_s: float,
-                    ref_model=None, keep: int = 2) -> str:
-    """Write model + tokenizer (save_pretrained), optimizer, every RNG state and the iteration to
-    checkpoints/iter-N. Atomic: everything goes to a .tmp folder first and one os.rename publishes it, so a
-    run killed mid-save leaves no half-written iter-N (resume ignores .tmp folders; the next save removes
-    them). Only the newest `keep` checkpoints are kept. Under torchrun every process's RNG states are
-    gathered and process 0 writes."""
-    ranks = all_gather(dict(rng=rng.getstate(), py_random=random.getstate(), numpy=np.random.get_state(),
-                            torch=torch.get_rng_state(),
-                            cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
-    if world()[0] != 0:
-        return ""
-    root = os.path.join(run_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
-    _quiet_transformers()
-    for d in os.listdir(root):  # leftovers of a save that was killed
-        if d.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-    tmp, final = os.path.join(root, f".tmp-iter-{it:06d}"), os.path.join(root, f"iter-{it:06d}")
-    model.save_pretrained(os.path.join(tmp, "model"))
-    tok.save_pretrained(os.path.join(tmp, "model"))
-    if ref_model is not None:
-        ref_model.save_pretrained(os.path.join(tmp, "ref_model"))
-    torch.save(dict(iteration=it, optimizer=opt.state_dict(), **ranks[0], ranks=ranks, summary=summary,
-                    train_s=train_s), os.path.join(tmp, "trainer.pt"))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    for d in sorted(d for d in os.listdir(root) if CKPT_NAME.fullmatch(d))[:-keep]:
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-    return final
-
-
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # "Writing model shards" bars would break the training bar's line
-
-
-def find_checkpoint(path: str) -> str:
-    """--resume accepts a run folder (its newest complete checkpoint) or a checkpoint folder."""
-    if os.path.isfile(os.path.join(path, "trainer.pt")):
-        return path
-    root = os.path.join(path, "checkpoints")
-    done = sorted(d for d in os.listdir(root) if CKPT_NAME.fullmatch(d)) if os.path.isdir(root) else []
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"--resume {path}: not a paw run folder (no config.json)")
-    return os.path.join(root, done[-1]) if done else None  # None: start the run again from its saved config
-
-
-def load_checkpoint(ckpt: str, dtype: torch.dtype):
-    """-> (tokenizer, model, reference model or None, trainer state). A damaged folder is one clear error."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    _quiet_transformers()  # no "Loading weights" bar in the middle of the run's output
-    try:
-        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
-        missing = {"iteration", "optimizer", "rng", "py_random", "numpy", "torch", "summary", "train_s"} - set(state)
-        if missing:
-            raise ValueError(f"trainer.pt lacks {', '.join(sorted(missing))}")
-        tok = AutoTokenizer.from_pretrained(os.path.join(ckpt, "model"))
-        model = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "model"), dtype=dtype)
-        ref = None
-        if os.path.isdir(os.path.join(ckpt, "ref_model")):
-            ref = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "ref_model"), dtype=dtype)
-    except Exception as e:  # noqa: BLE001 - any damage (missing/truncated file) is reported in one line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ConfigError(f"cannot resume from {ckpt}: the checkpoint is damaged or incomplete "
-                          f"({type(e).__name__}: {msg[:200]})") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return tok, model, ref, state
-
-
-def restore_rng(state: dict, rng: random.Random):
-    state = state["ranks"][world()[0]] if "ranks" in state else state  # this process's streams
-    rng.setstate(state["rng"])
-    random.setstate(state["py_random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_final(run_dir: str, model, tok):
-    """The final model + tokenizer in run_dir/model, loadable with AutoModelForCausalLM (atomic too)."""
-    _quiet_transformers()
-    final, tmp = os.path.join(run_dir, "model"), os.path.join(run_dir, ".tmp-model")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-
-
-# ====================================================================================================
-# 12. Main
+# A5. Several processes (torchrun, DistributedDataParallel)
 # ====================================================================================================
 class DistributedTrunk(nn.Module):
-    """What DistributedDataParallel wraps under torchrun: the causal LM, with a forward that gives token_stats
+    """What DistributedDataParallel wraps under torchrun: the causal LM, with a forward that gives action_and_obs_logprobs
     what it needs (the last hidden state for the fused loss, else the model's output). The head's weight is
     used by the loss outside this forward, but every parameter gets its gradient in every backward, which is
     all DDP's gradient all-reduce needs."""
@@ -1410,10 +1351,10 @@ class DistributedTrunk(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, ids, fused: bool, return_top: bool):
+    def forward(self, ids, fused: bool, with_head_input: bool):
         if fused:
             return self.lm.get_decoder()(input_ids=ids).last_hidden_state
-        return self.lm(input_ids=ids, output_hidden_states=return_top)
+        return self.lm(input_ids=ids, output_hidden_states=with_head_input)
 
 
 def world() -> tuple[int, int]:
@@ -1457,15 +1398,16 @@ def init_distributed(cfg: Config) -> tuple[int, int]:
     return world()
 
 
-def balanced_share(it: int, steps, old_logp, adv, selected, lam, ref_logp):
+def balanced_share(it: int, batch: Batch) -> Batch:
     """The update's input re-dealt so that every process holds the same number of steps (rollouts leave them
     uneven: episodes end at different lengths), so no process waits for a bigger share at every minibatch."""
-    rows = list(zip(steps, old_logp, adv.tolist(), selected.tolist(), lam.tolist(), ref_logp or [None] * len(steps)))
+    rows = list(zip(batch.steps, batch.old_logp, batch.entropy.tolist(), batch.adv.tolist(), batch.selected.tolist(),
+                    batch.lam.tolist(), batch.ref_logp or [None] * len(batch.steps)))
     rows = [r for part in all_gather(rows) for r in part]
     random.Random(it).shuffle(rows)  # the same order in every process
-    steps, old_logp, adv, selected, lam, ref_logp = map(list, zip(*rows[world()[0]::world()[1]]))
-    return (steps, old_logp, torch.tensor(adv), torch.tensor(selected), torch.tensor(lam),
-            ref_logp if ref_logp[0] is not None else [])
+    steps, old_logp, entropy, adv, selected, lam, ref_logp = map(list, zip(*rows[world()[0]::world()[1]]))
+    return Batch(steps, old_logp, torch.tensor(entropy), torch.tensor(adv), torch.tensor(selected), torch.tensor(lam),
+                 ref_logp if ref_logp[0] is not None else [])
 
 
 def process_mean(d: dict) -> dict:
@@ -1476,8 +1418,181 @@ def process_mean(d: dict) -> dict:
 
 def slim(episodes: list[Episode]) -> list[Episode]:
     """Episodes without token ids or tensors: what episode_stats needs, cheap to send between processes."""
-    return [Episode(e.group, e.seed, [Step([], [], [], s.reward, s.valid, "", s.format_ok, None, s.decisions)
+    return [Episode(e.group, e.seed, [Step(prompt_ids=[], action_ids=[], obs_ids=[], reward=s.reward, valid=s.valid,
+                                           anchor="", format_ok=s.format_ok, decisions=s.decisions)
                                       for s in e.steps], e.won, e.task_type) for e in episodes]
+
+
+# ====================================================================================================
+# A6. Checkpoints (atomic, the last two kept) and exact resume
+# ====================================================================================================
+CKPT_NAME = re.compile(r"iter-\d{6}")
+
+
+def publish(tmp: str, final: str):
+    """Atomic save: everything was written to `tmp`; one os.rename makes it `final`, so a run killed mid-save
+    never leaves a half-written folder under the final name."""
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
+def save_checkpoint(run: Run, it: int, keep: int = 2) -> str:
+    """Model + tokenizer (save_pretrained), optimizer, every RNG state and the iteration in checkpoints/iter-N,
+    published atomically (resume ignores .tmp folders; the next save removes them); the newest `keep` are kept.
+    Under torchrun every process's RNG states are gathered and process 0 writes."""
+    ranks = all_gather(dict(rng=run.rng.getstate(), py_random=random.getstate(), numpy=np.random.get_state(),
+                            torch=torch.get_rng_state(),
+                            cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+    if world()[0] != 0:
+        return ""
+    root = os.path.join(run.run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    for d in os.listdir(root):  # leftovers of a save that was killed
+        if d.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    tmp, final = os.path.join(root, f".tmp-iter-{it:06d}"), os.path.join(root, f"iter-{it:06d}")
+    run.model.save_pretrained(os.path.join(tmp, "model"))
+    run.tok.save_pretrained(os.path.join(tmp, "model"))
+    if run.ref_model is not None:
+        run.ref_model.save_pretrained(os.path.join(tmp, "ref_model"))
+    torch.save(dict(iteration=it, optimizer=run.opt.state_dict(), **ranks[0], ranks=ranks, summary=run.summary,
+                    train_s=run.train_s), os.path.join(tmp, "trainer.pt"))
+    publish(tmp, final)
+    for d in sorted(d for d in os.listdir(root) if CKPT_NAME.fullmatch(d))[:-keep]:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    return final
+
+
+def save_or_warn(run: Run, it: int):
+    """A checkpoint that cannot be written (disk full, ...) costs one line, not the run; the older
+    checkpoints stay intact (the write is atomic)."""
+    try:
+        save_checkpoint(run, it)
+    except (OSError, RuntimeError) as e:
+        tqdm.write(f"paw: warning: checkpoint of iteration {it} not written: {type(e).__name__}: "
+                   f"{' '.join(str(e).split())[:160]}")
+        shutil.rmtree(os.path.join(run.run_dir, "checkpoints", f".tmp-iter-{it:06d}"), ignore_errors=True)
+
+
+def find_checkpoint(path: str) -> str | None:
+    """--resume accepts a run folder (its newest complete checkpoint; None if it has none yet: the run starts
+    again from its saved config) or a checkpoint folder."""
+    if os.path.isfile(os.path.join(path, "trainer.pt")):
+        return path
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"--resume {path}: not a paw run folder (no config.json)")
+    root = os.path.join(path, "checkpoints")
+    done = sorted(d for d in os.listdir(root) if CKPT_NAME.fullmatch(d)) if os.path.isdir(root) else []
+    return os.path.join(root, done[-1]) if done else None
+
+
+def load_checkpoint(ckpt: str, dtype: torch.dtype):
+    """-> (tokenizer, model, reference model or None, trainer state). A damaged folder is one clear error."""
+    try:
+        state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
+        missing = {"iteration", "optimizer", "rng", "py_random", "numpy", "torch", "summary", "train_s"} - set(state)
+        if missing:
+            raise ValueError(f"trainer.pt lacks {', '.join(sorted(missing))}")
+        tok, model = load_hf_model(os.path.join(ckpt, "model"), dtype)
+        ref = load_hf_model(os.path.join(ckpt, "ref_model"), dtype)[1] if os.path.isdir(os.path.join(ckpt, "ref_model")) else None
+    except Exception as e:  # noqa: BLE001 - any damage (missing/truncated file) is reported in one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"cannot resume from {ckpt}: the checkpoint is damaged or incomplete "
+                          f"({type(e).__name__}: {msg[:200]})") from None
+    return tok, model, ref, state
+
+
+def resume_run(run: Run, state: dict, ckpt: str) -> int:
+    """Continue exactly where the checkpoint stopped: the optimizer, every RNG stream (this process's), the
+    summary and clock, and metrics.jsonl cut back to the checkpoint's iteration (a torn last line, from a
+    kill mid-write, is dropped). -> the checkpoint's iteration."""
+    run.opt.load_state_dict(state["optimizer"])
+    rngs = state["ranks"][world()[0]] if "ranks" in state else state
+    run.rng.setstate(rngs["rng"])
+    random.setstate(rngs["py_random"])
+    np.random.set_state(rngs["numpy"])
+    torch.set_rng_state(rngs["torch"])
+    if rngs.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rngs["cuda"])
+    run.summary, run.train_s, start = state["summary"], state["train_s"], state["iteration"]
+    metrics_path = os.path.join(run.run_dir, "metrics.jsonl")
+    if world()[0] == 0 and os.path.exists(metrics_path):
+        kept = []
+        for line in open(metrics_path):
+            try:
+                if json.loads(line).get("iter", 0) <= start:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except ValueError:
+                print(f"paw: dropped a torn line of {metrics_path}")
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    say(f"resuming from {ckpt} (iteration {start})")
+    return start
+
+
+def save_final(run: Run):
+    """The final model + tokenizer in <run>/model, loadable with AutoModelForCausalLM (published atomically)."""
+    tmp = os.path.join(run.run_dir, ".tmp-model")
+    shutil.rmtree(tmp, ignore_errors=True)
+    run.model.save_pretrained(tmp)
+    run.tok.save_pretrained(tmp)
+    publish(tmp, os.path.join(run.run_dir, "model"))
+
+
+# ====================================================================================================
+# A7. Command line and main
+# ====================================================================================================
+# flags a --resume may change: budget, evaluation, logging, and how (not what) is computed
+RESUME_SAFE = {"iters", "time_budget", "eval_episodes", "eval_sampled", "eval_every", "eval_every_episodes",
+               "save_every", "threads", "device", "resume", "compile", "micro_batch", "forward_batch",
+               "loss_chunk", "fused_loss", "grad_checkpointing", "out", "name"}
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and a pointer to --help instead of a 30-line usage block
+        print(f"paw.py: error: {message} (see python paw.py --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_config(argv=None) -> Config:
+    """argparse from the Config fields. With --resume, the run's saved config.json supplies the defaults,
+    so only flags given again (e.g. a larger --iters) change."""
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           epilog="built-in environments: " + ", ".join(sorted(paw_envs.ENVS)) + ", or module:Class")
+    groups = {}
+    for f in dataclasses.fields(Config):
+        g = f.metadata.get("group") or groups.get("last", "run")
+        groups["last"] = g
+        target = groups.setdefault(g, p.add_argument_group(g))
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            target.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            target.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
+    args = p.parse_args(argv)
+    if args.resume:
+        path = os.path.join(args.resume, "config.json")
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"paw.py: error: --resume {args.resume}: cannot read {path} ({type(e).__name__})", file=sys.stderr)
+            sys.exit(2)
+        known = {f.name for f in dataclasses.fields(Config)}
+        p.set_defaults(**{k: v for k, v in saved.items() if k in known and k != "resume"})
+        args = p.parse_args(argv)
+        # a resumed run keeps its environment, model, tokenizer and method; only these may change
+        changed = [k for k in known - RESUME_SAFE if k in saved and vars(args)[k] != saved[k]]
+        if changed:
+            p.error(f"--resume {args.resume}: cannot change {', '.join('--' + k.replace('_', '-') for k in sorted(changed))}"
+                    f" of a run (allowed: {', '.join('--' + k.replace('_', '-') for k in sorted(RESUME_SAFE - {'resume'}))})")
+    try:
+        return Config(**vars(args))
+    except ConfigError as e:
+        p.error(str(e))
 
 
 def peak_rss_mb() -> float:
@@ -1488,10 +1603,8 @@ def peak_rss_mb() -> float:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name!r} is not a device (try cpu, cuda, cuda:0)") from None
     if dev.type not in ("cpu", "cuda", "mps"):
@@ -1501,60 +1614,34 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def read_metrics(path: str, upto: int) -> list[str]:
-    """The metrics lines of iterations <= upto; a torn last line (a kill mid-write, a full disk) is dropped."""
-    kept = []
-    if os.path.exists(path):
-        for ln in open(path):
-            try:
-                if json.loads(ln).get("iter", 0) <= upto:
-                    kept.append(ln if ln.endswith("\n") else ln + "\n")
-            except ValueError:
-                print(f"paw: dropped a torn line of {path}")
-    return kept
-
-
 def strict_json(m: dict) -> tuple[dict, list]:
     """NaN/inf -> null (metrics.jsonl stays strict JSON) and the names of the metrics that were not finite."""
     bad = [k for k, v in m.items() if isinstance(v, float) and not math.isfinite(v)]
     return {k: (None if k in bad else v) for k, v in m.items()}, bad
 
 
-def setup_run(cfg: Config):
-    """Everything that can fail fast, before any slow work: env, device, run folder, checkpoint. Under
-    torchrun, process 0 makes the run folder and the others take its name."""
-    env_cls = paw_envs.load_env_class(cfg.env)
-    dev = pick_device(cfg.device)
-    ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
-    run_dir, error = None, None
+def make_run_dir(cfg: Config) -> str:
+    """The run folder, checked writable; a new run never overwrites an old one. Under torchrun, process 0
+    makes it and the others take its name."""
+    run_dir, error = cfg.resume.rstrip("/"), None
     if world()[0] == 0:
+        if not cfg.resume:
+            name = cfg.name or f"{paw_envs.env_slug(cfg.env)}-{cfg.algo}-{cfg.wm}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+            run_dir = os.path.join(cfg.out, name)
+            if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+                error = f"{run_dir} already holds a run; pick another --name or --resume it"
+            elif os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+                error = f"--out {cfg.out} is a file, not a folder"
         try:
-            run_dir = make_run_dir(cfg)
-        except ConfigError as e:
-            error = str(e)
+            if not error:
+                os.makedirs(run_dir, exist_ok=True)
+                open(os.path.join(run_dir, ".write-test"), "w").close()
+                os.remove(os.path.join(run_dir, ".write-test"))
+        except OSError as e:
+            error = f"cannot write the run folder {run_dir}: {e.strerror}"
     run_dir, error = all_gather((run_dir, error))[0]
     if error:
         raise ConfigError(error)
-    return env_cls, dev, ckpt, run_dir
-
-
-def make_run_dir(cfg: Config) -> str:
-    if cfg.resume:
-        run_dir = cfg.resume.rstrip("/")
-    else:
-        name = cfg.name or f"{paw_envs.env_slug(cfg.env)}-{cfg.algo}-{cfg.wm}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = os.path.join(cfg.out, name)
-        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            raise ConfigError(f"{run_dir} already holds a run; pick another --name or --resume it")
-        if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-            raise ConfigError(f"--out {cfg.out} is a file, not a folder")
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, ".write-test"), "w"):
-            pass
-        os.remove(os.path.join(run_dir, ".write-test"))
-    except OSError as e:
-        raise ConfigError(f"cannot write the run folder {run_dir}: {e.strerror}") from None
     return run_dir
 
 
@@ -1596,95 +1683,45 @@ def load_model(cfg: Config, env_cls, ckpt, dev, run_dir):
     return tok, model, ref_model, state
 
 
-def print_plan(cfg: Config, model, tok, fmt, dev, run_dir, resuming: bool):
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"paw: {cfg.env} | model {cfg.model or 'tiny Llama'} ({n_params / 1e6:.2f}M params, vocab {len(tok)}) "
+def print_plan(run: Run, dev, resuming: bool):
+    cfg, fmt = run.cfg, run.fmt
+    n_params = sum(p.numel() for p in run.model.parameters())
+    say(f"paw: {cfg.env} | model {cfg.model or 'tiny Llama'} ({n_params / 1e6:.2f}M params, vocab {len(run.tok)}) "
         f"| {cfg.algo} + WM {cfg.wm} | prompt {'think' if fmt.think else 'plain'}"
         f"{' (chat template)' if fmt.chat else ''}{', action mask' if fmt.mask else ''} | device {dev}"
-        f"{f' x {world()[1]} processes' if world()[1] > 1 else ''} | run dir {run_dir}")
+        f"{f' x {world()[1]} processes' if world()[1] > 1 else ''} | run dir {run.run_dir}")
     pre = ["random-policy baseline"] + ([f"language prior ({cfg.prior_steps} steps)"] if not cfg.model and cfg.prior_steps else [])
     say(f"paw: plan: {' -> '.join(['resume'] if resuming else pre)} -> RL, {cfg.iters} iterations"
         f"{f' or {cfg.time_budget:g} min' if cfg.time_budget else ''} -> final evaluation ({cfg.eval_episodes} "
         f"held-out episodes). Ctrl-C stops early and keeps what was trained.")
 
 
-def before_rl(cfg: Config, model, tok, opt, env_cls, rng, run_dir, t_start: float):
+def before_rl(run: Run):
     """A fresh run: the random policy's success and the tiny model's language prior, saved as iteration 0
-    so that --resume never repeats them. -> (summary, train_s)."""
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    so that --resume never repeats them."""
+    cfg = run.cfg
     if world()[0] == 0:
-        open(metrics_path, "w").close()
-    summary = {}
+        open(os.path.join(run.run_dir, "metrics.jsonl"), "w").close()
     try:
-        summary["random"] = random_policy_success(env_cls, cfg.eval_episodes)
-        if not cfg.model and cfg.prior_steps:  # the language prior (part 8 of this file)
-            summary["prior"] = language_prior(model, tok, env_cls, cfg, rng)
+        run.summary["random"] = random_policy_success(run.env_cls, cfg.eval_episodes)
+        if not cfg.model and cfg.prior_steps:  # the language prior (appendix A4)
+            run.summary["prior"] = language_prior(run.model, run.tok, run.env_cls, cfg, run.rng)
     except KeyboardInterrupt:
-        fail(f"interrupted before RL; the run folder keeps config.json (rerun it with --resume {run_dir})", 130)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
-    train_s = time.time() - t_start
+        fail(f"interrupted before RL; the run folder keeps config.json (rerun it with --resume {run.run_dir})", 130)
+    run.ref_model = copy.deepcopy(run.model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+    run.train_s = time.time() - run.started_at
     if not cfg.model and cfg.prior_steps:  # keep the pre-RL work: --resume starts here
-        save_or_warn(run_dir, 0, model, tok, opt, rng, summary, train_s, ref_model)
-    return summary, train_s, ref_model
+        save_or_warn(run, 0)
 
 
-def rl_loop(cfg: Config, model, trainer, tok, opt, env_cls, rng, fused, ref_model, fmt, run_dir, summary,
-            train_s: float, start: int):
-    """The RL iterations (§2-§3 each, part 9 of this file) with metrics, checkpoints and the time budget.
-    -> (last iteration done, train_s, interrupted)."""
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    bar = tqdm(range(start + 1, cfg.iters + 1), desc="PaW", dynamic_ncols=True, initial=start, total=cfg.iters,
-               disable=world()[0] != 0)
-    it, warned = start, False
-    with open(metrics_path, "a") if world()[0] == 0 else contextlib.nullcontext() as mf:
-        for it in bar:
-            t_it = time.time()
-            try:
-                m = train_iteration(it, model, tok, opt, env_cls, cfg, rng, fused, ref_model, fmt, trainer)
-                train_s += time.time() - t_it
-                m["train_s"] = train_s
-                if cfg.eval_every and it % cfg.eval_every == 0:
-                    ev = evaluate(model, tok, env_cls, cfg, cfg.eval_every_episodes, greedy=True, fmt=fmt)
-                    m.update({"eval_" + k: v for k, v in ev.items()})
-            except KeyboardInterrupt:  # keep what was learned: evaluate and save below
-                if world()[1] > 1:  # the other processes cannot be told: the last checkpoint is what is kept
-                    fail(f"interrupted at iteration {it}; under torchrun the last checkpoint is kept", 130)
-                print(f"\ninterrupted at iteration {it}; evaluating and saving what was trained (Ctrl-C again: save only)")
-                return it - 1, train_s, True
-            m, bad = strict_json(m)
-            if mf:
-                mf.write(json.dumps(m) + "\n")
-                mf.flush()
-            if bad:
-                fail(f"non-finite {', '.join(bad)} at iteration {it} (written as null); stopping (metrics kept in "
-                     f"{metrics_path})", 1)
-            bar.set_postfix(succ=f"{m['success']:.2f}", **({} if fmt.mask else dict(valid=f"{m['valid_ratio']:.2f}")),
-                            **({} if m["wm_token_acc"] is None else dict(wm_acc=f"{m['wm_token_acc']:.2f}")),
-                            ent=f"{m['action_entropy']:.2f}")
-            if not warned and (m["approx_kl"] > 1.0 or (not fmt.mask and it > 1 and m["valid_ratio"] < 0.05)):
-                warned = True  # no healthy run gets there: say so once
-                say(f"paw: warning: the policy looks collapsed at iteration {it} (approx KL {m['approx_kl']:.3g},"
-                    f" valid ratio {m['valid_ratio']:.2f}); try a smaller --lr")
-            if it == start + 1:  # the first measured iteration gives the estimate of the whole run
-                left = (cfg.iters - it) * (time.time() - t_it)
-                if cfg.time_budget:
-                    left = min(left, max(0.0, 60 * cfg.time_budget - train_s))
-                say(f"paw: one iteration took {time.time() - t_it:.0f} s; about {left / 60:.0f} more min of RL")
-            if cfg.save_every and it % cfg.save_every == 0:
-                save_or_warn(run_dir, it, model, tok, opt, rng, summary, train_s, ref_model)
-            # every process stops at the same iteration (the slowest one's clock decides)
-            if cfg.time_budget and all_reduce([train_s], "max")[0] > 60 * cfg.time_budget:
-                say(f"time budget of {cfg.time_budget} min reached after {it} iterations")
-                break
-    return it, train_s, False
-
-
-def finish(cfg: Config, model, tok, env_cls, fmt, dev, run_dir, summary, interrupted: bool) -> dict:
+def finish(run: Run, dev, interrupted: bool) -> dict:
     """The final held-out evaluation next to the random policy, the model (save_pretrained) and summary.json."""
+    cfg, summary = run.cfg, run.summary
     try:
-        summary["final_greedy"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=True, fmt=fmt)
+        summary["final_greedy"] = evaluate(run.model, run.tok, run.env_cls, cfg, cfg.eval_episodes, greedy=True, fmt=run.fmt)
         if cfg.eval_sampled:
-            summary["final_sampled"] = evaluate(model, tok, env_cls, cfg, cfg.eval_episodes, greedy=False, fmt=fmt)
+            summary["final_sampled"] = evaluate(run.model, run.tok, run.env_cls, cfg, cfg.eval_episodes, greedy=False,
+                                                fmt=run.fmt)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted during the final evaluation: saving the model and summary without it", file=sys.stderr)
@@ -1699,32 +1736,37 @@ def finish(cfg: Config, model, tok, env_cls, fmt, dev, run_dir, summary, interru
             rows[name] = summary[k]
     print_eval_table(rows)
     try:
-        save_final(run_dir, model, tok)
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        save_final(run)
+        with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
             json.dump(strict_json(summary)[0], f, indent=1)
     except (OSError, RuntimeError) as e:
-        fail(f"could not save the final model to {run_dir}: {type(e).__name__}: {' '.join(str(e).split())[:200]}", 1)
-    print(f"\nsaved: {run_dir}/ (config.json, metrics.jsonl, summary.json, model/"
-          f"{', checkpoints/' if os.path.isdir(os.path.join(run_dir, 'checkpoints')) else ''})")
+        fail(f"could not save the final model to {run.run_dir}: {type(e).__name__}: {' '.join(str(e).split())[:200]}", 1)
+    print(f"\nsaved: {run.run_dir}/ (config.json, metrics.jsonl, summary.json, model/"
+          f"{', checkpoints/' if os.path.isdir(os.path.join(run.run_dir, 'checkpoints')) else ''})")
     if interrupted:
         sys.exit(130)  # the convention for a run ended by Ctrl-C; everything above is saved
     return summary
 
 
-def main(argv=None):
-    cfg = parse_config(argv)
+def start_run(cfg: Config):
+    """Everything before training, in the order that fails fastest: processes, environment, device, run folder,
+    checkpoint, model, prompt format, loss path, optimizer. -> (run, device, checkpoint folder, its state)."""
     try:
-        rank, n_proc = init_distributed(cfg)
-        env_cls, dev, ckpt, run_dir = setup_run(cfg)
+        init_distributed(cfg)
+        env_cls, dev = paw_envs.load_env_class(cfg.env), pick_device(cfg.device)
+        ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
+        run_dir = make_run_dir(cfg)
     except (paw_envs.EnvError, ConfigError) as e:
         fail(str(e))
     if cfg.resume and ckpt is None:
         say(f"paw: {run_dir} has no complete checkpoint yet: starting it again from its saved config")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    t_start = time.time()
+    from transformers import set_seed
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # its loading/saving bars would break the training bar's line
+    set_seed(cfg.seed)  # python, numpy and torch
+    started_at = time.time()
     try:
         tok, model, ref_model, state = load_model(cfg, env_cls, ckpt, dev, run_dir)
         fmt = make_prompt_format(tok, model, cfg)
@@ -1732,52 +1774,38 @@ def main(argv=None):
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted while building the model; nothing to save", 130)
-    fused = cfg.fused_loss
-    if fused:
+    if cfg.fused_loss:  # decided once: every later forward pass reads cfg.fused_loss
         ok, why = plain_linear_head(model)
         if not ok:
             warnings.warn(f"fused loss path disabled: {why}; using the naive full-logits path")
-            fused = False
-    print_plan(cfg, model, tok, fmt, dev, run_dir, state is not None)
+            cfg.fused_loss = False
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    run = Run(cfg, env_cls, tok, model, opt, random.Random(cfg.seed), fmt, run_dir, ref_model, started_at=started_at)
+    print_plan(run, dev, state is not None)
+    return run, dev, ckpt, state
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    run, dev, ckpt, state = start_run(cfg)
+    rank, n_proc = world()
     if state is not None:  # exact resume: optimizer, every RNG, the metrics written up to the checkpoint
-        opt.load_state_dict(state["optimizer"])
-        restore_rng(state, rng)
-        summary, train_s, start = state["summary"], state["train_s"], state["iteration"]
-        if rank == 0:
-            metrics_path = os.path.join(run_dir, "metrics.jsonl")
-            kept = read_metrics(metrics_path, start)
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-        say(f"resuming from {ckpt} (iteration {start})")
+        start = resume_run(run, state, ckpt)
     else:
-        summary, train_s, ref_model = before_rl(cfg, model, tok, opt, env_cls, rng, run_dir, t_start)
+        before_rl(run)
         start = 0
         if rank:  # every process rolls out its own episodes: its own random streams from here on
-            rng.seed(f"{cfg.seed}-{rank}")
+            run.rng.seed(f"{cfg.seed}-{rank}")
             torch.manual_seed(cfg.seed + 1000003 * rank)
-    trainer = None
     if n_proc > 1:  # DDP starts from process 0's weights and all-reduces the gradients of every update
-        trainer = torch.nn.parallel.DistributedDataParallel(
-            DistributedTrunk(model), device_ids=[dev.index or 0] if dev.type == "cuda" else None)
-    it, train_s, interrupted = rl_loop(cfg, model, trainer, tok, opt, env_cls, rng, fused, ref_model, fmt,
-                                       run_dir, summary, train_s, start)
-    summary.update(iters_done=it, train_s=train_s)
-    summary = finish(cfg, model, tok, env_cls, fmt, dev, run_dir, summary, interrupted)
+        run.trainer = nn.parallel.DistributedDataParallel(
+            DistributedTrunk(run.model), device_ids=[dev.index or 0] if dev.type == "cuda" else None)
+    it, interrupted = train(run, start)
+    run.summary.update(iters_done=it, train_s=run.train_s)
+    summary = finish(run, dev, interrupted)
     if n_proc > 1:
         torch.distributed.destroy_process_group()
     return summary
-
-
-def save_or_warn(run_dir, it, *args):
-    """A checkpoint that cannot be written (disk full, ...) costs one line, not the run; the older
-    checkpoints stay intact (the write is atomic)."""
-    try:
-        save_checkpoint(run_dir, it, *args)
-    except (OSError, RuntimeError) as e:
-        tqdm.write(f"paw: warning: checkpoint of iteration {it} not written: {type(e).__name__}: "
-                   f"{' '.join(str(e).split())[:160]}")
-        shutil.rmtree(os.path.join(run_dir, "checkpoints", f".tmp-iter-{it:06d}"), ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Tests for paw: every component against an independent reference (hand-computed numbers, naive
 full-logits math), plus end-to-end behaviour. Run: pytest -q test_paw.py"""
+import dataclasses
 import json
 import math
 import os
@@ -55,7 +56,7 @@ def _episode(group, rewards, valid=None, anchors=None):
     anchors = anchors or [f"s{i}" for i in range(len(rewards))]
     e = paw.Episode(group=group, seed=0)
     for r, v, an in zip(rewards, valid, anchors):
-        e.steps.append(paw.Step([1], [2], [3], r, v, an))
+        e.steps.append(paw.Step(prompt_ids=[1], action_ids=[2], obs_ids=[3], reward=r, valid=v, anchor=an))
     e.won = sum(rewards) > 0
     return e
 
@@ -184,7 +185,16 @@ def test_combined_objective_hand_built_batch():
     selected = torch.tensor([True, False, True])
     lam = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
     c = cfg(wm="cmae", wm_rho=0.2)
-    l_rl, l_wm, st = paw.combined_objective(act_logp, old, adv, obs_p.log(), obs_rows, 3, selected, lam, c)
+    # the same numbers in the shapes the update passes: per-token stats, where each token sits, per-step inputs
+    act_row = torch.tensor([0, 0, 1, 2])
+    packed = paw.Packed(*[torch.zeros(0)] * 4, act_row, torch.zeros(0), torch.zeros(0), obs_rows)
+    part = paw.Batch([None] * 3, list(torch.split(old, [2, 1, 1])), torch.zeros(3), adv[[0, 2, 3]], selected, lam)
+
+    def objective(obs_logp, c):
+        none = torch.zeros(0)
+        fwd = paw.ForwardOut(paw.TokenStats(act_logp, none, none), paw.TokenStats(obs_logp, none, none))
+        return paw.combined_objective(fwd, packed, part, c)
+    l_rl, l_wm, st = objective(obs_p.log(), c)
     # naive PPO-clip, token mean
     ratios = [0.5 / 0.4, 1.0, 0.9 / 0.6, 1.0]
     terms = []
@@ -199,7 +209,7 @@ def test_combined_objective_hand_built_batch():
     # clipped = the clipped branch is active (TRL's definition): only t1 (ratio 1.5 > 1.28 with A > 0)
     assert st["clipfrac"] == pytest.approx(0.25)
     c_ce = cfg(wm="ce")
-    _, l_ce, _ = paw.combined_objective(act_logp, old, adv, obs_p.log(), obs_rows, 3, selected, lam, c_ce)
+    _, l_ce, _ = objective(obs_p.log(), c_ce)
     ce_t0 = -(math.log(0.1) + math.log(0.5)) / 2
     ce_t2 = -(math.log(0.2) + math.log(0.3) + math.log(0.01)) / 3
     assert l_ce.item() == pytest.approx((ce_t0 + 0.25 * ce_t2) / 2)
@@ -222,7 +232,8 @@ def _random_steps(tok, n, seed):
     for _ in range(n):
         lp, la, lo = (int(torch.randint(lo_, hi, (1,), generator=g)) for lo_, hi in ((5, 30), (1, 5), (1, 12)))
         r = lambda k: torch.randint(4, V, (k,), generator=g).tolist()  # noqa: E731
-        steps.append(paw.Step(r(lp), r(la - 1) + [tok.eos_token_id], r(lo), 0.0, True, ""))
+        steps.append(paw.Step(prompt_ids=r(lp), action_ids=r(la - 1) + [tok.eos_token_id], obs_ids=r(lo), reward=0.0,
+                              valid=True, anchor=""))
     return steps
 
 
@@ -231,10 +242,10 @@ def test_causal_action_logp_unchanged_by_appended_observation(tiny, fused):
     tok, model = tiny
     model.eval()
     steps = _random_steps(tok, 6, seed=3)
-    c = cfg(temperature=0.7)
+    c = cfg(temperature=0.7, fused_loss=fused)
     with torch.no_grad():
-        (a1, e1, _), (o1, _, _) = paw.token_stats(model, paw.pack_steps(steps, tok.pad_token_id, True), c, fused)
-        (a2, e2, _), (o2, _, _) = paw.token_stats(model, paw.pack_steps(steps, tok.pad_token_id, False), c, fused)
+        (a1, e1, _), (o1, _, _), _ = paw.action_and_obs_logprobs(model, paw.pack_steps(steps, True), c)
+        (a2, e2, _), (o2, _, _), _ = paw.action_and_obs_logprobs(model, paw.pack_steps(steps, False), c)
     assert o1.numel() == sum(len(s.obs_ids) for s in steps) and o2.numel() == 0
     assert torch.allclose(a1, a2, atol=1e-5) and torch.allclose(e1, e2, atol=1e-5)
 
@@ -245,7 +256,7 @@ def test_temperature_logprobs_equal_naive(tiny):
     steps = _random_steps(tok, 4, seed=4)
     T = 0.6
     with torch.no_grad():
-        (a, e, _), (o, _, _) = paw.token_stats(model, paw.pack_steps(steps, tok.pad_token_id), cfg(temperature=T), True)
+        (a, e, _), (o, _, _), _ = paw.action_and_obs_logprobs(model, paw.pack_steps(steps), cfg(temperature=T))
         ref_a, ref_e, ref_o = [], [], []
         for s in steps:  # one unpadded sequence at a time, full logits
             ids = torch.tensor([s.prompt_ids + s.action_ids + s.obs_ids])
@@ -340,7 +351,7 @@ def test_generation_logprobs_equal_scoring_pass(tiny, mask):
     c = cfg(action_mask=mask, temperature=0.7)
     torch.manual_seed(5)
     steps = [s for e in paw.collect_rollouts(model, tok, envs.TextWorldTiny, [7, 8], 4, c) for s in e.steps]
-    old, ent, _, _ = paw.score_steps(model, steps, c, True, tok.pad_token_id)
+    old, ent, _, _ = paw.score_steps(model, steps, c)
     assert torch.allclose(torch.cat(old), torch.cat([s.gen_logp for s in steps]), atol=1e-5)
     gen_ent = torch.tensor([s.gen_entropy.mean().item() for s in steps])
     assert torch.allclose(ent, gen_ent, atol=1e-5)
@@ -362,11 +373,11 @@ def test_language_prior_teaches_observations_not_transitions(tiny):
     torch.manual_seed(0)
     model = paw.build_tiny_model(tok, c)
     steps = [s for e in paw.collect_rollouts(model, tok, envs.TextWorldTiny, [11, 12], 2, c) for s in e.steps]
-    pk = paw.pack_steps(steps, tok.pad_token_id)
+    packed = paw.pack_steps(steps)
 
     def obs_p():
         with torch.no_grad():
-            return paw.token_stats(model, pk, c, False)[1][0].exp()
+            return paw.action_and_obs_logprobs(model, packed, dataclasses.replace(c, fused_loss=False)).obs.logp.exp()
     p0 = obs_p()
     st = paw.language_prior(model, tok, envs.TextWorldTiny, c, random.Random(1))
     p1 = obs_p()
@@ -493,7 +504,9 @@ def test_one_iteration_fused_equals_naive(tiny):
         model = paw.build_tiny_model(tok, c)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         torch.manual_seed(6)
-        m = paw.train_iteration(1, model, tok, opt, envs.TextWorldTiny, c, random.Random(7), fused)
+        c.fused_loss = fused
+        run = paw.Run(c, envs.TextWorldTiny, tok, model, opt, random.Random(7), paw.make_prompt_format(tok, model, c))
+        m = paw.train_iteration(run, 1)
         results.append((m, [p.detach().clone() for p in model.parameters()]))
     (m1, p1), (m2, p2) = results
     assert m1["policy_loss"] == pytest.approx(m2["policy_loss"], abs=1e-5)
@@ -503,16 +516,16 @@ def test_one_iteration_fused_equals_naive(tiny):
 
 
 def test_wm_cap_scales_wm_gradient():
-    # top -> two losses; the WM gradient into `top` is 10x the RL one: cap 1 scales WM by 1/10
-    top = torch.randn(4, 3, requires_grad=True)
-    l_rl = (top[:2] * 0.1).sum()
-    l_wm = (top[2:] * 1.0).sum()
-    st = paw.backward_with_wm_cap(l_rl, l_wm, top, cap=1.0)
+    # head input -> two losses; the WM gradient into it is 10x the RL one: cap 1 scales WM by 1/10
+    head_input = torch.randn(4, 3, requires_grad=True)
+    l_rl = (head_input[:2] * 0.1).sum()
+    l_wm = (head_input[2:] * 1.0).sum()
+    st = paw.backward_with_wm_cap(l_rl, l_wm, head_input, cap=1.0)
     assert st["wm_scale"] == pytest.approx(0.1)
-    assert torch.allclose(top.grad, torch.tensor([[0.1] * 3] * 4))
-    top.grad = None
-    st = paw.backward_with_wm_cap((top[:2] * 0).sum(), (top[2:]).sum(), top, cap=1.0)  # no RL signal
-    assert st["wm_scale"] == 0.0 and torch.count_nonzero(top.grad) == 0
+    assert torch.allclose(head_input.grad, torch.tensor([[0.1] * 3] * 4))
+    head_input.grad = None
+    st = paw.backward_with_wm_cap((head_input[:2] * 0).sum(), (head_input[2:]).sum(), head_input, cap=1.0)  # no RL signal
+    assert st["wm_scale"] == 0.0 and torch.count_nonzero(head_input.grad) == 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -709,7 +722,7 @@ def test_alfworld_reports_per_task_type_success():
     eps = []
     for i, (t, won) in enumerate([("a", True), ("a", False), ("b", False), ("a", True)]):
         ep = paw.Episode(group=0, seed=i, won=won, task_type=t)
-        ep.steps.append(paw.Step([1], [2], [3], float(won), True, ""))
+        ep.steps.append(paw.Step(prompt_ids=[1], action_ids=[2], obs_ids=[3], reward=float(won), valid=True, anchor=""))
         eps.append(ep)
     st = paw.episode_stats(eps)
     assert st["success/a"] == pytest.approx(2 / 3) and st["success/b"] == 0.0 and st["success"] == 0.5
@@ -1176,14 +1189,14 @@ def test_micro_batch_accumulation_equals_whole_minibatch(tiny, wm):
     (L_RL) and of selected transitions (WM) gives the whole-minibatch gradient. SGD(lr=1) makes the
     parameter change equal to the gradient, so the two updates are compared directly."""
     tok, _ = tiny
-    c = cfg(minibatches=1, wm=wm, wm_alpha=0.5, wm_grad_cap=0.0, kl_coef=0.1, max_grad_norm=1e9)
+    c = cfg(minibatches=1, wm=wm, wm_alpha=0.5, wm_grad_cap=0.0, kl_coef=0.1, max_grad_norm=1e9, fused_loss=False)
     torch.manual_seed(3)
     model0 = paw.build_tiny_model(tok, c)
     steps = [s for e in paw.collect_rollouts(model0, tok, envs.TextWorldTiny, [1, 2], 3, c) for s in e.steps][:13]
     for i, s in enumerate(steps):  # unequal action and observation lengths (one observation empty)
         s.action_ids, s.obs_ids = s.action_ids[:1 + i % 5], s.obs_ids[:(7 * i) % 23]
         s.allowed = s.allowed[:len(s.action_ids)]
-    old, ent, _, _ = paw.score_steps(model0, steps, c, False, tok.pad_token_id)
+    old, ent, _, _ = paw.score_steps(model0, steps, c)
     ref = [o + 0.05 for o in old]
     g = torch.Generator().manual_seed(0)
     adv = torch.randn(len(steps), generator=g)
@@ -1195,8 +1208,7 @@ def test_micro_batch_accumulation_equals_whole_minibatch(tiny, wm):
         model.load_state_dict(model0.state_dict())
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         c.micro_batch = micro
-        st = paw.ppo_update(model, opt, steps, old, adv, selected, lam, c, False, tok.pad_token_id,
-                            random.Random(0), ref)
+        st = paw.ppo_update(model, opt, paw.Batch(steps, old, ent, adv, selected, lam, ref), c, random.Random(0))
         results.append((st, [p.detach().clone() for p in model.parameters()]))
     (s0, p0) = results[0]
     for st, p in results[1:]:
@@ -1213,11 +1225,12 @@ def test_update_skips_observations_without_wm_weight(tiny, cap):
     [h ; a] only. The parameters after one SGD(lr=1) step must equal a naive reference that packs every
     o_{t+1} and computes L_RL + (1/|S|) sum_S lambda L_WM with the §6 scale from the full batch."""
     tok, _ = tiny
-    c = cfg(minibatches=1, micro_batch=0, wm="cmae", wm_rho=1.0, wm_alpha=0.6, wm_grad_cap=cap, max_grad_norm=1e9)
+    c = cfg(minibatches=1, micro_batch=0, wm="cmae", wm_rho=0.99, wm_alpha=0.6, wm_grad_cap=cap, max_grad_norm=1e9,
+            fused_loss=False)
     torch.manual_seed(5)
     model0 = paw.build_tiny_model(tok, c)
     steps = [s for e in paw.collect_rollouts(model0, tok, envs.TextWorldTiny, [3, 4], 3, c) for s in e.steps][:12]
-    old, ent, _, _ = paw.score_steps(model0, steps, c, False, tok.pad_token_id)
+    old, ent, _, _ = paw.score_steps(model0, steps, c)
     g = torch.Generator().manual_seed(1)
     adv = torch.randn(len(steps), generator=g)
     selected = paw.select_wm_targets(ent, c.wm_alpha)
@@ -1226,19 +1239,19 @@ def test_update_skips_observations_without_wm_weight(tiny, cap):
     assert (selected & (lam > 0)).any() and (selected & (lam == 0)).any()
     model = paw.build_tiny_model(tok, c)
     model.load_state_dict(model0.state_dict())
-    st = paw.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), steps, old, adv, selected, lam, c, False,
-                        tok.pad_token_id, random.Random(0))
+    st = paw.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), paw.Batch(steps, old, ent, adv, selected, lam),
+                        c, random.Random(0))
     ref = paw.build_tiny_model(tok, c)
     ref.load_state_dict(model0.state_dict())
-    pk = paw.pack_steps(steps, tok.pad_token_id, with_obs=True)  # every observation packed
-    (lp, _, _), (olp, _, _), top = paw.token_stats(ref, pk, c, False, return_top=True)
-    a = adv[pk.act_row]
+    packed = paw.pack_steps(steps, with_obs=True)  # every observation packed
+    (lp, _, _), (olp, _, _), head_input = paw.action_and_obs_logprobs(ref, packed, c, with_head_input=True)
+    a = adv[packed.act_row]
     l_rl = paw.ppo_clip_loss(lp, torch.cat(old), a, c.clip_low, c.clip_high)[0]
-    per_t = paw.per_transition_mean(paw.cmae_loss(olp, c.wm_rho), pk.obs_row, len(steps))
+    per_t = paw.per_transition_mean(paw.cmae_loss(olp, c.wm_rho), packed.obs_row, len(steps))
     l_wm = (lam[selected] * per_t[selected]).sum() / selected.sum()
     scale = 1.0
     if cap:
-        n_rl, n_wm = (torch.autograd.grad(x, top, retain_graph=True)[0].norm() for x in (l_rl, l_wm))
+        n_rl, n_wm = (torch.autograd.grad(x, head_input, retain_graph=True)[0].norm() for x in (l_rl, l_wm))
         scale = min(1.0, cap * float(n_rl) / float(n_wm))
     (l_rl + scale * l_wm).backward()
     with torch.no_grad():
@@ -1249,7 +1262,7 @@ def test_update_skips_observations_without_wm_weight(tiny, cap):
     assert st["wm_loss"] == pytest.approx(l_wm.item(), rel=1e-5)
     packed_obs = sum(len(s.obs_ids) for s, sel, lm in zip(steps, selected, lam) if sel and lm > 0)
     assert st["update_tokens"] == sum(len(s.prompt_ids) + len(s.action_ids) for s in steps) + packed_obs
-    assert st["update_tokens"] < int(pk.attention_mask.sum())  # fewer tokens than packing every o_{t+1}
+    assert st["update_tokens"] < int(packed.attention_mask.sum())  # fewer tokens than packing every o_{t+1}
 
 
 def test_readme_custom_env_example_trains(tmp_path):
@@ -1287,7 +1300,8 @@ def test_checkpoint_that_cannot_be_written_is_one_warning(tiny, tmp_path, monkey
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(type(model), "save_pretrained", full)
     opt = torch.optim.AdamW(model.parameters())
-    paw.save_or_warn(str(tmp_path), 3, model, tok, opt, random.Random(0), {}, 1.0, None)
+    run = paw.Run(cfg(), envs.TextWorldTiny, tok, model, opt, random.Random(0), None, run_dir=str(tmp_path), train_s=1.0)
+    paw.save_or_warn(run, 3)
     assert "checkpoint of iteration 3 not written" in capsys.readouterr().out
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
 
@@ -1295,21 +1309,19 @@ def test_checkpoint_that_cannot_be_written_is_one_warning(tiny, tmp_path, monkey
 # ------------------------------------------------------------------------------------------------
 # Several processes: torchrun + DistributedDataParallel (Gloo on CPU)
 # ------------------------------------------------------------------------------------------------
-def _ddp_update_worker(rank, world, folder, c, fused):
+def _ddp_update_worker(rank, world, folder, c):
     """One process of the 2-process update: its share of the steps (every other one), DDP, one optimizer step."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
     d = torch.load(f"{folder}/data.pt", weights_only=False)
-    mine = list(range(rank, len(d["steps"]), world))
+    mine = list(range(rank, len(d["batch"].steps), world))
     model = AutoModelForCausalLM.from_pretrained(f"{folder}/model")
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     ddp = torch.nn.parallel.DistributedDataParallel(paw.DistributedTrunk(model))
-    st = paw.ppo_update(ddp, opt, [d["steps"][i] for i in mine], [d["old"][i] for i in mine], d["adv"][mine],
-                        d["selected"][mine], d["lam"][mine], c, fused, d["pad"], random.Random(rank), None)
+    st = paw.ppo_update(ddp, opt, d["batch"].rows(mine), c, random.Random(rank))
     uneven = mine[:len(mine) - 2 * rank]  # balanced_share re-deals uneven shares evenly, losing nothing
-    share = paw.balanced_share(7, [d["steps"][i] for i in uneven], [d["old"][i] for i in uneven], d["adv"][uneven],
-                               d["selected"][uneven], d["lam"][uneven], [])
+    share = paw.balanced_share(7, d["batch"].rows(uneven))
     torch.save(dict(params=[p.detach() for p in model.parameters()], stats=st, share=share), f"{folder}/out{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -1320,19 +1332,19 @@ def test_ddp_update_equals_single_process(tiny, tmp_path, wm, fused):
     token-mean L_RL and the WM mean over selected transitions are global means, the §6 cap uses global norms,
     gradient clipping the global norm (max_grad_norm is set to bind). SGD(lr=1): the change is the gradient."""
     tok, _ = tiny
-    c = cfg(minibatches=1, micro_batch=0, wm=wm, wm_alpha=0.5, wm_grad_cap=0.002, max_grad_norm=0.05)
+    c = cfg(minibatches=1, micro_batch=0, wm=wm, wm_alpha=0.5, wm_grad_cap=0.002, max_grad_norm=0.05, fused_loss=fused)
     torch.manual_seed(5)
     model0 = paw.build_tiny_model(tok, c)
     steps = [s for e in paw.collect_rollouts(model0, tok, envs.TextWorldTiny, [3, 4], 3, c) for s in e.steps][:14]
-    old, ent, _, _ = paw.score_steps(model0, steps, c, fused, tok.pad_token_id)
+    old, ent, _, _ = paw.score_steps(model0, steps, c)
     g = torch.Generator().manual_seed(1)
     adv, lam = torch.randn(len(steps), generator=g), torch.rand(len(steps), generator=g)
-    selected = paw.select_wm_targets(ent, c.wm_alpha)
+    batch = paw.Batch(steps, old, ent, adv, paw.select_wm_targets(ent, c.wm_alpha), lam)
     model0.save_pretrained(tmp_path / "model")
-    torch.save(dict(steps=steps, old=old, adv=adv, selected=selected, lam=lam, pad=tok.pad_token_id), tmp_path / "data.pt")
-    torch.multiprocessing.spawn(_ddp_update_worker, args=(2, str(tmp_path), c, fused), nprocs=2)
+    torch.save(dict(batch=batch), tmp_path / "data.pt")
+    torch.multiprocessing.spawn(_ddp_update_worker, args=(2, str(tmp_path), c), nprocs=2)
     opt = torch.optim.SGD(model0.parameters(), lr=1.0)
-    ref = paw.ppo_update(model0, opt, steps, old, adv, selected, lam, c, fused, tok.pad_token_id, random.Random(0))
+    ref = paw.ppo_update(model0, opt, batch, c, random.Random(0))
     outs = [torch.load(tmp_path / f"out{r}.pt", weights_only=False) for r in range(2)]
     for o in outs:
         for a, b in zip(model0.parameters(), o["params"]):
@@ -1341,8 +1353,8 @@ def test_ddp_update_equals_single_process(tiny, tmp_path, wm, fused):
             assert o["stats"][k] == pytest.approx(ref[k], rel=1e-4, abs=1e-7), k
     assert ref["grad_norm"] > c.max_grad_norm  # the clip bound, on the global norm
     shares = [o["share"] for o in outs]
-    assert abs(len(shares[0][0]) - len(shares[1][0])) <= 1
-    dealt = sorted((a, s.prompt_ids) for sh in shares for s, a in zip(sh[0], sh[2].tolist()))
+    assert abs(len(shares[0].steps) - len(shares[1].steps)) <= 1
+    dealt = sorted((a, s.prompt_ids) for sh in shares for s, a in zip(sh.steps, sh.adv.tolist()))
     kept = sorted((adv[i].item(), steps[i].prompt_ids) for i in list(range(0, 14, 2)) + list(range(1, 10, 2)))
     assert dealt == kept  # each step with its own advantage, none lost or doubled
     assert wm == "off" or 0 < ref["wm_scale"] < 1  # the §6 cap bound, on global norms
