@@ -40,6 +40,15 @@ def machine() -> str:
     return s
 
 
+def run_cmd(cmd: list, what: str, fatal: bool = True, **kw) -> subprocess.CompletedProcess:
+    """One child process (a paw.py run or one bench measurement), its output captured. A failure ends the bench
+    with the child's last lines (fatal) or is returned to the caller, who records it."""
+    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, **kw)
+    if r.returncode != 0 and fatal:
+        sys.exit(f"bench: {what} failed:\n{(r.stderr or r.stdout)[-3000:]}")
+    return r
+
+
 def write_json(name: str, obj) -> str:
     os.makedirs(os.path.join(HERE, "bench_out"), exist_ok=True)
     path = os.path.join(HERE, "bench_out", name)
@@ -80,25 +89,21 @@ def warm_up_once(a, seed: int) -> str:
     name = f"{env_slug(a.env)}-s{seed}"
     root = os.path.join(HERE, "bench_out", "warm")
     if not os.path.exists(os.path.join(root, name, "summary.json")):
-        cmd = [sys.executable, os.path.join(HERE, "paw.py"), "--env", a.env, "--seed", str(seed), "--iters", "0",
+        cmd = [sys.executable, os.path.join(HERE, "paw.py"), "--env", a.env, "--seed", str(seed),
                "--eval-episodes", str(a.eval_episodes), "--out", root, "--name", name, "--threads", str(a.threads),
-               *a.extra, "--iters", "0"]
+               *a.extra, "--iters", "0"]  # last: the warm-up never trains, whatever the extra flags say
         print(f"[warm-up seed {seed}] {' '.join(cmd[1:])}", flush=True)
-        r = subprocess.run(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if r.returncode != 0:
-            print(r.stdout[-3000:])
-            sys.exit(f"bench: warm-up failed (seed {seed})")
+        run_cmd(cmd, f"warm-up (seed {seed})")
     return os.path.join(root, name)
 
 
 def bench_learn(a):
     variants = {v: {"paw": ["--wm", "cmae"], "baseline": ["--wm", "off"]}[v] for v in a.variants.split(",")}
     rows, curves = [], {}
-    if a.runs:  # report on finished runs: folders named ...-<variant>-s<seed>-...
+    if a.runs:  # report on finished runs: the variant and seed from each run's config.json
         for run in a.runs:
-            base = os.path.basename(run.rstrip("/"))
-            variant = "paw" if "-paw-" in base else "baseline"
-            seed = int(base.split("-s")[-1].split("-")[0])
+            cfg = json.load(open(os.path.join(run, "config.json")))
+            variant, seed = ("baseline" if cfg["wm"] == "off" else "paw"), cfg["seed"]
             row, curve = read_run(run, variant, seed)
             rows.append(row)
             curves[f"{variant}/s{seed}"] = curve
@@ -314,9 +319,7 @@ def bench_speed(a):
         for v, flags in SPEED_VARIANTS.items():
             cmd = [sys.executable, os.path.join(HERE, "bench.py"), "speed-one", "--env", a.env, "--iters", str(a.iters),
                    "--threads", str(a.threads), "--flags", json.dumps(flags + a.extra), "--model", a.model]
-            r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
-            if r.returncode != 0:
-                sys.exit(f"bench speed: {v} failed:\n{r.stderr[-2000:]}")
+            r = run_cmd(cmd, f"speed {v}")
             results[v].append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(f"[rep {rep + 1}] {v}: {results[v][-1]['cpu_s']:.1f} s CPU per iteration", flush=True)
     print(f"\nbench speed: {a.env}{f', --model {a.model}' if a.model else ''} {' '.join(a.extra)}, {a.threads} thread(s), {a.iters} iterations x {a.reps} rounds, "
@@ -485,10 +488,7 @@ def bench_ddp(a):
         for n in (1, a.procs):
             name = f"n{n}-r{rep}"
             launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(n)] if n > 1 else [])
-            r = subprocess.run(launch + [os.path.join(HERE, "paw.py"), *flags, "--name", name], cwd=HERE,
-                               capture_output=True, text=True, env=env)
-            if r.returncode != 0:
-                sys.exit(f"bench ddp: {n} process(es) failed:\n{r.stderr[-2000:]}")
+            run_cmd(launch + [os.path.join(HERE, "paw.py"), *flags, "--name", name], f"ddp with {n} process(es)", env=env)
             ts = [json.loads(x)["train_s"] for x in open(os.path.join(out, name, "metrics.jsonl"))]
             times[n].append((ts[-1] - ts[0]) / (len(ts) - 1))
             print(f"[rep {rep + 1}] {n} process(es): {times[n][-1]:.1f} s per iteration", flush=True)
@@ -587,7 +587,7 @@ def bench_loss(a):
                 cmd = [sys.executable, os.path.abspath(__file__), "loss-one", "--variant", v, "--N", str(N),
                        "--d", str(d), "--V", str(V), "--device", a.device, "--dtype", a.dtype,
                        "--reps", str(a.reps), "--chunk", str(a.chunk)]
-                r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+                r = run_cmd(cmd, f"loss {v}", fatal=False)
                 if r.returncode != 0:
                     print(f"{v} N={N} d={d} V={V}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode})")
                     rows.append(dict(variant=v, N=N, d=d, V=V, error=(r.stderr or "")[-500:]))

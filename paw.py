@@ -643,6 +643,22 @@ def wm_weights(episodes: list[Episode], cfg: Config, r_max: float) -> torch.Tens
 # ====================================================================================================
 # 6. Losses and the objective (§2.2, §2.4, §3), with the §6 safeguard
 # ====================================================================================================
+@dataclass
+class Batch:
+    """The objective's per-step input: one entry per step (transition) t of the iteration's rollouts."""
+    steps: list                # Step
+    old_logp: list             # per step: the behaviour log-prob of each action token (at the sampling temperature)
+    entropy: torch.Tensor      # H(a_t|h_t), the mean token entropy of the action (§2.1)
+    adv: torch.Tensor          # A_t (§3)
+    selected: torch.Tensor     # bool: t is a WM target, t in S (§2.1)
+    lam: torch.Tensor          # lambda_{g(t)} (§2.3)
+    ref_logp: list = field(default_factory=list)  # per step: the reference policy's log-probs (--kl-coef), else []
+
+    def rows(self, idx: list[int]) -> Batch:
+        return Batch([self.steps[i] for i in idx], [self.old_logp[i] for i in idx], self.entropy[idx], self.adv[idx],
+                     self.selected[idx], self.lam[idx], [self.ref_logp[i] for i in idx] if self.ref_logp else [])
+
+
 def cmae_loss(logp: torch.Tensor, rho: float) -> torch.Tensor:
     """§2.2 per-token clipped MAE: l = 1[p <= rho] * (1 - p), the indicator on detached p. For a one-hot
     target MAE = 1 - p; its gradient w.r.t. the target logit is -p(1-p) in the band and 0 outside."""
@@ -686,10 +702,10 @@ def wm_term(obs_logp, obs_rows, n_rows, selected, lam, cfg: Config) -> torch.Ten
     per_t = per_transition_mean(tok_loss, obs_rows, n_rows)
     has_tokens = torch.zeros(n_rows, dtype=torch.bool, device=obs_logp.device)
     has_tokens[obs_rows] = True
-    s = selected & has_tokens
-    if not s.any():
+    in_s = selected & has_tokens
+    if not in_s.any():
         return obs_logp.sum() * 0.0
-    return (lam[s] * per_t[s]).sum() / s.sum()
+    return (lam[in_s] * per_t[in_s]).sum() / in_s.sum()
 
 
 def combined_objective(fwd: ForwardOut, packed: Packed, part: Batch, cfg: Config):
@@ -710,42 +726,25 @@ def combined_objective(fwd: ForwardOut, packed: Packed, part: Batch, cfg: Config
 def backward_with_wm_cap(l_rl, l_wm, head_input: torch.Tensor, cap: float) -> dict:
     """§6 safeguard. Early in training every group fails, L_RL is exactly 0 and lambda_g = 1 (§2.3), so the
     WM loss alone would drive AdamW steps of full size (AdamW's step size does not depend on the loss
-    weight) and the policy collapses (§6: valid actions 0.99 -> 0 in 2-3 iterations, measured).
-    We therefore scale the WM term so that the gradient it sends into the shared trunk is at most `cap`
-    times the RL gradient's:  L = L_RL + s * WM,  s = min(1, cap ||dL_RL/dtop|| / ||dWM/dtop||),
-    where `head_input` is the last hidden state. Both norms cost only a backward through
-    the head; then one backward of the combined loss as in §2.4. With no RL signal s = 0: no WM step
-    either. cap = 0 switches the safeguard off (the literal §2.4 objective)."""
+    weight) and the policy collapses (README, §6). So the WM term is scaled until the gradient it sends into
+    the shared trunk is at most `cap` times the RL gradient's: L = L_RL + s * WM, s = min(1, cap ||dL_RL/dh|| /
+    ||dWM/dh||), with h = `head_input`, the last hidden state. Both norms cost only a backward through the head,
+    then one backward of the combined loss as in §2.4. With no RL signal s = 0: no WM step either. cap = 0
+    switches the safeguard off (the literal §2.4 objective)."""
     if cap <= 0 or not l_wm.requires_grad:
         (l_rl + l_wm).backward()
         return dict(wm_scale=1.0)
     g_rl, g_wm = (torch.autograd.grad(l, head_input, retain_graph=True, allow_unused=True)[0] for l in (l_rl, l_wm))
     sq = [g.float().square().sum().item() if g is not None else 0.0 for g in (g_rl, g_wm)]
     n_rl, n_wm = (math.sqrt(v) for v in all_reduce(sq))  # under torchrun: the norms over every process's slice
-    s = min(1.0, cap * n_rl / (n_wm + 1e-12)) if n_wm > 0 else 1.0
-    (l_rl + s * l_wm).backward()
-    return dict(wm_scale=s, grad_norm_rl_top=n_rl, grad_norm_wm_top=n_wm)
+    scale = min(1.0, cap * n_rl / (n_wm + 1e-12)) if n_wm > 0 else 1.0
+    (l_rl + scale * l_wm).backward()
+    return dict(wm_scale=scale, grad_norm_rl_top=n_rl, grad_norm_wm_top=n_wm)
 
 
 # ====================================================================================================
 # 7. The update and one training iteration
 # ====================================================================================================
-@dataclass
-class Batch:
-    """The update's input, one entry per step (transition) t of the iteration's rollouts."""
-    steps: list                # Step
-    old_logp: list             # per step: the behaviour log-prob of each action token (at the sampling temperature)
-    entropy: torch.Tensor      # H(a_t|h_t), the mean token entropy of the action (§2.1)
-    adv: torch.Tensor          # A_t (§3)
-    selected: torch.Tensor     # bool: t is a WM target, t in S (§2.1)
-    lam: torch.Tensor          # lambda_{g(t)} (§2.3)
-    ref_logp: list = field(default_factory=list)  # per step: the reference policy's log-probs (--kl-coef), else []
-
-    def rows(self, idx: list[int]) -> Batch:
-        return Batch([self.steps[i] for i in idx], [self.old_logp[i] for i in idx], self.entropy[idx], self.adv[idx],
-                     self.selected[idx], self.lam[idx], [self.ref_logp[i] for i in idx] if self.ref_logp else [])
-
-
 def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random) -> dict:
     """PPO-clip epochs over minibatches of steps; one optimizer step per minibatch (§2.4, §3). With
     --micro-batch, a minibatch is processed in slices whose gradients are accumulated; each slice's losses
@@ -1081,9 +1080,9 @@ class FusedLinearLogpEntropy(torch.autograd.Function):
         dh = torch.empty_like(hp)
         dW = torch.zeros(W.shape, dtype=_upcast(W[:1]).dtype, device=W.device)  # accumulate in >= fp32
         for i in range(0, N + n_pad, chunk):
-            s = slice(i, i + chunk)
-            dh_c, dW_c = bwd(hp[s], W, tp[s], lp[s], ep[s], gl[s], ge[s], with_entropy)
-            dh[s] = dh_c
+            c = slice(i, i + chunk)
+            dh_c, dW_c = bwd(hp[c], W, tp[c], lp[c], ep[c], gl[c], ge[c], with_entropy)
+            dh[c] = dh_c
             dW += dW_c
         return dh[:N], dW.to(W.dtype), None, None, None
 
@@ -1278,7 +1277,7 @@ def project_action(response: str, think: bool, prefilled_think: bool = False) ->
     ok = (text.count("<think>") == 1 and text.count("</think>") == 1 and text.count("<action>") == 1
           and text.count("</action>") == 1)
     if ok:
-        t0, t1, a0, a1 = (text.index(s) for s in ("<think>", "</think>", "<action>", "</action>"))
+        t0, t1, a0, a1 = (text.index(tag) for tag in ("<think>", "</think>", "<action>", "</action>"))
         ok = t0 < t1 < a0 < a1 and text[:t0].strip() == ""
     if not ok:
         return " ".join(response.split()), False
