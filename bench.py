@@ -625,82 +625,62 @@ def bench_loss(a):
     print(f"wrote {path}")
 
 
+def add_flags(sp, extra: str = "", **flags):
+    """--name (underscores as dashes) for each keyword: a default (its type is the flag's type), or a tuple
+    (default, help); default None = a required string. `extra`: help of the trailing paw.py flags after --."""
+    for name, spec in flags.items():
+        default, doc = spec if isinstance(spec, tuple) else (spec, None)
+        kw = dict(required=True) if default is None else dict(type=type(default), default=default)
+        sp.add_argument("--" + name.replace("_", "-"), help=doc, **kw)
+    if extra:
+        sp.add_argument("extra", nargs="*", help=extra + ", after --")
+    return sp
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    l = sub.add_parser("learn", help="PaW vs the --wm off baseline, same budget and seeds")
-    l.add_argument("--env", default="textworld-tiny")
-    l.add_argument("--algo", default="grpo", choices=["grpo", "gigpo", "rloo"])
-    l.add_argument("--seeds", type=int, default=3, help="how many seeds")
-    l.add_argument("--first-seed", type=int, default=1, help="seeds first-seed .. first-seed + seeds - 1")
-    l.add_argument("--variants", default="paw,baseline", help="comma list of paw (--wm cmae), baseline (--wm off)")
-    l.add_argument("--shared-warmup", action="store_true",
-                   help="run the pre-RL phase (language prior) once per seed (cached) and start every variant from it; "
-                        "the budget is then RL only")
-    l.add_argument("--tag", default="", help="suffix of the JSON file name (to run benches side by side)")
-    l.add_argument("--budget", type=float, default=10.0,
-                   help="training minutes per run (warm-up included, unless --shared-warmup)")
-    l.add_argument("--iters", type=int, default=10000, help="iteration cap per run")
-    l.add_argument("--threads", type=int, default=2)
-    l.add_argument("--parallel", type=int, default=1, help="runs at a time (e.g. 2 runs x --threads 1 on 2 cores)")
-    l.add_argument("--eval-every", type=int, default=10)
-    l.add_argument("--eval-every-episodes", type=int, default=50)
-    l.add_argument("--eval-episodes", type=int, default=200)
-    l.add_argument("--runs", nargs="*", default=None, help="report on these finished run folders instead of running")
-    l.add_argument("extra", nargs="*", help="more paw.py flags, after --")
-    s = sub.add_parser("speed", help="CPU time of a training iteration by phase: before/after, PaW vs --wm off")
-    s.add_argument("--env", default="textworld-tiny")
-    s.add_argument("--iters", type=int, default=2)
-    s.add_argument("--reps", type=int, default=2)
-    s.add_argument("--threads", type=int, default=1)
-    s.add_argument("--model", default="", help="a Hugging Face model folder instead of the tiny model (see chat-model)")
-    s.add_argument("extra", nargs="*", help="more paw.py flags for every variant, after --")
-    so = sub.add_parser("speed-one")
-    so.add_argument("--env"), so.add_argument("--iters", type=int), so.add_argument("--threads", type=int)
-    so.add_argument("--flags"), so.add_argument("--model", default="")
-    cm = sub.add_parser("chat-model", help="save a small random Qwen2 chat model (byte-level BPE, ChatML) to a folder")
-    cm.add_argument("folder")
-    cm.add_argument("--hidden", type=int, default=128)
-    cm.add_argument("--layers", type=int, default=2)
-    b = sub.add_parser("bc", help="behaviour cloning of the right decisions: what the tiny model learns with perfect labels")
-    b.add_argument("--env", default="textworld-tiny")
-    b.add_argument("--steps", type=int, default=1000)
-    b.add_argument("--batch", type=int, default=32)
-    b.add_argument("--lr", type=float, default=5e-4)
-    b.add_argument("--history", type=int, default=1)
-    b.add_argument("--every", type=int, default=250)
-    b.add_argument("--tag", default="", help="suffix of the JSON file name")
-    b.add_argument("--episodes", type=int, default=200)
-    b.add_argument("--threads", type=int, default=1)
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("extra", nargs="*", help="more paw.py flags (the tiny model's shape: --d-model, --n-layers, ...), after --")
-    e = sub.add_parser("engine", help="CPU of rollouts and evaluation spent inside the environment (cache off/on)")
-    e.add_argument("--env", required=True)
-    e.add_argument("--model", required=True, help="a saved paw model folder (runs/<name>/model)")
-    e.add_argument("--groups", type=int, default=8)
-    e.add_argument("--group-size", type=int, default=8)
-    e.add_argument("--eval-episodes", type=int, default=100)
-    e.add_argument("--reps", type=int, default=2)
-    e.add_argument("--threads", type=int, default=1)
-    d = sub.add_parser("ddp", help="iteration wall time: torchrun --nproc_per_node N vs one process")
-    d.add_argument("--env", default="textworld-tiny")
-    d.add_argument("--procs", type=int, default=2)
-    d.add_argument("--iters", type=int, default=4)
-    d.add_argument("--reps", type=int, default=2)
-    d.add_argument("extra", nargs="*", help="more paw.py flags, after --")
-    o = sub.add_parser("loss", help="fused vs naive loss path: time and peak memory")
-    o.add_argument("--device", default="cpu")
-    o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    o.add_argument("--reps", type=int, default=3)
-    o.add_argument("--chunk", type=int, default=0)
-    one = sub.add_parser("loss-one")
-    for k, typ in (("variant", str), ("N", int), ("d", int), ("V", int), ("device", str), ("dtype", str),
-                   ("reps", int), ("chunk", int)):
-        one.add_argument("--" + k, type=typ, required=True)
+    learn = add_flags(
+        sub.add_parser("learn", help="PaW vs the --wm off baseline, same budget and seeds"), "more paw.py flags",
+        env="textworld-tiny", seeds=(3, "how many seeds"), first_seed=(1, "seeds first-seed .. first-seed + seeds - 1"),
+        variants=("paw,baseline", "comma list of paw (--wm cmae), baseline (--wm off)"),
+        tag=("", "suffix of the JSON file name (to run benches side by side)"),
+        budget=(10.0, "training minutes per run (warm-up included, unless --shared-warmup)"),
+        iters=(10000, "iteration cap per run"), threads=2,
+        parallel=(1, "runs at a time (e.g. 2 runs x --threads 1 on 2 cores)"),
+        eval_every=10, eval_every_episodes=50, eval_episodes=200)
+    learn.add_argument("--algo", default="grpo", choices=["grpo", "gigpo", "rloo"])
+    learn.add_argument("--shared-warmup", action="store_true",
+                       help="run the pre-RL phase (language prior) once per seed (cached) and start every variant "
+                            "from it; the budget is then RL only")
+    learn.add_argument("--runs", nargs="*", default=None, help="report on these finished run folders instead of running")
+    add_flags(sub.add_parser("speed", help="CPU time of a training iteration by phase: before/after, PaW vs --wm off"),
+              "more paw.py flags for every variant", env="textworld-tiny", iters=2, reps=2, threads=1,
+              model=("", "a Hugging Face model folder instead of the tiny model (see chat-model)"))
+    add_flags(sub.add_parser("speed-one"), env=None, iters=0, threads=1, flags=None, model="")
+    chat = add_flags(sub.add_parser("chat-model", help="save a small random Qwen2 chat model (byte-level BPE, ChatML) "
+                                                        "to a folder"), hidden=128, layers=2)
+    chat.add_argument("folder")
+    add_flags(sub.add_parser("bc", help="behaviour cloning of the right decisions: what the tiny model learns with "
+                                        "perfect labels"),
+              "more paw.py flags (the tiny model's shape: --d-model, --n-layers, ...)", env="textworld-tiny",
+              steps=1000, batch=32, lr=5e-4, history=1, every=250, tag=("", "suffix of the JSON file name"),
+              episodes=200, threads=1, seed=0)
+    add_flags(sub.add_parser("engine", help="CPU of rollouts and evaluation spent inside the environment (cache "
+                                            "off/on)"),
+              env=None, model=(None, "a saved paw model folder (runs/<name>/model)"), groups=8, group_size=8,
+              eval_episodes=100, reps=2, threads=1)
+    add_flags(sub.add_parser("ddp", help="iteration wall time: torchrun --nproc_per_node N vs one process"),
+              "more paw.py flags", env="textworld-tiny", procs=2, iters=4, reps=2)
+    loss = add_flags(sub.add_parser("loss", help="fused vs naive loss path: time and peak memory"), device="cpu",
+                     reps=3, chunk=0)
+    loss.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_flags(sub.add_parser("loss-one"), variant=None, N=0, d=0, V=0, device=None, dtype=None, reps=0, chunk=0)
     a = p.parse_args()
+    chat_model = lambda a: print(f"saved {a.folder} ({len(make_chat_model(a.folder, hidden=a.hidden, layers=a.layers))} "  # noqa: E731
+                                 "tokens)")
     {"learn": bench_learn, "loss": bench_loss, "ddp": bench_ddp, "bc": bench_bc, "engine": bench_engine,
-     "chat-model": lambda a: print(f"saved {a.folder} ({len(make_chat_model(a.folder, hidden=a.hidden, layers=a.layers))} tokens)"), "loss-one": loss_one, "speed": bench_speed,
-     "speed-one": speed_one}[a.cmd](a)
+     "chat-model": chat_model, "loss-one": loss_one, "speed": bench_speed, "speed-one": speed_one}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ class Config:
     history: int = arg(1, "K, past (observation, action) pairs shown in the prompt", check=">=0")
     temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature")
     action_mask: str = arg("auto", "decode only admissible actions (log-probs and entropies of the renormalised "
-                           "distribution); auto = on for the plain prompt, off for think", choices=["auto", "on", "off"])
+                           "distribution); auto = on for the plain prompt, off for think",
+                           choices=["auto", "on", "off"])
     max_action_tokens: int = arg(0, "longest response in tokens, EOS included (0 = 8 plain, 256 think)", check=">=0")
     # --- RL (§3) -------------------------------------------------------------------------------------
     algo: str = arg("grpo", "advantage estimator (§3)", choices=["grpo", "gigpo", "rloo"], group="RL (§3)")
@@ -182,6 +183,22 @@ def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible
     lines.append("Actions: " + " ; ".join(admissible))
     lines.append("Your action:")
     return "\n".join(lines)
+
+
+def render_prompt(tok, fmt: PromptFormat, task, history, obs, admissible, k: int) -> list[int]:
+    """Prompt text -> token ids: the plain prompt (tiny model) or the think prompt in the chat template."""
+    if not fmt.think:
+        return encode_prompt(tok, build_prompt(task, history, obs, admissible, k))
+    text = build_think_prompt(task, history, obs, admissible, k, len(history))
+    if fmt.chat:  # the template carries its own BOS / role tokens
+        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return encode_prompt(tok, text + "\n")
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
 
 
 @dataclass
@@ -338,10 +355,11 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
                 text = next((x for x in slot.info["admissible_actions"] if action_ids[x] == ids), text)
             points = slot.env.decision_points() if hasattr(slot.env, "decision_points") else {}
             obs, reward, done, info = slot.env.step(text)  # checked: a protocol violation is EnvFailure
+            obs_ids = tok(obs, add_special_tokens=False)["input_ids"][:cfg.wm_max_tokens]
             ep.steps.append(Step(
-                prompt_ids=prompt, action_ids=ids, obs_ids=tok(obs, add_special_tokens=False)["input_ids"][:cfg.wm_max_tokens],
-                reward=float(reward), valid=bool(info.get("valid", True)) and format_ok, anchor=slot.obs,
-                format_ok=format_ok, allowed=allowed_along(tries[n], ids) if tries is not None else None,
+                prompt_ids=prompt, action_ids=ids, obs_ids=obs_ids, reward=float(reward), anchor=slot.obs,
+                valid=bool(info.get("valid", True)) and format_ok, format_ok=format_ok,
+                allowed=allowed_along(tries[n], ids) if tries is not None else None,
                 decisions={k: text in right for k, right in points.items()}, gen_logp=logp, gen_entropy=entropy))
             slot.history.append((slot.obs, text if format_ok else text[:200]))  # a rambling violation stays short
             slot.obs, slot.info = obs, info
@@ -904,12 +922,13 @@ def train(run: Run, start: int) -> tuple[int, bool]:
                 run.train_s += time.time() - t_it
                 m["train_s"] = run.train_s
                 if cfg.eval_every and it % cfg.eval_every == 0:
-                    ev = evaluate(run.model, run.tok, run.env_cls, cfg, cfg.eval_every_episodes, greedy=True, fmt=run.fmt)
+                    ev = evaluate(run.model, run.tok, run.env_cls, cfg, cfg.eval_every_episodes, fmt=run.fmt)
                     m.update({"eval_" + k: v for k, v in ev.items()})
             except KeyboardInterrupt:  # keep what was learned: evaluate and save after the loop
                 if world()[1] > 1:  # the other processes cannot be told: the last checkpoint is what is kept
                     fail(f"interrupted at iteration {it}; under torchrun the last checkpoint is kept", 130)
-                print(f"\ninterrupted at iteration {it}; evaluating and saving what was trained (Ctrl-C again: save only)")
+                print(f"\ninterrupted at iteration {it}; evaluating and saving what was trained "
+                      "(Ctrl-C again: save only)")
                 return it - 1, True
             warned = report_iteration(run, m, metrics_file, bar, warned)
             if it == start + 1:  # the first measured iteration gives the estimate of the whole run
@@ -1155,13 +1174,14 @@ def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
     """Word-level tokenizer trained with `tokenizers` on environment text; loadable with AutoTokenizer.
     Actions are plain words too ("take apple" = take + apple + EOS): the object word of an action is then
     the same token as in the task and the observation, so the policy can learn to copy it (see the README's
-    design decisions for the measurement against whole-action tokens). `actions` only enter the vocabulary."""
+    design decisions). `actions` only enter the vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tk = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk_token"]))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
-    tk.train_from_iterator(list(texts) + list(actions), trainers.WordLevelTrainer(special_tokens=list(SPECIALS.values()), show_progress=False))
+    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIALS.values()), show_progress=False)
+    tk.train_from_iterator(list(texts) + list(actions), trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, **SPECIALS)
     tok.padding_side = "left"
     return tok
@@ -1170,11 +1190,11 @@ def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
 def build_tiny_model(tok, cfg: Config):
     """A randomly initialised Llama-architecture decoder, small enough to train on a laptop CPU. (Llama, not
     Qwen2: transformers 5's AutoTokenizer always rebuilds a qwen2 checkpoint's tokenizer as the byte-level
-    Qwen2Tokenizer, which would silently mis-tokenize our word-level one on reload; measured.)"""
+    Qwen2Tokenizer, which would silently mis-tokenize our word-level one on reload.)"""
     from transformers import LlamaConfig, LlamaForCausalLM
     mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
-                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                       num_key_value_heads=cfg.n_heads // 2 if cfg.n_heads % 2 == 0 else cfg.n_heads, max_position_embeddings=4096,
+                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, max_position_embeddings=4096,
+                       num_key_value_heads=cfg.n_heads // 2 if cfg.n_heads % 2 == 0 else cfg.n_heads,
                        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, use_cache=True, attention_bias=True)
     return LlamaForCausalLM(mcfg)
@@ -1191,7 +1211,8 @@ def load_hf_model(name: str, dtype: torch.dtype):
     except Exception as e:  # noqa: BLE001 - report any loading failure as one line
         what = " ".join(str(e).split())
         what = what[:what.find(". ") + 1] if 0 < what.find(". ") < 300 else what[:300]  # its first sentence
-        raise ConfigError(f"cannot load --model {name!r} as a causal LM with its tokenizer: {type(e).__name__}: {what}") from None
+        raise ConfigError(f"cannot load --model {name!r} as a causal LM with its tokenizer: "
+                          f"{type(e).__name__}: {what}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -1236,7 +1257,8 @@ def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
     think = cfg.prompt_format == "think" or (cfg.prompt_format == "auto" and bool(cfg.model) and chat)
     prefilled = False
     if think and chat:
-        rendered = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
+        rendered = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                                           tokenize=False)
         prefilled = rendered.rstrip().endswith("<think>")
     stop = {tok.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -1247,22 +1269,6 @@ def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
     if mask and think:
         raise ConfigError("--action-mask on needs --prompt-format plain (a think response is free text)")
     return PromptFormat(think, chat and think, prefilled, sorted(stop), budget, mask)
-
-
-def render_prompt(tok, fmt: PromptFormat, task, history, obs, admissible, k: int) -> list[int]:
-    """Prompt text -> token ids: the plain prompt (tiny model) or the think prompt in the chat template."""
-    if not fmt.think:
-        return encode_prompt(tok, build_prompt(task, history, obs, admissible, k))
-    text = build_think_prompt(task, history, obs, admissible, k, len(history))
-    if fmt.chat:  # the template carries its own BOS / role tokens
-        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
-        return tok(text, add_special_tokens=False)["input_ids"]
-    return encode_prompt(tok, text + "\n")
-
-
-def encode_prompt(tok, text: str) -> list[int]:
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
 
 
 def project_action(response: str, think: bool, prefilled_think: bool = False) -> tuple[str, bool]:
@@ -1319,7 +1325,8 @@ def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random) -> dict
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.prior_lr, weight_decay=0.0)
     model.train()
     losses, accs = [], []
-    for step in tqdm(range(cfg.prior_steps), desc="language prior", leave=False, dynamic_ncols=True, disable=world()[0] != 0):
+    for step in tqdm(range(cfg.prior_steps), desc="language prior", leave=False, dynamic_ncols=True,
+                     disable=world()[0] != 0):
         batch = ids[step * cfg.prior_batch:(step + 1) * cfg.prior_batch]
         steps = [Step(prompt_ids=bos, action_ids=[], obs_ids=x[:4 * cfg.wm_max_tokens] + [tok.eos_token_id],
                       reward=0.0, valid=True, anchor="") for x in batch]
@@ -1341,10 +1348,10 @@ def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random) -> dict
 # A5. Several processes (torchrun, DistributedDataParallel)
 # ====================================================================================================
 class DistributedTrunk(nn.Module):
-    """What DistributedDataParallel wraps under torchrun: the causal LM, with a forward that gives action_and_obs_logprobs
-    what it needs (the last hidden state for the fused loss, else the model's output). The head's weight is
-    used by the loss outside this forward, but every parameter gets its gradient in every backward, which is
-    all DDP's gradient all-reduce needs."""
+    """What DistributedDataParallel wraps under torchrun: the causal LM, with a forward that gives
+    action_and_obs_logprobs what it needs (the last hidden state for the fused loss, else the model's output).
+    The head's weight is used by the loss outside this forward, but every parameter gets its gradient in every
+    backward, which is all DDP's gradient all-reduce needs."""
 
     def __init__(self, lm):
         super().__init__()
@@ -1494,7 +1501,8 @@ def load_checkpoint(ckpt: str, dtype: torch.dtype):
         if missing:
             raise ValueError(f"trainer.pt lacks {', '.join(sorted(missing))}")
         tok, model = load_hf_model(os.path.join(ckpt, "model"), dtype)
-        ref = load_hf_model(os.path.join(ckpt, "ref_model"), dtype)[1] if os.path.isdir(os.path.join(ckpt, "ref_model")) else None
+        has_ref = os.path.isdir(os.path.join(ckpt, "ref_model"))
+        ref = load_hf_model(os.path.join(ckpt, "ref_model"), dtype)[1] if has_ref else None
     except Exception as e:  # noqa: BLE001 - any damage (missing/truncated file) is reported in one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConfigError(f"cannot resume from {ckpt}: the checkpoint is damaged or incomplete "
@@ -1585,9 +1593,10 @@ def parse_config(argv=None) -> Config:
         args = p.parse_args(argv)
         # a resumed run keeps its environment, model, tokenizer and method; only these may change
         changed = [k for k in known - RESUME_SAFE if k in saved and vars(args)[k] != saved[k]]
+        flags = lambda names: ", ".join("--" + k.replace("_", "-") for k in sorted(names))  # noqa: E731
         if changed:
-            p.error(f"--resume {args.resume}: cannot change {', '.join('--' + k.replace('_', '-') for k in sorted(changed))}"
-                    f" of a run (allowed: {', '.join('--' + k.replace('_', '-') for k in sorted(RESUME_SAFE - {'resume'}))})")
+            p.error(f"--resume {args.resume}: cannot change {flags(changed)} of a run "
+                    f"(allowed: {flags(RESUME_SAFE - {'resume'})})")
     try:
         return Config(**vars(args))
     except ConfigError as e:
@@ -1625,7 +1634,8 @@ def make_run_dir(cfg: Config) -> str:
     run_dir, error = cfg.resume.rstrip("/"), None
     if world()[0] == 0:
         if not cfg.resume:
-            name = cfg.name or f"{paw_envs.env_slug(cfg.env)}-{cfg.algo}-{cfg.wm}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            name = cfg.name or f"{paw_envs.env_slug(cfg.env)}-{cfg.algo}-{cfg.wm}-s{cfg.seed}-{stamp}"
             run_dir = os.path.join(cfg.out, name)
             if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
                 error = f"{run_dir} already holds a run; pick another --name or --resume it"
@@ -1689,7 +1699,8 @@ def print_plan(run: Run, dev, resuming: bool):
         f"| {cfg.algo} + WM {cfg.wm} | prompt {'think' if fmt.think else 'plain'}"
         f"{' (chat template)' if fmt.chat else ''}{', action mask' if fmt.mask else ''} | device {dev}"
         f"{f' x {world()[1]} processes' if world()[1] > 1 else ''} | run dir {run.run_dir}")
-    pre = ["random-policy baseline"] + ([f"language prior ({cfg.prior_steps} steps)"] if not cfg.model and cfg.prior_steps else [])
+    pre = ["random-policy baseline"] + ([f"language prior ({cfg.prior_steps} steps)"]
+                                        if not cfg.model and cfg.prior_steps else [])
     say(f"paw: plan: {' -> '.join(['resume'] if resuming else pre)} -> RL, {cfg.iters} iterations"
         f"{f' or {cfg.time_budget:g} min' if cfg.time_budget else ''} -> final evaluation ({cfg.eval_episodes} "
         f"held-out episodes). Ctrl-C stops early and keeps what was trained.")
@@ -1717,10 +1728,8 @@ def finish(run: Run, dev, interrupted: bool) -> dict:
     """The final held-out evaluation next to the random policy, the model (save_pretrained) and summary.json."""
     cfg, summary = run.cfg, run.summary
     try:
-        summary["final_greedy"] = evaluate(run.model, run.tok, run.env_cls, cfg, cfg.eval_episodes, greedy=True, fmt=run.fmt)
-        if cfg.eval_sampled:
-            summary["final_sampled"] = evaluate(run.model, run.tok, run.env_cls, cfg, cfg.eval_episodes, greedy=False,
-                                                fmt=run.fmt)
+        for key, greedy in (("final_greedy", True), ("final_sampled", False))[:1 + cfg.eval_sampled]:
+            summary[key] = evaluate(run.model, run.tok, run.env_cls, cfg, cfg.eval_episodes, greedy=greedy, fmt=run.fmt)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted during the final evaluation: saving the model and summary without it", file=sys.stderr)
@@ -1739,7 +1748,8 @@ def finish(run: Run, dev, interrupted: bool) -> dict:
         with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
             json.dump(strict_json(summary)[0], f, indent=1)
     except (OSError, RuntimeError) as e:
-        fail(f"could not save the final model to {run.run_dir}: {type(e).__name__}: {' '.join(str(e).split())[:200]}", 1)
+        fail(f"could not save the final model to {run.run_dir}: {type(e).__name__}: "
+             f"{' '.join(str(e).split())[:200]}", 1)
     print(f"\nsaved: {run.run_dir}/ (config.json, metrics.jsonl, summary.json, model/"
           f"{', checkpoints/' if os.path.isdir(os.path.join(run.run_dir, 'checkpoints')) else ''})")
     if interrupted:
