@@ -374,7 +374,8 @@ def bench_bc(a):
                 label = rng.choice(right)
                 trie = paw.action_trie(tok, info["admissible_actions"], tok.eos_token_id, cache)
                 p = paw.render_prompt(tok, fmt, info["task"], hist, obs, info["admissible_actions"], cfg.history)
-                out.append((paw.Step(p, cache[label], [], 0.0, True, "", allowed=paw.allowed_along(trie, cache[label])),
+                out.append((paw.Step(prompt_ids=p, action_ids=cache[label], obs_ids=[], reward=0.0, valid=True, anchor="",
+                                     allowed=paw.allowed_along(trie, cache[label])),
                             name, right, trie))
                 act = label if rng.random() < 0.7 else rng.choice(info["admissible_actions"])
                 hist.append((obs, act))
