@@ -1812,7 +1812,8 @@ def main(argv=None):
     it, interrupted = train(run, start)
     run.summary.update(iters_done=it, train_s=run.train_s)
     summary = finish(run, dev, interrupted)
-    if n_proc > 1:
+    if n_proc > 1:  # every process leaves together, after process 0 has saved everything
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
 
