@@ -297,9 +297,19 @@ def speed_one(a):
     cfg.fused_loss = cfg.fused_loss and paw.plain_linear_head(model)[0]  # as paw.py decides it
     run = paw.Run(cfg, env_cls, tok, model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), random.Random(1),
                   paw.make_prompt_format(tok, model, cfg))
+    import copy
+    import numpy as np
+    start = copy.deepcopy((model.state_dict(), run.opt.state_dict(), run.rng.getstate(), random.getstate(),
+                           np.random.get_state(), torch.get_rng_state()))
+
+    def restart():  # --same-rollouts: every iteration is the first one again, so every variant times the same rollouts
+        model.load_state_dict(start[0]), run.opt.load_state_dict(start[1]), run.rng.setstate(start[2])
+        random.setstate(start[3]), np.random.set_state(start[4]), torch.set_rng_state(start[5])
     paw.train_iteration(run, 0)  # warm-up iteration
     rows = []
     for it in range(a.iters):
+        if a.same_rollouts:
+            restart()
         c0, w0 = time.process_time(), time.time()
         m = paw.train_iteration(run, it + 1)
         cpu, n_trans = time.process_time() - c0, m["episode_len"] * cfg.groups * cfg.group_size
@@ -318,7 +328,8 @@ def bench_speed(a):
     for rep in range(a.reps):
         for v, flags in SPEED_VARIANTS.items():
             cmd = [sys.executable, os.path.join(HERE, "bench.py"), "speed-one", "--env", a.env, "--iters", str(a.iters),
-                   "--threads", str(a.threads), "--flags", json.dumps(flags + a.extra), "--model", a.model]
+                   "--threads", str(a.threads), "--flags", json.dumps(flags + a.extra), "--model", a.model,
+                   *(["--same-rollouts"] if a.same_rollouts else [])]
             r = run_cmd(cmd, f"speed {v}")
             results[v].append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(f"[rep {rep + 1}] {v}: {results[v][-1]['cpu_s']:.1f} s CPU per iteration", flush=True)
@@ -336,7 +347,7 @@ def bench_speed(a):
     print(f"defaults / rescore+unsorted CPU per transition: {per[names[1]] / per[names[0]]:.2f}; "
           f"PaW / --wm off CPU per transition: {per[names[1]] / per[names[2]]:.2f} (observation-token share of the "
           f"update: {1 - summary[names[2]]['tokens_per_transition'] / summary[names[1]]['tokens_per_transition']:.2f})")
-    name = f"speed-{env_slug(a.env)}{'-model' if a.model else ''}.json"
+    name = f"speed-{env_slug(a.env)}{'-model' if a.model else ''}{'-same' if a.same_rollouts else ''}.json"
     print(f"wrote {write_json(name, dict(machine=machine(), args=vars(a), results=results, mean=summary))}")
 
 
@@ -655,10 +666,14 @@ def main():
                        help="run the pre-RL phase (language prior) once per seed (cached) and start every variant "
                             "from it; the budget is then RL only")
     learn.add_argument("--runs", nargs="*", default=None, help="report on these finished run folders instead of running")
-    add_flags(sub.add_parser("speed", help="CPU time of a training iteration by phase: before/after, PaW vs --wm off"),
-              "more paw.py flags for every variant", env="textworld-tiny", iters=2, reps=2, threads=1,
-              model=("", "a Hugging Face model folder instead of the tiny model (see chat-model)"))
-    add_flags(sub.add_parser("speed-one"), env=None, iters=0, threads=1, flags=None, model="")
+    speed_p = add_flags(sub.add_parser("speed", help="CPU time of a training iteration by phase: before/after, PaW vs "
+                                                     "--wm off"),
+                        "more paw.py flags for every variant", env="textworld-tiny", iters=2, reps=2, threads=1,
+                        model=("", "a Hugging Face model folder instead of the tiny model (see chat-model)"))
+    one_p = add_flags(sub.add_parser("speed-one"), env=None, iters=0, threads=1, flags=None, model="")
+    for sp in (speed_p, one_p):
+        sp.add_argument("--same-rollouts", action="store_true", help="time the first iteration again and again "
+                        "(model, optimizer and every RNG restored): all variants update on the same rollouts")
     chat = add_flags(sub.add_parser("chat-model", help="save a small random Qwen2 chat model (byte-level BPE, ChatML) "
                                                         "to a folder"), hidden=128, layers=2)
     chat.add_argument("folder")
