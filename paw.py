@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import math
 import random
@@ -1812,7 +1813,9 @@ def main(argv=None):
     it, interrupted = train(run, start)
     run.summary.update(iters_done=it, train_s=run.train_s)
     summary = finish(run, dev, interrupted)
-    if n_proc > 1:  # every process leaves together, after process 0 has saved everything
+    if n_proc > 1:  # DDP's reducer holds the process group: free both while Python is whole, then leave together
+        run.trainer = None
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
