@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -496,20 +497,16 @@ def action_and_obs_logprobs(model, packed: Packed, cfg: Config, with_head_input:
 
 
 def behaviour_from_generation(cfg: Config, score_values: int = 0) -> bool:
-    """Take the behaviour (old) log-probs and H(a_t|h_t) from generation instead of a scoring pass? In float32,
-    cached decoding and a full forward give the same numbers (tested); in bf16 they do not. `score_values`
-    (batch x new tokens x vocab) is what generate would keep: above 2^26 values (256 MB), e.g. a 150k
-    vocabulary and 256-token think responses, rescoring is cheaper in memory."""
+    """Behaviour (old) log-probs and H(a_t|h_t) from generation, not a scoring pass? In float32 both agree (tested),
+    in bf16 not. Above 2^26 kept scores (batch x new tokens x vocab, 256 MB) a rescoring pass is cheaper."""
     return cfg.rescore == "off" or (cfg.rescore == "auto" and cfg.dtype == "float32" and score_values <= 2**26)
 
 
 @torch.no_grad()
 def score_steps(model, steps: list[Step], cfg: Config, ref_model=None, policy: bool = True):
-    """The no-grad scoring pass (§2.1 Decision): rollout-time (old) log-probs of every action token at
-    the sampling temperature, per-token entropy, the WM token accuracy, and (with --kl-coef) the
-    reference policy's log-probs. Same weights as at generation, so these are the behaviour log-probs.
-    policy=False: only the reference log-probs (generation already gave the behaviour ones).
-    -> (old log-probs per step, H(a_t|h_t) per step, reference log-probs per step, WM token accuracy)."""
+    """The no-grad scoring pass (§2.1): with the weights that generated the rollouts, the behaviour log-probs of
+    each action token (sampling temperature), H(a_t|h_t), the WM token accuracy, and with `ref_model` its log-probs
+    (policy=False: only those). -> (old log-probs per step, H(a_t|h_t), ref log-probs per step, WM accuracy)."""
     was_training = model.training
     model.eval()
     old, ent_mean, ref, hits, n_obs = [], [], [], 0, 0
@@ -533,20 +530,20 @@ def score_steps(model, steps: list[Step], cfg: Config, ref_model=None, policy: b
 # ====================================================================================================
 # 4. Advantages (§3). Statistics are over the trajectories of a group, never over pooled step rows.
 # ====================================================================================================
+def normalized_in_group(r: torch.Tensor, norm: str = "mean_std", eps: float = 1e-6) -> torch.Tensor:
+    """(r - mean r) / (std r + eps) (unbiased std, as verl and TRL), or r - mean r for norm='mean'. Fewer than
+    two members or zero std: exactly 0, no RL signal (§2.3), not (r - mean)/eps noise."""
+    if r.numel() < 2 or r.std() < eps:
+        return torch.zeros_like(r)
+    return (r - r.mean()) / (r.std() + eps) if norm == "mean_std" else r - r.mean()
+
+
 def grpo_advantages(returns: torch.Tensor, group: torch.Tensor, norm: str = "mean_std",
                     eps: float = 1e-6) -> torch.Tensor:
-    """§3 GRPO: A_i = (R_i - mean_j R_j) / (std_j R_j + eps) over the G trajectories of each group
-    (unbiased std, as verl and TRL). A group of size 1 or with zero std gets 0. norm='mean': no std."""
+    """§3 GRPO: A_i = (R_i - mean_j R_j) / (std_j R_j + eps) over the G trajectories of each group."""
     adv = torch.zeros_like(returns, dtype=torch.float64)
     for g in group.unique():
-        m = group == g
-        r = returns[m].double()
-        if r.numel() < 2:
-            continue
-        std = r.std()
-        if std < eps:
-            continue  # zero-std group: no RL signal (§2.3); set exactly 0, not (r - mean)/eps noise
-        adv[m] = (r - r.mean()) / (std + eps) if norm == "mean_std" else r - r.mean()
+        adv[group == g] = normalized_in_group(returns[group == g].double(), norm, eps)
     return adv.to(returns.dtype)
 
 
@@ -584,13 +581,7 @@ def gigpo_step_advantages(step_returns: list[float], anchors: list[str], group: 
     R = torch.tensor(step_returns, dtype=torch.float64)
     for idx in clusters.values():
         size[idx] = len(idx)
-        if len(idx) < 2:
-            continue
-        r = R[idx]
-        std = r.std()
-        if std < eps:
-            continue
-        adv[idx] = (r - r.mean()) / (std + eps) if norm == "mean_std" else r - r.mean()
+        adv[idx] = normalized_in_group(R[idx], norm, eps)
     return adv, size
 
 
@@ -619,10 +610,10 @@ def compute_advantages(episodes: list[Episode], cfg: Config):
         step_adv = step_adv + cfg.gigpo_omega * a_step
         stats.update(anchor_cluster_size=size.double().mean().item(),
                      singleton_cluster_frac=(size == 1).double().mean().item())
-    zero_std = [float((R[grp == g].std() if (grp == g).sum() > 1 else torch.tensor(0.0)) < 1e-6)
-                for g in grp.unique()]
+    zero_std = [bool(normalized_in_group(R[grp == g]).eq(0).all()) for g in grp.unique()]  # no RL signal
     stats["zero_std_group_frac"] = float(np.mean(zero_std))
     return step_adv.float(), stats
+
 
 
 # ====================================================================================================
@@ -743,13 +734,10 @@ def combined_objective(fwd: ForwardOut, packed: Packed, part: Batch, cfg: Config
 
 
 def backward_with_wm_cap(l_rl, l_wm, head_input: torch.Tensor, cap: float) -> dict:
-    """§6 safeguard. Early in training every group fails, L_RL is exactly 0 and lambda_g = 1 (§2.3), so the
-    WM loss alone would drive AdamW steps of full size (AdamW's step size does not depend on the loss
-    weight) and the policy collapses (README, §6). So the WM term is scaled until the gradient it sends into
-    the shared trunk is at most `cap` times the RL gradient's: L = L_RL + s * WM, s = min(1, cap ||dL_RL/dh|| /
-    ||dWM/dh||), with h = `head_input`, the last hidden state. Both norms cost only a backward through the head,
-    then one backward of the combined loss as in §2.4. With no RL signal s = 0: no WM step either. cap = 0
-    switches the safeguard off (the literal §2.4 objective)."""
+    """§6 safeguard: backward of L = L_RL + s * WM, s = min(1, cap ||dL_RL/dh|| / ||dWM/dh||), h = `head_input`
+    (the last hidden state), so the WM gradient into the shared trunk is at most `cap` times the RL one. When
+    every group fails, L_RL = 0 and lambda_g = 1: unscaled, WM alone would drive full-size AdamW steps and
+    collapse the policy; here s = 0. The norms cost a backward through the head only. cap = 0: literal §2.4."""
     if cap <= 0 or not l_wm.requires_grad:
         (l_rl + l_wm).backward()
         return dict(wm_scale=1.0)
@@ -765,11 +753,8 @@ def backward_with_wm_cap(l_rl, l_wm, head_input: torch.Tensor, cap: float) -> di
 # 7. The update and one training iteration
 # ====================================================================================================
 def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random) -> dict:
-    """PPO-clip epochs over minibatches of steps; one optimizer step per minibatch (§2.4, §3). With
-    --micro-batch, a minibatch is processed in slices whose gradients are accumulated; each slice's losses
-    are weighted by its share of the minibatch's action tokens (L_RL, token mean) and of its selected
-    transitions (WM term, mean over S), so the summed gradient equals the whole-minibatch one. (The §6 cap
-    is then applied per slice.)"""
+    """PPO-clip epochs over minibatches of steps, one optimizer step per minibatch (§2.4, §3). A minibatch runs
+    in --micro-batch slices whose gradients add up exactly to the whole minibatch's (see slice_backward)."""
     params = [p for p in model.parameters() if p.requires_grad]
     steps, logs, counts = batch.steps, [], dict(tokens=0, padded=0, obs_hits=0, obs_tokens=0)
     wm_on = cfg.wm != "off"
@@ -1044,16 +1029,11 @@ def _chunk_backward(h, W, t, lse, ent, g_logp, g_ent, with_entropy: bool):
     return dz @ W, dz.t() @ h
 
 
-_KERNELS: dict = {}
-
-
+@functools.cache
 def _kernel(name: str, backend: str):
     """The chunk kernels, compiled once per backend with static shapes (the last chunk is padded)."""
-    key = (name, backend)
-    if key not in _KERNELS:
-        fn = {"fwd": _chunk_forward, "bwd": _chunk_backward}[name]
-        _KERNELS[key] = fn if backend == "off" else torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
-    return _KERNELS[key]
+    fn = {"fwd": _chunk_forward, "bwd": _chunk_backward}[name]
+    return fn if backend == "off" else torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
 
 
 # Below this vocabulary (and without compile) the fused path takes the full logits of the gathered loss
@@ -1145,11 +1125,9 @@ SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_tok
 
 
 def gather_env_text(env_cls, n_episodes: int = 0, seed: int = 0):
-    """Text for the tokenizer, taken from the environment itself: random rollouts on training seeds
-    (with some inadmissible actions, so "Nothing happens." is seen), plus whatever vocabulary the env
-    declares (§6: every string it can emit, or the tokenizer turns it into [UNK]). n_episodes = 0: the env
-    class's `text_episodes` (fewer where a step is expensive), else 1000. Returns (texts, the set of
-    admissible action strings seen)."""
+    """Text for the tokenizer from the environment itself: random rollouts on training seeds (10% inadmissible
+    actions), plus the env's `vocabulary_text()` if it has one (else unseen words become [UNK]). n_episodes = 0:
+    the class's `text_episodes`, else 1000. -> (texts, the admissible action strings seen)."""
     rng = random.Random(seed)
     env = env_cls()
     texts, actions = [], set()
@@ -1172,10 +1150,8 @@ def gather_env_text(env_cls, n_episodes: int = 0, seed: int = 0):
 
 
 def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
-    """Word-level tokenizer trained with `tokenizers` on environment text; loadable with AutoTokenizer.
-    Actions are plain words too ("take apple" = take + apple + EOS): the object word of an action is then
-    the same token as in the task and the observation, so the policy can learn to copy it (see the README's
-    design decisions). `actions` only enter the vocabulary."""
+    """Word-level tokenizer trained with `tokenizers` on environment text; loadable with AutoTokenizer. Actions
+    are plain words ("take apple" = take + apple + EOS), the same tokens as in the task and the observation."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tk = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk_token"]))
@@ -1189,9 +1165,8 @@ def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
 
 
 def build_tiny_model(tok, cfg: Config):
-    """A randomly initialised Llama-architecture decoder, small enough to train on a laptop CPU. (Llama, not
-    Qwen2: transformers 5's AutoTokenizer always rebuilds a qwen2 checkpoint's tokenizer as the byte-level
-    Qwen2Tokenizer, which would silently mis-tokenize our word-level one on reload.)"""
+    """A randomly initialised Llama decoder, small enough for a laptop CPU (not Qwen2: transformers 5 reloads
+    a qwen2 checkpoint's tokenizer as the byte-level Qwen2Tokenizer, mis-tokenizing our word-level one)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
                        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, max_position_embeddings=4096,
@@ -1225,11 +1200,8 @@ def load_hf_model(name: str, dtype: torch.dtype):
 # ====================================================================================================
 def build_think_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible: list[str], k: int,
                        step: int) -> str:
-    """h_t for an instruct model: what build_prompt holds (task, last K observation/action pairs, current
-    observation, admissible actions), numbered by step as in verl-agent's prompts, plus the response format:
-    reasoning inside <think> </think>, then exactly one admissible action inside <action> </action>. Kept
-    short (no quoting, a one-line instruction): the prompt is read three times per step (generation,
-    scoring, update), and this one is ~30% shorter than a verl-agent-style wording (README, Speed)."""
+    """h_t for an instruct model: build_prompt's content numbered by step (as verl-agent's prompts), and the
+    response format: reasoning in <think> </think>, then one admissible action in <action> </action>."""
     lines = [f"Task: {task}."]
     recent = history[-k:] if k > 0 else []
     for i, (o, a) in enumerate(recent):
@@ -1273,11 +1245,9 @@ def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
 
 
 def project_action(response: str, think: bool, prefilled_think: bool = False) -> tuple[str, bool]:
-    """Response text -> (action for the environment, format_ok). Plain format: the stripped text.
-    Think format (verl-agent's projection, made strict): well-formed is `<think> ... </think>` followed by
-    exactly one non-empty `<action> ... </action>`; a template that pre-fills "<think>" means the response
-    starts inside the thought. A malformed response is a format violation: the environment still gets
-    the raw text (and answers it in-game) and the step is penalised like an inadmissible one."""
+    """Response -> (action, format_ok). Plain: the stripped text. Think (verl-agent's projection, strict): exactly
+    `<think> .. </think>` then one non-empty `<action> .. </action>` (a pre-filled "<think>" counts). Malformed:
+    the env gets the raw text, and the step is penalised like an inadmissible one."""
     if not think:
         return " ".join(response.split()), True
     text = ("<think>" + response) if prefilled_think and "<think>" not in response[:20] else response
@@ -1349,10 +1319,9 @@ def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random) -> dict
 # A5. Several processes (torchrun, DistributedDataParallel)
 # ====================================================================================================
 class DistributedTrunk(nn.Module):
-    """What DistributedDataParallel wraps under torchrun: the causal LM, with a forward that gives
-    action_and_obs_logprobs what it needs (the last hidden state for the fused loss, else the model's output).
-    The head's weight is used by the loss outside this forward, but every parameter gets its gradient in every
-    backward, which is all DDP's gradient all-reduce needs."""
+    """What DDP wraps under torchrun: the LM, with the forward action_and_obs_logprobs needs (the last hidden
+    state for the fused loss, else the model's output; the fused head is applied outside, which DDP allows)."""
+
 
     def __init__(self, lm):
         super().__init__()

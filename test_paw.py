@@ -388,7 +388,7 @@ def test_fused_matches_naive_values_and_grads(backend, N, chunk, entropy_grad):
 
 def test_fused_inductor_float32_and_no_recompiles():
     torch._dynamo.reset()
-    paw._KERNELS.clear()
+    paw._kernel.cache_clear()
     from torch._dynamo.utils import counters
     counters.clear()
     seed = random.randrange(10**6)
