@@ -2,6 +2,7 @@
 
     python bench.py learn --env textworld-tiny --seeds 3 --budget 10   # PaW vs the --wm off GRPO baseline
     python bench.py speed                                              # CPU per iteration, by phase
+    python bench.py trl                                                # CPU per optimizer step vs TRL GRPOTrainer
     python bench.py ddp --procs 2                                      # torchrun, 2 processes vs 1
     python bench.py bc --lr 5e-4                                       # supervised upper bound of the tiny model
     python bench.py loss                                               # fused vs naive loss path, CPU fp32
@@ -315,8 +316,9 @@ def speed_one(a):
         cpu, n_trans = time.process_time() - c0, m["episode_len"] * cfg.groups * cfg.group_size
         rows.append(dict(cpu_s=cpu, wall_s=time.time() - w0, rollout_s=m["rollout_s"],
                          cpu_ms_per_transition=1000 * cpu / n_trans, update_s=m["update_s"], pad=m["update_pad_frac"],
-                         tokens=m["tokens_per_s"] * m["update_s"], transitions=n_trans))
+                         tokens=m["tokens_per_s"] * m["update_s"], transitions=n_trans, episode_len=m["episode_len"]))
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    mean["tokens_per_step"] = mean["tokens"]
     mean["tokens_per_transition"] = mean.pop("tokens") / mean.pop("transitions")
     mean["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(mean))
@@ -349,6 +351,170 @@ def bench_speed(a):
           f"update: {1 - summary[names[2]]['tokens_per_transition'] / summary[names[1]]['tokens_per_transition']:.2f})")
     name = f"speed-{env_slug(a.env)}{'-model' if a.model else ''}{'-same' if a.same_rollouts else ''}.json"
     print(f"wrote {write_json(name, dict(machine=machine(), args=vars(a), results=results, mean=summary))}")
+
+
+# ====================================================================================================
+# trl: paw's CPU per optimizer step against TRL's GRPOTrainer on the same model, environment and episode count.
+# TRL plays each episode as one growing chat (its rollout_func): the completion is every action and, masked out
+# of the loss (env_mask = 0), every environment reply in between; the update trains on that one sequence.
+# ====================================================================================================
+def trl_episodes(model, tok, env_cls, seeds: list[int], max_new: int):
+    """Multi-turn rollouts, token in / token out: each turn generates at most `max_new` tokens from the whole
+    conversation so far (HF generate, a KV cache per turn), then appends the environment's reply as a user turn."""
+    import torch
+    import paw
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    user = lambda text: tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,  # noqa: E731
+                                                add_generation_prompt=True)
+    envs_, ctx, comp, mask, logp, ret, done = [], [], [], [], [], [], []
+    for s in seeds:
+        env = env_cls()
+        obs, info = env.reset(s)
+        envs_.append((env, info))
+        ctx.append(tok(user(paw.build_prompt(info["task"], [], obs, info["admissible_actions"], 0)),
+                       add_special_tokens=False)["input_ids"])
+        comp.append([]), mask.append([]), logp.append([]), ret.append(0.0), done.append(False)
+    prompt_ids = [list(c) for c in ctx]
+    for _ in range(env_cls.max_steps):
+        live = [i for i in range(len(seeds)) if not done[i]]
+        if not live:
+            break
+        rows = [torch.tensor(ctx[i]) for i in live]
+        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tok.pad_token_id,
+                                              padding_side="left")
+        att = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new, do_sample=True,
+                                 temperature=1.0, top_k=0, top_p=1.0, eos_token_id=end, pad_token_id=tok.pad_token_id,
+                                 output_scores=True, return_dict_in_generate=True)
+        new = out.sequences[:, ids.shape[1]:]
+        lp = torch.log_softmax(torch.stack(out.scores, 1).float(), -1).gather(2, new[:, :, None]).squeeze(2)
+        for r, i in enumerate(live):
+            row = new[r].tolist()
+            n = next((j + 1 for j, t in enumerate(row) if t == end), len(row))
+            env, _ = envs_[i]
+            obs, reward, d, info = env.step(tok.decode(row[:n], skip_special_tokens=True).strip())
+            ret[i] += float(reward)
+            done[i] = bool(d)
+            reply = [] if row[n - 1] == end else [end]  # a turn cut at max_new still closes the assistant message
+            if not done[i]:  # the environment's reply, as the next user turn (ChatML puts "\n" between messages)
+                text = obs + "\nActions: " + " ; ".join(info["admissible_actions"]) + "\nYour action:"
+                reply += tok("\n" + user(text), add_special_tokens=False)["input_ids"]
+            comp[i] += row[:n] + reply
+            mask[i] += [1] * n + [0] * len(reply)
+            logp[i] += lp[r, :n].tolist() + [0.0] * len(reply)
+            ctx[i] += row[:n] + reply
+    return dict(prompt_ids=prompt_ids, completion_ids=comp, logprobs=logp, env_mask=mask, task_return=ret)
+
+
+def trl_one(a):
+    """Child process: TRL's GRPOTrainer on a --model folder with the rollout_func above; prints one JSON line with
+    the process CPU time of each optimizer step (its rollouts included) after --warm-up steps."""
+    import random
+    import resource
+    import tempfile
+
+    import torch
+    import envs
+    os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+    try:
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError as e:
+        sys.exit(f"bench.py trl needs TRL (pip install trl; an optional dependency of this benchmark only): {e}")
+    torch.set_num_threads(a.threads)
+    env_cls = envs.load_env_class(a.env)
+    tok, model = AutoTokenizer.from_pretrained(a.model), AutoModelForCausalLM.from_pretrained(a.model)
+    rng = random.Random(a.seed)
+    n_prompts = (a.steps + a.warm_up) * a.episodes // a.group_size
+    data = Dataset.from_dict({"prompt": [f"seed {rng.randrange(envs.EVAL_SEED_START)}" for _ in range(n_prompts)]})
+    seen = {}
+
+    def rollout(prompts, trainer):  # the prompts arrive repeated group_size times: one episode each
+        t0 = time.process_time()
+        out = trl_episodes(trainer.accelerator.unwrap_model(trainer.model), tok, env_cls,
+                           [int(p.split()[1]) for p in prompts], a.max_new_tokens)
+        seen.setdefault("tokens", []).append(sum(len(p) + len(c) for p, c in zip(out["prompt_ids"],
+                                                                                out["completion_ids"])))
+        seen.setdefault("episodes", []).append(len(prompts))
+        seen.setdefault("rollout_s", []).append(time.process_time() - t0)
+        turns = sum(x and (j == 0 or not m[j - 1]) for m in out["env_mask"] for j, x in enumerate(m))  # runs of 1s
+        seen.setdefault("turns", []).append(turns / len(prompts))
+        return out
+
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *args, **kw):
+            self.t = time.process_time()
+
+        def on_step_end(self, *args, **kw):
+            times.append(time.process_time() - self.t)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = GRPOConfig(output_dir=tmp, per_device_train_batch_size=a.episodes, num_generations=a.group_size,
+                         max_completion_length=4096, learning_rate=1e-3, beta=0.0, num_iterations=1,
+                         gradient_accumulation_steps=1, max_steps=a.warm_up + a.steps, use_cpu=True, bf16=False,
+                         report_to="none", save_strategy="no", logging_steps=10**6, seed=a.seed,
+                         dataloader_num_workers=0, disable_tqdm=True)
+        trainer = GRPOTrainer(model=model, reward_funcs=lambda prompts, completions, task_return, **kw: task_return,
+                              args=cfg, train_dataset=data, processing_class=tok, rollout_func=rollout,
+                              callbacks=[Clock()])
+        trainer.train()
+    kept = times[a.warm_up:]
+    mean = lambda k: sum(seen[k][a.warm_up:]) / len(kept)  # noqa: E731
+    print(json.dumps(dict(cpu_s=sum(kept) / len(kept), steps=len(kept), episodes=seen["episodes"][-1],
+                          rollout_s=mean("rollout_s"), episode_len=mean("turns"), tokens_per_step=mean("tokens"),
+                          peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+
+
+TRL_VARIANTS = {  # name -> paw.py flags (None: TRL)
+    "TRL GRPOTrainer, rollout_func": None,
+    "paw plain (action mask)": ["--prompt-format", "plain"],
+    "paw plain, --action-mask off": ["--prompt-format", "plain", "--action-mask", "off"],
+    "paw think": ["--prompt-format", "think"],
+    "paw think, --wm off": ["--prompt-format", "think", "--wm", "off"],
+}
+
+
+def bench_trl(a):
+    """TRL and paw in their own processes, alternated over --reps rounds; process CPU time per optimizer step
+    (rollouts included) on the same model folder, environment, episodes per step and tokens per turn."""
+    import tempfile
+    tmp = None
+    if not a.model:  # the 0.37M-parameter Qwen2 chat model (byte-level BPE, ChatML) of `chat-model`
+        tmp = tempfile.TemporaryDirectory()
+        a.model = tmp.name
+        make_chat_model(a.model, hidden=128, layers=2)
+    same = ["--groups", str(a.episodes // a.group_size), "--group-size", str(a.group_size), "--minibatches", "1",
+            "--max-action-tokens", str(a.max_new_tokens), "--kl-coef", "0"]
+    results = {v: [] for v in TRL_VARIANTS}
+    for rep in range(a.reps):
+        for v, flags in TRL_VARIANTS.items():
+            if flags is None:
+                cmd = ["trl-one", "--model", a.model, "--env", a.env, "--steps", str(a.steps), "--episodes",
+                       str(a.episodes), "--group-size", str(a.group_size), "--max-new-tokens", str(a.max_new_tokens),
+                       "--threads", str(a.threads), "--seed", str(rep + 1)]
+            else:
+                cmd = ["speed-one", "--model", a.model, "--env", a.env, "--iters", str(a.steps), "--threads",
+                       str(a.threads), "--flags", json.dumps(flags + same)]
+            r = run_cmd([sys.executable, os.path.join(HERE, "bench.py"), *cmd], f"trl {v}")
+            results[v].append(json.loads(r.stdout.strip().splitlines()[-1]))
+            print(f"[rep {rep + 1}] {v}: {results[v][-1]['cpu_s']:.2f} s CPU per optimizer step", flush=True)
+    print(f"\nbench trl: {a.env}, {a.episodes} episodes per optimizer step (groups of {a.group_size}), <= "
+          f"{a.max_new_tokens} tokens per turn, no reference model, {a.threads} thread(s), {a.steps} steps x {a.reps} "
+          f"rounds | {machine()}")
+    print(f"{'variant':<34}{'CPU s/step':>11}{'x TRL':>7}{'rollout s':>10}{'ep len':>8}{'tokens/step':>12}{'peak MiB':>10}")
+    mean = {v: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]} for v, rs in results.items()}
+    base = mean[next(iter(TRL_VARIANTS))]["cpu_s"]
+    for v, m in mean.items():
+        m["x_trl"] = m["cpu_s"] / base
+        print(f"{v:<34}{m['cpu_s']:>11.2f}{m['x_trl']:>7.2f}{m['rollout_s']:>10.2f}{m['episode_len']:>8.1f}"
+              f"{m['tokens_per_step']:>12.0f}{m['peak_rss_mb']:>10.0f}")
+    print(f"wrote {write_json(f'trl-{env_slug(a.env)}.json', dict(machine=machine(), args=vars(a), results=results, mean=mean))}")
+    if tmp:
+        tmp.cleanup()
 
 
 # ====================================================================================================
@@ -691,12 +857,17 @@ def main():
     loss = add_flags(sub.add_parser("loss", help="fused vs naive loss path: time and peak memory"), device="cpu",
                      reps=3, chunk=0)
     loss.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_flags(sub.add_parser("trl", help="paw's CPU per optimizer step against TRL's GRPOTrainer (needs pip install trl)"),
+              model=("", "a chat model folder (empty: a 0.37M Qwen2 chat model made here)"), env="textworld-tiny",
+              steps=3, reps=2, episodes=16, group_size=8, max_new_tokens=16, threads=1)
+    add_flags(sub.add_parser("trl-one"), model=None, env="textworld-tiny", steps=3, warm_up=1, episodes=16,
+              group_size=8, max_new_tokens=16, threads=1, seed=1)
     add_flags(sub.add_parser("loss-one"), variant=None, N=0, d=0, V=0, device=None, dtype=None, reps=0, chunk=0)
     a = p.parse_args()
     chat_model = lambda a: print(f"saved {a.folder} ({len(make_chat_model(a.folder, hidden=a.hidden, layers=a.layers))} "  # noqa: E731
                                  "tokens)")
     {"learn": bench_learn, "loss": bench_loss, "ddp": bench_ddp, "bc": bench_bc, "engine": bench_engine,
-     "chat-model": chat_model, "loss-one": loss_one, "speed": bench_speed, "speed-one": speed_one}[a.cmd](a)
+     "chat-model": chat_model, "loss-one": loss_one, "trl-one": trl_one, "trl": bench_trl, "speed": bench_speed, "speed-one": speed_one}[a.cmd](a)
 
 
 if __name__ == "__main__":

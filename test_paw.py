@@ -1338,6 +1338,31 @@ def test_model_folder_end_to_end_and_checkpoint_loads(tmp_path):
         assert out.shape[1] > ids.shape[1]
 
 
+def test_trl_bench_rollouts_are_what_the_model_sampled(tmp_path):
+    """bench.py trl: TRL trains on prompt + completion as one sequence, so the rollout_func's log-probs must be the
+    model's own log-probs of the sampled tokens in that very sequence (naive full forward, fp32), env_mask must mark
+    exactly the sampled tokens, and every environment run must read as a closed turn plus a user turn."""
+    import bench
+    from transformers import AutoModelForCausalLM
+    tok = make_chat_model(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    out = bench.trl_episodes(model, tok, envs.TextWorldTiny, [3, 3, 8], max_new=5)
+    for p, c, lp, m, R in zip(*(out[k] for k in ("prompt_ids", "completion_ids", "logprobs", "env_mask",
+                                                  "task_return"))):
+        assert len(c) == len(lp) == len(m) and sum(m) >= 5 and 0.0 <= R <= envs.TextWorldTiny.R_max
+        with torch.no_grad():
+            logits = model(torch.tensor([p + c])).logits[0, len(p) - 1:-1].float()
+        ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(c)[:, None]).squeeze(1)
+        sampled = torch.tensor(m, dtype=torch.bool)
+        assert torch.allclose(ref[sampled], torch.tensor(lp)[sampled], atol=1e-4)
+        starts = [j for j in range(len(m)) if not m[j] and (j == 0 or m[j - 1])]
+        ends = [j for j in range(1, len(m) + 1) if not m[j - 1] and (j == len(m) or m[j])]
+        env_runs = [tok.decode(c[i:j]) for i, j in zip(starts, ends)]  # maximal runs of environment tokens
+        if not m[-1]:  # the episode's last turn was cut at max_new: only its <|im_end|> follows
+            assert env_runs.pop() == "<|im_end|>"
+        assert env_runs and all(r.endswith("<|im_start|>assistant\n") and "<|im_start|>user\n" in r for r in env_runs)
+
+
 # ------------------------------------------------------------------------------------------------
 # Several processes: torchrun + DistributedDataParallel (Gloo on CPU)
 # ------------------------------------------------------------------------------------------------
