@@ -8,13 +8,10 @@ comments name their sections (§1 ... §6).
     python paw.py --env textworld-tiny            # trains PaW, evaluates, saves to runs/<name>/
     python paw.py --env textworld-tiny --wm off   # the plain GRPO baseline
 
-The method reads top to bottom in the paper's order:
-  1. config   2. rollouts (§2)   3. the one forward pass over [h ; a ; o'] (§2)   4. advantages (§3)
-  5. WM targets (§2.1, §2.3)   6. losses and the objective (§2.2, §2.4, §3, §6)   7. the update
-  8. training loop and evaluation.
-The appendix after it is engineering (skip it on a first read): the fused loss kernel, the tiny model
-and Hugging Face loading, the think/chat format, the language prior, several processes, checkpoints,
-the command line.
+Parts 1-8 are the method in the paper's order (config, rollouts, the one forward pass over [h ; a ; o'],
+advantages, WM targets, losses and the objective, the update, the training loop and evaluation). The appendix
+after them, A1-A7, is engineering to skip on a first read: the fused loss kernel, the tiny model and Hugging
+Face loading, the think/chat format, the language prior, several processes, checkpoints, the command line.
 """
 from __future__ import annotations
 
@@ -44,101 +41,89 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 from tqdm import tqdm
 
 import envs as paw_envs
 
-
-# ====================================================================================================
-# 1. Config. Every field has a one-line doc, which is also its --help text. The method's fields come first.
-# ====================================================================================================
+# ==== 1. Config. Every field has a one-line doc, which is also its --help text. The method's fields come first.
 def arg(default, doc, **kw):
     """A Config field: its default, its one-line doc (the --help text), and optionally its `group` in --help,
-    `choices`, and `check` (">0" or ">=0")."""
+    `choices`, and `check` (a key of CHECKS)."""
     return field(default=default, metadata=dict(help=doc, **kw))
-
 
 class ConfigError(ValueError):
     pass
 
+CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in (0, 1]": lambda v: 0 < v <= 1,
+          "in (0, 1)": lambda v: 0 < v < 1, "in [0, 1)": lambda v: 0 <= v < 1}  # a field's `check` -> the test
 
 @dataclass
 class Config:
-    # --- rollouts (§2) ---------------------------------------------------------------------------------
     groups: int = arg(8, "tasks per iteration, each a group g of G rollouts from the same initial state",
-                      group="rollouts (§2)", check=">0")
-    group_size: int = arg(8, "G, rollouts per task", check=">0")
-    history: int = arg(1, "K, past (observation, action) pairs shown in the prompt", check=">=0")
-    temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature")
-    action_mask: str = arg("auto", "decode only admissible actions (log-probs and entropies of the renormalised "
-                           "distribution); auto = on for the plain prompt, off for think",
-                           choices=["auto", "on", "off"])
-    max_action_tokens: int = arg(0, "longest response in tokens, EOS included (0 = 8 plain, 256 think)", check=">=0")
-    # --- RL (§3) -------------------------------------------------------------------------------------
+                      group="rollouts (§2)", check="> 0")
+    group_size: int = arg(8, "G, rollouts per task", check="> 0")
+    history: int = arg(1, "K, past (observation, action) pairs shown in the prompt", check=">= 0")
+    temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature", check="> 0")
+    action_mask: str = arg("auto", "decode only admissible actions (renormalised log-probs and entropies); auto = "
+                           "on for the plain prompt, off for think", choices=["auto", "on", "off"])
+    max_action_tokens: int = arg(0, "longest response in tokens, EOS included (0 = 8 plain, 256 think)", check=">= 0")
     algo: str = arg("grpo", "advantage estimator (§3)", choices=["grpo", "gigpo", "rloo"], group="RL (§3)")
     adv_norm: str = arg("mean_std", "episode-level normalisation of GRPO/GiGPO", choices=["mean_std", "mean"])
-    gamma: float = arg(0.95, "GiGPO step level: discount of the return-to-go")
+    gamma: float = arg(0.95, "GiGPO step level: discount of the return-to-go", check="in (0, 1]")
     gigpo_omega: float = arg(1.0, "GiGPO: weight omega of the step-level advantage")
-    invalid_penalty: float = arg(0.0, "subtracted from the RL return per inadmissible action (not from lambda_g)",
-                                 check=">=0")
-    lr: float = arg(1e-3, "AdamW learning rate of the RL phase")
-    clip_low: float = arg(0.2, "PPO-clip eps_low")
-    clip_high: float = arg(0.28, "PPO-clip eps_high")
-    kl_coef: float = arg(0.0, "k3 KL to the reference (pre-RL) policy; 0 = no reference model", check=">=0")
-    ppo_epochs: int = arg(1, "passes over each iteration's rollouts", check=">0")
-    minibatches: int = arg(16, "optimizer steps per pass", check=">0")
-    max_grad_norm: float = arg(1.0, "gradient clipping", check=">=0")
-    # --- world modeling (§2.1-§2.4, §6) ----------------------------------------------------------------
+    invalid_penalty: float = arg(0.0, "RL-return penalty per inadmissible action (lambda_g ignores it)", check=">= 0")
+    lr: float = arg(1e-3, "AdamW learning rate of the RL phase", check="> 0")
+    clip_low: float = arg(0.2, "PPO-clip eps_low", check="in [0, 1)")
+    clip_high: float = arg(0.28, "PPO-clip eps_high", check=">= 0")
+    kl_coef: float = arg(0.0, "k3 KL to the reference (pre-RL) policy; 0 = no reference model", check=">= 0")
+    ppo_epochs: int = arg(1, "passes over each iteration's rollouts", check="> 0")
+    minibatches: int = arg(16, "optimizer steps per pass", check="> 0")
+    max_grad_norm: float = arg(1.0, "gradient clipping", check=">= 0")
     wm: str = arg("cmae", "WM loss: cmae (§2.2), ce (ablation) or off (plain RL baseline)",
                   choices=["cmae", "ce", "off"], group="world modeling (§2.1-§2.4, §6)")
-    wm_alpha: float = arg(0.75, "§2.1: fraction of highest-entropy transitions used as WM targets (1 = all)")
-    wm_rho: float = arg(0.2, "§2.2: tokens predicted with p > rho get no CMAE loss")
+    wm_alpha: float = arg(0.75, "§2.1: share of highest-H(a|h) transitions that are WM targets", check="in (0, 1]")
+    wm_rho: float = arg(0.2, "§2.2: tokens predicted with p > rho get no CMAE loss", check="in (0, 1)")
     wm_lambda: str = arg("adaptive", "§2.3: 'adaptive' (1 - mean_return/R_max per group) or a constant")
-    wm_coef: float = arg(1.0, "§2.3: global coefficient multiplying lambda", check=">=0")
-    wm_max_tokens: int = arg(48, "§2: the next observation o_{t+1} is truncated to this many tokens", check=">0")
-    wm_grad_cap: float = arg(1.0, "§6: WM gradient norm <= cap x RL gradient norm (0 = off)", check=">=0")
-    # --- run -----------------------------------------------------------------------------------------
+    wm_coef: float = arg(1.0, "§2.3: global coefficient multiplying lambda", check=">= 0")
+    wm_max_tokens: int = arg(48, "§2: the next observation o_{t+1} is truncated to this many tokens", check="> 0")
+    wm_grad_cap: float = arg(1.0, "§6: WM gradient norm <= cap x RL gradient norm (0 = off)", check=">= 0")
     env: str = arg("textworld-tiny", "built-in environment, or module:Class of your own (see envs.py)", group="run")
     model: str = arg("", "Hugging Face causal LM (hub id or local folder); empty = the tiny model, built here")
     seed: int = arg(1, "random seed (python, numpy, torch, task sampling)")
-    iters: int = arg(1000, "RL iterations; 0 = only the language prior, saved for reuse with --model", check=">=0")
-    time_budget: float = arg(10.0, "minutes of training wall-clock, language prior included (0 = no limit)",
-                             check=">=0")
+    iters: int = arg(1000, "RL iterations; 0 = only the language prior, saved for reuse with --model", check=">= 0")
+    time_budget: float = arg(10.0, "minutes of training, language prior included (0 = no limit)", check=">= 0")
     out: str = arg("runs", "parent folder of the run folder <out>/<name>/")
     name: str = arg("", "run name; empty = <env>-<algo>-<wm>-s<seed>-<time>")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
     dtype: str = arg("float32", "parameter dtype", choices=["float32", "bfloat16"])
-    threads: int = arg(0, "torch CPU threads (0 = torch's default)", check=">=0")
+    threads: int = arg(0, "torch CPU threads (0 = torch's default)", check=">= 0")
     grad_checkpointing: bool = arg(False, "recompute activations in backward (less memory for a big --model)")
-    save_every: int = arg(0, "checkpoint every N iterations (0 = only the final model); the last two are kept",
-                          check=">=0")
+    save_every: int = arg(0, "checkpoint every N iterations, the last two kept (0 = final model only)", check=">= 0")
     resume: str = arg("", "continue the run in this folder (runs/<name>) from its latest checkpoint")
-    prompt_format: str = arg("auto", "plain (prompt + bare action) or think (chat template, <think>..</think>"
-                             "<action>..</action>); auto = think for a --model with a chat template",
-                             choices=["auto", "plain", "think"])
-    # --- the tiny model and its language prior (appendix A2, A4) --------------------------------------
-    d_model: int = arg(96, "tiny model: hidden size", group="tiny model", check=">0")
-    n_layers: int = arg(3, "tiny model: decoder layers", check=">0")
-    n_heads: int = arg(4, "tiny model: attention heads", check=">0")
-    prior_steps: int = arg(150, "language prior: next-token steps on observation text alone (0 = none)", check=">=0")
-    prior_batch: int = arg(32, "observations per language-prior step", check=">0")
-    prior_lr: float = arg(2e-3, "language-prior learning rate")
-    # --- how (never what) the losses are computed (appendix A1) ---------------------------------------
+    prompt_format: str = arg("auto", "plain (bare action) or think (chat template, <think>..</think><action>.."
+                             "</action>); auto = think for a chat --model", choices=["auto", "plain", "think"])
+    d_model: int = arg(96, "tiny model: hidden size", group="tiny model", check="> 0")
+    n_layers: int = arg(3, "tiny model: decoder layers", check="> 0")
+    n_heads: int = arg(4, "tiny model: attention heads", check="> 0")
+    prior_steps: int = arg(150, "language prior: next-token steps on observation text alone (0 = none)", check=">= 0")
+    prior_batch: int = arg(32, "observations per language-prior step", check="> 0")
+    prior_lr: float = arg(2e-3, "language-prior learning rate", check="> 0")
     fused_loss: bool = arg(True, "chunked fused lm_head -> log-prob/entropy, never the full logits (off for a "
                                  "head that is not a plain linear layer)", group="loss path")
     compile: str = arg("auto", "torch.compile backend of the loss kernels; auto = inductor from a 32k vocabulary, "
                        "off below", choices=["auto", "inductor", "aot_eager", "off"])
-    loss_chunk: int = arg(0, "tokens per chunk of the fused loss (0 = a logits tile of about 2^26 values)", check=">=0")
-    forward_batch: int = arg(64, "sequences per no-grad scoring forward", check=">0")
+    loss_chunk: int = arg(0, "tokens per fused-loss chunk (0 = a logits tile of ~2^26 values)", check=">= 0")
+
+    forward_batch: int = arg(64, "sequences per no-grad scoring forward", check="> 0")
     rescore: str = arg("auto", "behaviour log-probs from a no-grad pass (on) or from generation (off); auto = off "
                        "in float32, where both agree", choices=["auto", "on", "off"])
     micro_batch: int = arg(16, "sequences per forward/backward of the update, sorted by length, gradients "
-                               "accumulated exactly (0 = the whole minibatch)", check=">=0")
-    # --- evaluation ----------------------------------------------------------------------------------
-    eval_episodes: int = arg(100, "held-out evaluation episodes at the end (greedy)", group="evaluation", check=">=0")
+                               "accumulated exactly (0 = the whole minibatch)", check=">= 0")
+    eval_episodes: int = arg(100, "held-out evaluation episodes at the end (greedy)", group="evaluation", check=">= 0")
     eval_sampled: bool = arg(False, "also evaluate with temperature sampling")
-    eval_every: int = arg(0, "evaluate on held-out seeds every N iterations (0 = only at the end)", check=">=0")
-    eval_every_episodes: int = arg(50, "episodes of the periodic evaluation", check=">0")
+    eval_every: int = arg(0, "evaluate on held-out seeds every N iterations (0 = only at the end)", check=">= 0")
+    eval_every_episodes: int = arg(50, "episodes of the periodic evaluation", check="> 0")
 
     def __post_init__(self):
         """Nonsense values get one clear line (the command line turns it into exit code 2)."""
@@ -148,20 +133,13 @@ class Config:
         for f in dataclasses.fields(self):
             v, flag, check = getattr(self, f.name), "--" + f.name.replace("_", "-"), f.metadata.get("check")
             need(not isinstance(v, float) or math.isfinite(v), f"{flag} must be a finite number (got {v})")
-            need(check != ">0" or v > 0, f"{flag} must be > 0 (got {v})")
-            need(check != ">=0" or v >= 0, f"{flag} must be >= 0 (got {v})")
-        need(0.0 < self.wm_alpha <= 1.0, f"--wm-alpha must be in (0, 1] (got {self.wm_alpha})")
-        need(0.0 < self.wm_rho < 1.0, f"--wm-rho must be in (0, 1) (got {self.wm_rho})")
+            need(not check or CHECKS[check](v), f"{flag} must be {check} (got {v})")
         if self.wm_lambda != "adaptive":
             try:
                 lam = float(self.wm_lambda)
             except ValueError:
                 raise ConfigError(f"--wm-lambda must be 'adaptive' or a number (got {self.wm_lambda!r})") from None
             need(lam >= 0 and math.isfinite(lam), f"--wm-lambda must be >= 0 (got {self.wm_lambda})")
-        need(self.temperature > 0, f"--temperature must be > 0 (got {self.temperature})")
-        need(0 <= self.clip_low < 1 and self.clip_high >= 0, "--clip-low must be in [0, 1) and --clip-high >= 0")
-        need(0 < self.gamma <= 1, f"--gamma must be in (0, 1] (got {self.gamma})")
-        need(self.lr > 0 and self.prior_lr > 0, "--lr and --prior-lr must be > 0")
         need(0 <= self.seed < 2**32, f"--seed must be in [0, 2^32) (got {self.seed})")
         need(not self.d_model % self.n_heads and not (self.d_model // self.n_heads) % 2,
              f"--d-model ({self.d_model}) must be --n-heads ({self.n_heads}) x an even head size (rotary "
@@ -171,10 +149,7 @@ class Config:
         need(self.prompt_format != "think" or bool(self.model) or bool(self.resume), "--prompt-format think needs an "
              "instruction-following --model; the tiny model is trained from scratch and uses the plain format")
 
-
-# ====================================================================================================
-# 2. Rollouts (§2): prompts, generation restricted to admissible actions, the lock-step rollout loop
-# ====================================================================================================
+# ==== 2. Rollouts (§2): prompts, generation restricted to admissible actions, the lock-step rollout loop
 def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible: list[str], k: int) -> str:
     """h_t: the task, the last K (observation, action) pairs, the current observation, the admissible
     actions. Built afresh at every step (verl-agent style), so the prompt length stays bounded."""
@@ -186,7 +161,6 @@ def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible
     lines.append("Your action:")
     return "\n".join(lines)
 
-
 def render_prompt(tok, fmt: PromptFormat, task, history, obs, admissible, k: int) -> list[int]:
     """Prompt text -> token ids: the plain prompt (tiny model) or the think prompt in the chat template."""
     if not fmt.think:
@@ -197,11 +171,9 @@ def render_prompt(tok, fmt: PromptFormat, task, history, obs, admissible, k: int
         return tok(text, add_special_tokens=False)["input_ids"]
     return encode_prompt(tok, text + "\n")
 
-
 def encode_prompt(tok, text: str) -> list[int]:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
-
 
 @dataclass
 class Step:
@@ -218,7 +190,6 @@ class Step:
     gen_logp: torch.Tensor | None = None   # per action token: log-prob under the sampling distribution
     gen_entropy: torch.Tensor | None = None  # per action token: entropy of the sampling distribution
 
-
 @dataclass
 class Episode:
     group: int
@@ -230,7 +201,6 @@ class Episode:
     @property
     def task_return(self) -> float:
         return sum(s.reward for s in self.steps)
-
 
 def action_trie(tok, admissible: list[str], eos_id: int, cache: dict) -> dict:
     """The admissible actions as a prefix tree of token ids, each action ending in EOS: {id: subtree}.
@@ -244,7 +214,6 @@ def action_trie(tok, admissible: list[str], eos_id: int, cache: dict) -> dict:
             node = node.setdefault(t, {})
     return trie
 
-
 def allowed_along(trie: dict, ids: list[int]) -> list[list[int]]:
     """For each token of a decoded action, the ids the mask allowed at that position."""
     out, node = [], trie
@@ -253,10 +222,8 @@ def allowed_along(trie: dict, ids: list[int]) -> list[list[int]]:
         node = node.get(t, {})
     return out
 
-
 def trie_depth(trie: dict) -> int:
     return 1 + max(map(trie_depth, trie.values())) if trie else 0
-
 
 class AdmissiblePrefixMask:
     """A transformers logits processor: row r may only continue a prefix of one of its admissible actions
@@ -276,14 +243,11 @@ class AdmissiblePrefixMask:
                 block[r, list(node)] = False
         return scores.masked_fill(block, float("-inf"))
 
-
 @torch.no_grad()
 def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: bool,
                      fmt: PromptFormat | None = None, tries: list[dict] | None = None) -> list[tuple]:
-    """Batched generation with a KV cache. Returns, per prompt, the sampled ids up to and including the
-    first stop id (or the whole budget when the model never stopped), exactly as sampled, with the
-    per-token log-prob and entropy of the distribution they were drawn from (at temperature T, after the
-    mask). With `tries` (the action mask), each row can only produce one of its admissible actions."""
+    """Batched, KV-cached generation -> per prompt: the ids as sampled, up to the first stop id, with the log-prob and
+    entropy of the distribution each was drawn from (temperature T, after the action mask `tries`, if any)."""
     fmt = fmt or make_prompt_format(tok, model, cfg)
     dev = next(model.parameters()).device
     rows = [torch.tensor(p, dtype=torch.long) for p in prompts]  # left padding: all prompts end where generation starts
@@ -292,8 +256,7 @@ def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: 
     gen_kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
     budget = fmt.max_new_tokens
     if tries is not None:
-        from transformers import LogitsProcessorList
-        gen_kw["logits_processor"] = LogitsProcessorList([AdmissiblePrefixMask(tries, ids.shape[1])])
+        gen_kw["logits_processor"] = transformers.LogitsProcessorList([AdmissiblePrefixMask(tries, ids.shape[1])])
         budget = max(trie_depth(t) for t in tries) or 1  # the longest admissible action + EOS
     keep = behaviour_from_generation(cfg, len(prompts) * budget * model.get_output_embeddings().weight.shape[0])
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=budget,
@@ -310,11 +273,9 @@ def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: 
         actions.append((row[:n], tok_logp[r, :n] if keep else None, tok_ent[r, :n] if keep else None))
     return actions
 
-
 def decode_action(tok, ids: list[int], stop_ids=()) -> str:
     stop = set(stop_ids) | {tok.eos_token_id}
     return tok.decode([t for t in ids if t not in stop], skip_special_tokens=True).strip()
-
 
 @dataclass
 class Slot:
@@ -324,7 +285,6 @@ class Slot:
     info: dict
     history: list = field(default_factory=list)  # (observation, action) pairs played so far
     done: bool = False
-
 
 def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg: Config,
                      greedy: bool = False, fmt: PromptFormat | None = None) -> list[Episode]:
@@ -370,10 +330,7 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
     model.train(was_training)
     return episodes
 
-
-# ====================================================================================================
-# 3. The one forward pass (§2): [h_t ; a_t ; o_{t+1}] -> per-token log-prob and entropy of a_t and o_{t+1}
-# ====================================================================================================
+# ==== 3. The one forward pass (§2): [h_t ; a_t ; o_{t+1}] -> per-token log-prob and entropy of a_t and o_{t+1}
 @dataclass
 class Packed:
     """A right-padded batch of [h_t ; a_t ; o_{t+1}] sequences and where their loss tokens are."""
@@ -387,13 +344,10 @@ class Packed:
     obs_row: torch.Tensor
     act_allowed: tuple | None = None  # action mask: (action-token index, allowed id) pairs, or None (no mask)
 
-
 def pack_steps(steps: list[Step], with_obs: bool | list[bool] = True, pad_id: int = 0) -> Packed:
-    """§2: one sequence per step, [h_t ; a_t ; o_{t+1}]. The policy mask is a_t (EOS included), the WM
-    mask is o_{t+1}. The logits at position j predict token j+1, hence the -1 below. `with_obs` may be one
-    flag per step: a step whose WM term has no weight needs only [h_t ; a_t] (causal attention: its action
-    log-probs are the same either way). Right padding under causal attention is never attended by a real
-    token, so the pad id is arbitrary."""
+    """§2: one right-padded sequence per step, [h_t ; a_t ; o_{t+1}]; policy tokens a_t (EOS included), WM tokens
+    o_{t+1}; position j predicts token j+1, hence the -1. `with_obs` per step: without it only [h_t ; a_t] (causal
+    attention: the action log-probs are the same). No real token attends a pad, so the pad id is arbitrary."""
     obs_on = list(with_obs) if isinstance(with_obs, (list, tuple)) else [bool(with_obs)] * len(steps)
     seqs = [torch.tensor(s.prompt_ids + s.action_ids + (s.obs_ids if w else []), dtype=torch.long)
             for s, w in zip(steps, obs_on)]
@@ -417,20 +371,17 @@ def pack_steps(steps: list[Step], with_obs: bool | list[bool] = True, pad_id: in
         allowed = (long([k for k, a in enumerate(flat) for _ in a]), long([t for a in flat for t in a]))
     return Packed(ids, mask, long(ap), long(at), long(ar), long(op), long(ot), long(orow), allowed)
 
-
 class TokenStats(NamedTuple):
     """Per token: log-prob of the target token, entropy of the distribution, whether the target is its argmax."""
     logp: torch.Tensor
     entropy: torch.Tensor
     is_argmax: torch.Tensor
 
-
 class ForwardOut(NamedTuple):
     """What the one forward pass over packed [h_t ; a_t ; o_{t+1}] sequences gives."""
     action: TokenStats   # a_t's tokens, at the sampling temperature (and renormalised under the action mask)
     obs: TokenStats      # o_{t+1}'s tokens, at temperature 1: the model's own prediction of the next observation
     head_input: torch.Tensor | None = None  # the last hidden state (the §6 safeguard measures gradients there)
-
 
 def naive_logp_entropy(logits, targets, allowed: torch.Tensor | None = None) -> TokenStats:
     """The reference: full log_softmax over the vocabulary, gather, entropy, autograd. With `allowed`
@@ -445,7 +396,6 @@ def naive_logp_entropy(logits, targets, allowed: torch.Tensor | None = None) -> 
     is_argmax = z.gather(1, targets[:, None]).squeeze(1) >= z.max(-1).values
     return TokenStats(logp, ent, is_argmax)
 
-
 def allowed_matrix(packed: Packed, n_act: int, vocab: int, device) -> torch.Tensor | None:
     """The action mask of a packed batch as a dense [action tokens, vocab] bool matrix (None: no mask)."""
     if packed.act_allowed is None:
@@ -454,7 +404,6 @@ def allowed_matrix(packed: Packed, n_act: int, vocab: int, device) -> torch.Tens
     m[packed.act_allowed[0].to(device), packed.act_allowed[1].to(device)] = True
     m[~m.any(1)] = True  # no admissible action there: generation was not masked either
     return m
-
 
 def action_and_obs_logprobs(model, packed: Packed, cfg: Config, with_head_input: bool = False) -> ForwardOut:
     """One forward pass over packed sequences -> per-token (log-prob, entropy, is-argmax) of the action tokens
@@ -495,12 +444,10 @@ def action_and_obs_logprobs(model, packed: Packed, cfg: Config, with_head_input:
     return ForwardOut(TokenStats(*(x[:n_act] for x in stats)), TokenStats(*(x[n_act:] for x in stats)),
                       hidden if with_head_input else None)
 
-
 def behaviour_from_generation(cfg: Config, score_values: int = 0) -> bool:
     """Behaviour (old) log-probs and H(a_t|h_t) from generation, not a scoring pass? In float32 both agree (tested),
     in bf16 not. Above 2^26 kept scores (batch x new tokens x vocab, 256 MB) a rescoring pass is cheaper."""
     return cfg.rescore == "off" or (cfg.rescore == "auto" and cfg.dtype == "float32" and score_values <= 2**26)
-
 
 @torch.no_grad()
 def score_steps(model, steps: list[Step], cfg: Config, ref_model=None, policy: bool = True):
@@ -526,17 +473,13 @@ def score_steps(model, steps: list[Step], cfg: Config, ref_model=None, policy: b
     model.train(was_training)
     return old, torch.tensor(ent_mean), ref, (hits / n_obs if n_obs else None)
 
-
-# ====================================================================================================
-# 4. Advantages (§3). Statistics are over the trajectories of a group, never over pooled step rows.
-# ====================================================================================================
+# ==== 4. Advantages (§3). Statistics are over the trajectories of a group, never over pooled step rows.
 def normalized_in_group(r: torch.Tensor, norm: str = "mean_std", eps: float = 1e-6) -> torch.Tensor:
     """(r - mean r) / (std r + eps) (unbiased std, as verl and TRL), or r - mean r for norm='mean'. Fewer than
     two members or zero std: exactly 0, no RL signal (§2.3), not (r - mean)/eps noise."""
     if r.numel() < 2 or r.std() < eps:
         return torch.zeros_like(r)
     return (r - r.mean()) / (r.std() + eps) if norm == "mean_std" else r - r.mean()
-
 
 def grpo_advantages(returns: torch.Tensor, group: torch.Tensor, norm: str = "mean_std",
                     eps: float = 1e-6) -> torch.Tensor:
@@ -545,7 +488,6 @@ def grpo_advantages(returns: torch.Tensor, group: torch.Tensor, norm: str = "mea
     for g in group.unique():
         adv[group == g] = normalized_in_group(returns[group == g].double(), norm, eps)
     return adv.to(returns.dtype)
-
 
 def rloo_advantages(returns: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """§3 RLOO: A_i = R_i - mean_{j != i} R_j within each group (0 for a group of size 1)."""
@@ -558,7 +500,6 @@ def rloo_advantages(returns: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
             adv[m] = r - (r.sum() - r) / (n - 1)
     return adv.to(returns.dtype)
 
-
 def discounted_returns(rewards: list[float], gamma: float) -> list[float]:
     """R_t = sum_{k >= t} gamma^(k-t) r_k."""
     out, acc = [0.0] * len(rewards), 0.0
@@ -566,7 +507,6 @@ def discounted_returns(rewards: list[float], gamma: float) -> list[float]:
         acc = rewards[t] + gamma * acc
         out[t] = acc
     return out
-
 
 def gigpo_step_advantages(step_returns: list[float], anchors: list[str], group: list[int],
                           norm: str = "mean_std", eps: float = 1e-6):
@@ -584,21 +524,16 @@ def gigpo_step_advantages(step_returns: list[float], anchors: list[str], group: 
         adv[idx] = normalized_in_group(R[idx], norm, eps)
     return adv, size
 
-
 def rl_returns(ep: Episode, invalid_penalty: float) -> float:
     """The return the advantage estimator sees: task return minus the invalid-action penalty."""
     return ep.task_return - invalid_penalty * sum(not s.valid for s in ep.steps)
-
 
 def compute_advantages(episodes: list[Episode], cfg: Config):
     """Per-step advantage (broadcast to every action token of the step) for --algo, plus log stats."""
     R = torch.tensor([rl_returns(e, cfg.invalid_penalty) for e in episodes], dtype=torch.float64)
     grp = torch.tensor([e.group for e in episodes])
     stats = {}
-    if cfg.algo == "rloo":
-        ep_adv = rloo_advantages(R, grp)
-    else:
-        ep_adv = grpo_advantages(R, grp, cfg.adv_norm)
+    ep_adv = rloo_advantages(R, grp) if cfg.algo == "rloo" else grpo_advantages(R, grp, cfg.adv_norm)
     step_adv = torch.cat([ep_adv[i].repeat(len(e.steps)) for i, e in enumerate(episodes)])
     if cfg.algo == "gigpo":
         rets, anchors, sgrp = [], [], []
@@ -615,10 +550,7 @@ def compute_advantages(episodes: list[Episode], cfg: Config):
     return step_adv.float(), stats
 
 
-
-# ====================================================================================================
-# 5. World-model targets (§2.1) and weights (§2.3)
-# ====================================================================================================
+# ==== 5. World-model targets (§2.1) and weights (§2.3)
 def select_wm_targets(action_entropy: torch.Tensor, alpha: float) -> torch.Tensor:
     """§2.1: S = the top ceil(alpha * M) of the M transitions, ranked by H(a_t|h_t) (mean token entropy
     of the action). Ties go to the earlier transition (stable sort). alpha = 1 keeps everything."""
@@ -629,30 +561,24 @@ def select_wm_targets(action_entropy: torch.Tensor, alpha: float) -> torch.Tenso
     mask[order[:k]] = True
     return mask
 
-
 def adaptive_wm_weight(group_mean_return: torch.Tensor, r_max: float, coef: float = 1.0) -> torch.Tensor:
     """§2.3: lambda_g = clamp(1 - mean_return(g) / R_max, 0, 1), times a global coefficient. mean_return
     is the task return (no penalties): all-fail groups, which get zero GRPO advantage, get lambda = 1."""
     return coef * (1.0 - group_mean_return / r_max).clamp(0.0, 1.0)
 
-
 def wm_weights(episodes: list[Episode], cfg: Config, r_max: float) -> torch.Tensor:
     """lambda_{g(t)} for every step, adaptive (§2.3) or the constant of --wm-lambda (ablation)."""
     n_groups = max(e.group for e in episodes) + 1
     if cfg.wm_lambda == "adaptive":
-        tot, cnt = torch.zeros(n_groups, dtype=torch.float64), torch.zeros(n_groups, dtype=torch.float64)
-        for e in episodes:
-            tot[e.group] += e.task_return
-            cnt[e.group] += 1
-        lam_g = adaptive_wm_weight(tot / cnt.clamp(min=1), r_max, cfg.wm_coef)
+        R = torch.tensor([e.task_return for e in episodes], dtype=torch.float64)
+        mean_R = R.new_zeros(n_groups).scatter_reduce(0, torch.tensor([e.group for e in episodes]), R, "mean",
+                                                      include_self=False)  # mean task return per group
+        lam_g = adaptive_wm_weight(mean_R, r_max, cfg.wm_coef)
     else:
         lam_g = torch.full((n_groups,), float(cfg.wm_lambda) * cfg.wm_coef, dtype=torch.float64)
     return torch.cat([lam_g[e.group].repeat(len(e.steps)) for e in episodes]).float()
 
-
-# ====================================================================================================
-# 6. Losses and the objective (§2.2, §2.4, §3), with the §6 safeguard
-# ====================================================================================================
+# ==== 6. Losses and the objective (§2.2, §2.4, §3), with the §6 safeguard
 @dataclass
 class Batch:
     """The objective's per-step input: one entry per step (transition) t of the iteration's rollouts."""
@@ -668,23 +594,19 @@ class Batch:
         return Batch([self.steps[i] for i in idx], [self.old_logp[i] for i in idx], self.entropy[idx], self.adv[idx],
                      self.selected[idx], self.lam[idx], [self.ref_logp[i] for i in idx] if self.ref_logp else [])
 
-
 def cmae_loss(logp: torch.Tensor, rho: float) -> torch.Tensor:
     """§2.2 per-token clipped MAE: l = 1[p <= rho] * (1 - p), the indicator on detached p. For a one-hot
     target MAE = 1 - p; its gradient w.r.t. the target logit is -p(1-p) in the band and 0 outside."""
     p = logp.exp()
     return (p.detach() <= rho).to(p.dtype) * (1.0 - p)
 
-
 def ce_wm_loss(logp: torch.Tensor) -> torch.Tensor:
     """§2.2 ablation: plain per-token negative log-likelihood of the next observation."""
     return -logp
 
-
 def per_transition_mean(token_values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """(1/|o_{t+1}|) sum_i l_{t,i} for every transition t (0 for a transition with no tokens)."""
     return token_values.new_zeros(n_rows).scatter_reduce(0, rows, token_values, "mean", include_self=False)
-
 
 def ppo_clip_loss(logp, old_logp, adv, clip_low: float, clip_high: float):
     """§3: per-token PPO-clip with asymmetric clipping (eps_low, eps_high), token-mean aggregation.
@@ -699,24 +621,19 @@ def ppo_clip_loss(logp, old_logp, adv, clip_low: float, clip_high: float):
         approx_kl = ((ratio - 1) - log_ratio).mean()  # k3 estimator of KL(old || new)
     return loss, clipfrac, approx_kl
 
-
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """§3 optional k3 KL to a reference policy on sampled tokens: exp(ref - logp) - (ref - logp) - 1."""
     d = ref_logp - logp
     return (d.exp() - d - 1).mean()
 
-
 def wm_term(obs_logp, obs_rows, n_rows, selected, lam, cfg: Config) -> torch.Tensor:
     """§2.4 second term: (1/|S|) sum_{t in S} lambda_{g(t)} L_WM(t), with L_WM from §2.2 (CMAE or CE)."""
     tok_loss = cmae_loss(obs_logp, cfg.wm_rho) if cfg.wm == "cmae" else ce_wm_loss(obs_logp)
     per_t = per_transition_mean(tok_loss, obs_rows, n_rows)
-    has_tokens = torch.zeros(n_rows, dtype=torch.bool, device=obs_logp.device)
-    has_tokens[obs_rows] = True
-    in_s = selected & has_tokens
+    in_s = selected & (torch.bincount(obs_rows, minlength=n_rows) > 0)  # t in S with at least one o_{t+1} token
     if not in_s.any():
         return obs_logp.sum() * 0.0
     return (lam[in_s] * per_t[in_s]).sum() / in_s.sum()
-
 
 def combined_objective(fwd: ForwardOut, packed: Packed, part: Batch, cfg: Config):
     """§2.4: L(theta) = L_RL(theta) + (1/|S|) sum_{t in S} lambda_{g(t)} L_WM(t), on the steps of `part`
@@ -732,12 +649,10 @@ def combined_objective(fwd: ForwardOut, packed: Packed, part: Batch, cfg: Config
             if cfg.wm != "off" else fwd.action.logp.sum() * 0.0)
     return l_rl, l_wm, dict(clipfrac=clipfrac.item(), approx_kl=approx_kl.item())
 
-
 def backward_with_wm_cap(l_rl, l_wm, head_input: torch.Tensor, cap: float) -> dict:
-    """§6 safeguard: backward of L = L_RL + s * WM, s = min(1, cap ||dL_RL/dh|| / ||dWM/dh||), h = `head_input`
-    (the last hidden state), so the WM gradient into the shared trunk is at most `cap` times the RL one. When
-    every group fails, L_RL = 0 and lambda_g = 1: unscaled, WM alone would drive full-size AdamW steps and
-    collapse the policy; here s = 0. The norms cost a backward through the head only. cap = 0: literal §2.4."""
+    """§6 safeguard: backward of L = L_RL + s * WM, s = min(1, cap ||dL_RL/dh|| / ||dWM/dh||), h = `head_input` (the
+    last hidden state): the WM gradient into the trunk is at most `cap` x the RL one, and 0 without RL signal (all
+    groups failed, L_RL = 0, lambda_g = 1: WM alone would collapse the policy). cap = 0: the literal §2.4."""
     if cap <= 0 or not l_wm.requires_grad:
         (l_rl + l_wm).backward()
         return dict(wm_scale=1.0)
@@ -748,10 +663,7 @@ def backward_with_wm_cap(l_rl, l_wm, head_input: torch.Tensor, cap: float) -> di
     (l_rl + scale * l_wm).backward()
     return dict(wm_scale=scale, grad_norm_rl_top=n_rl, grad_norm_wm_top=n_wm)
 
-
-# ====================================================================================================
-# 7. The update and one training iteration
-# ====================================================================================================
+# ==== 7. The update and one training iteration
 def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random) -> dict:
     """PPO-clip epochs over minibatches of steps, one optimizer step per minibatch (§2.4, §3). A minibatch runs
     in --micro-batch slices whose gradients add up exactly to the whole minibatch's (see slice_backward)."""
@@ -803,12 +715,9 @@ def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random) -> dic
         out["wm_token_acc"] = hits / n_obs
     return out
 
-
 def slice_backward(model, part: Batch, cfg: Config, wm_rows: list[bool], n_act: float, n_sel: float) -> dict:
-    """Forward and backward of one slice of a minibatch: L_RL weighted by the slice's share of the n_act action
-    tokens, the WM term by the slice's packed WM rows over the n_sel selected transitions (the rows left out
-    have lambda = 0 and add nothing), so that the slices' gradients add up to the whole minibatch's (§2.4; §6
-    cap per slice). `wm_rows`: per step of the slice, whether its o_{t+1} is packed."""
+    """One slice of a minibatch, forward and backward: L_RL weighted by its share of the n_act action tokens, the WM
+    term by its packed rows (`wm_rows`) over the n_sel selected transitions, so the slices add up to §2.4 exactly."""
     packed = pack_steps(part.steps, with_obs=wm_rows)
     fwd = action_and_obs_logprobs(model, packed, cfg, with_head_input=True)
     l_rl, l_wm, log = combined_objective(fwd, packed, part, cfg)
@@ -819,7 +728,6 @@ def slice_backward(model, part: Batch, cfg: Config, wm_rows: list[bool], n_act: 
                obs_tokens=fwd.obs.is_argmax.numel(), tokens=int(packed.attention_mask.sum()),
                padded=packed.attention_mask.numel())
     return log
-
 
 @dataclass
 class Run:
@@ -837,7 +745,6 @@ class Run:
     summary: dict = field(default_factory=dict)
     train_s: float = 0.0                # wall-clock of training so far (the clock of --time-budget)
     started_at: float = 0.0             # when this process started building the run (time.time())
-
 
 def train_iteration(run: Run, it: int) -> dict:
     """One PaW iteration: rollouts -> behaviour log-probs -> advantages -> WM targets -> PPO + WM update."""
@@ -873,10 +780,8 @@ def train_iteration(run: Run, it: int) -> dict:
                 wm_token_acc=wm_acc if wm_acc is not None else upd.get("wm_token_acc"),  # None: --wm off
                 rollout_s=t1 - t0, update_s=t2 - t1, tokens_per_s=upd["update_tokens"] / max(1e-9, t2 - t1))
 
-
 def episode_stats(episodes: list[Episode], prefix: str = "") -> dict:
-    """Success, return, length, admissible-action ratio, format-valid ratio; success per task type when
-    the environment reports types (e.g. alfworld-tiny's six)."""
+    """Success, return, length, valid and format-valid ratios; per task type and decision when reported."""
     steps = [s for e in episodes for s in e.steps]
     out = {prefix + "success": float(np.mean([e.won for e in episodes])),
            prefix + "return": float(np.mean([e.task_return for e in episodes])),
@@ -889,18 +794,14 @@ def episode_stats(episodes: list[Episode], prefix: str = "") -> dict:
         out[f"{prefix}decision/{d}"] = float(np.mean([s.decisions[d] for s in steps if d in s.decisions]))
     return out
 
-
-# ====================================================================================================
-# 8. The training loop and evaluation on held-out seeds
-# ====================================================================================================
+# ==== 8. The training loop and evaluation on held-out seeds
 def train(run: Run, start: int) -> tuple[int, bool]:
-    """The RL iterations after `start`, each a train_iteration, with the periodic held-out evaluation,
-    metrics.jsonl, checkpoints and the time budget. -> (last iteration done, interrupted by Ctrl-C)."""
+    """RL iterations after `start`, with evaluation, metrics, checkpoints, the time budget. -> (last, Ctrl-C?)"""
     cfg, it, warned = run.cfg, start, False
     bar = tqdm(range(start + 1, cfg.iters + 1), desc="PaW", dynamic_ncols=True, initial=start, total=cfg.iters,
                disable=world()[0] != 0)
-    metrics_path = os.path.join(run.run_dir, "metrics.jsonl")
-    with open(metrics_path, "a") if world()[0] == 0 else contextlib.nullcontext() as metrics_file:
+    with open(os.path.join(run.run_dir, "metrics.jsonl"), "a") if world()[0] == 0 else contextlib.nullcontext() as \
+            metrics_file:
         for it in bar:
             t_it = time.time()
             try:
@@ -929,7 +830,6 @@ def train(run: Run, start: int) -> tuple[int, bool]:
                 break
     return it, False
 
-
 def report_iteration(run: Run, m: dict, metrics_file, bar, warned: bool) -> bool:
     """One metrics.jsonl line (strict JSON: a non-finite value is written as null, then the run stops), the
     progress bar, and a one-time warning if the policy looks collapsed. -> whether that warning was given."""
@@ -949,18 +849,15 @@ def report_iteration(run: Run, m: dict, metrics_file, bar, warned: bool) -> bool
         return True
     return warned
 
-
 def evaluate(model, tok, env_cls, cfg: Config, n: int, greedy: bool = True, batch: int = 64,
              fmt: PromptFormat | None = None) -> dict:
-    """Held-out seeds from EVAL_SEED_START on (never used in training): success rate, mean return, mean
-    episode length, valid-action and format-valid ratios, success per task type."""
+    """episode_stats on held-out seeds (from EVAL_SEED_START on, never used in training)."""
     rank, n_proc = world()
     seeds = [paw_envs.EVAL_SEED_START + i for i in range(n)][rank::n_proc]  # under torchrun: split, then gathered
     episodes = []
     for i in range(0, len(seeds), batch):
         episodes += collect_rollouts(model, tok, env_cls, seeds[i:i + batch], 1, cfg, greedy=greedy, fmt=fmt)
     return episode_stats([e for part in all_gather(slim(episodes)) for e in part])
-
 
 def random_policy_success(env_cls, n: int, seed: int = 0) -> dict:
     """The uniformly random admissible-action policy on the held-out seeds (success, per task type)."""
@@ -975,36 +872,29 @@ def random_policy_success(env_cls, n: int, seed: int = 0) -> dict:
         out[f"success/{t}"] = float(np.mean([w for w, u in zip(wins, types) if u == t]))
     return out
 
-
 def print_eval_table(rows: dict):
+    """Policies x metrics, then success per task type (environments that report info["task_type"])."""
+    cell = lambda r, k: f"{r[k]:>13.3f}" if k in r else f"{'-':>13}"  # noqa: E731
     cols = ["success", "return", "episode_len", "valid_ratio", "format_valid_ratio"]
     print(f"\n{'policy':<26}" + "".join(f"{c.replace('_ratio', ''):>13}" for c in cols))
     for name, r in rows.items():
-        print(f"{name:<26}" + "".join(f"{r[c]:>13.3f}" if c in r else f"{'-':>13}" for c in cols))
-    types = sorted({k.split("/", 1)[1] for r in rows.values() for k in r if k.startswith("success/")})
-    if types:  # per-task-type success (environments that report info["task_type"])
+        print(f"{name:<26}" + "".join(cell(r, c) for c in cols))
+    types = sorted({k for r in rows.values() for k in r if k.startswith("success/")})
+    if types:
         print(f"\n{'success per task type':<26}" + "".join(f"{n[:12]:>13}" for n in rows))
-        for t in types:
-            print(f"{t:<26}" + "".join(f"{r[f'success/{t}']:>13.3f}" if f"success/{t}" in r else f"{'-':>13}"
-                                     for r in rows.values()))
-
+    for t in types:
+        print(f"{t[len('success/'):]:<26}" + "".join(cell(r, t) for r in rows.values()))
 
 # ####################################################################################################
-# Appendix: engineering (skip on a first read). Nothing below changes the method; it makes it fast,
-# loads models, formats prompts for chat models, runs several processes, saves and resumes, and parses
-# the command line.
+# Appendix: engineering (skip on a first read). Nothing below changes the method.
 # ####################################################################################################
 
-
-# ====================================================================================================
-# A1. The fused loss path: chunked lm_head -> per-token log-prob and entropy, never the full logits.
+# ==== A1. The fused loss path: chunked lm_head -> per-token log-prob and entropy, never the full logits.
 #     Select first (only positions that enter a loss), project second (the model's own output embedding,
 #     so tied embeddings keep working). The kernels are plain PyTorch; torch.compile fuses them.
-# ====================================================================================================
 def _upcast(x):
     """Reductions run in at least fp32 (bf16/fp16 logits are upcast; fp32/fp64 stay as they are)."""
     return x.float() if x.element_size() < 4 else x
-
 
 def _chunk_forward(h, W, t):
     """One chunk: logits = h W^T -> log-sum-exp -> target gather -> entropy (at least fp32)."""
@@ -1015,7 +905,6 @@ def _chunk_forward(h, W, t):
     ent = -(torch.exp(logp_all) * logp_all).sum(-1)  # not lse - sum(p z): that cancels badly in fp32
     is_argmax = zt >= z.max(dim=-1).values
     return zt - lse, ent, lse, is_argmax
-
 
 def _chunk_backward(h, W, t, lse, ent, g_logp, g_ent, with_entropy: bool):
     """Recompute the chunk's logits; dZ = g_logp (onehot - p) - g_H p (z - lse + H); return (dh, dW)."""
@@ -1028,24 +917,20 @@ def _chunk_backward(h, W, t, lse, ent, g_logp, g_ent, with_entropy: bool):
     dz = dz.to(h.dtype)
     return dz @ W, dz.t() @ h
 
-
 @functools.cache
 def _kernel(name: str, backend: str):
     """The chunk kernels, compiled once per backend with static shapes (the last chunk is padded)."""
     fn = {"fwd": _chunk_forward, "bwd": _chunk_backward}[name]
     return fn if backend == "off" else torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
 
-
 # Below this vocabulary (and without compile) the fused path takes the full logits of the gathered loss
 # positions only (at most ~8k x the positions of a slice: tens of MB) instead of running the chunked kernel.
 GATHERED_LOGITS_MAX_VOCAB = 8192
-
 
 def default_chunk(vocab: int) -> int:
     """A power of two so one chunk's logits tile holds about 2^26 values (256 MB in fp32), in [16, 4096]."""
     c = 2 ** int(math.log2(max(1, (1 << 26) // vocab)))
     return int(min(4096, max(16, c)))
-
 
 class FusedLinearLogpEntropy(torch.autograd.Function):
     """logp_i = log softmax(h_i W^T)[t_i] and H_i = entropy(softmax(h_i W^T)), chunk by chunk.
@@ -1081,11 +966,9 @@ class FusedLinearLogpEntropy(torch.autograd.Function):
         dW = torch.zeros(W.shape, dtype=_upcast(W[:1]).dtype, device=W.device)  # accumulate in >= fp32
         for i in range(0, N + n_pad, chunk):
             c = slice(i, i + chunk)
-            dh_c, dW_c = bwd(hp[c], W, tp[c], lp[c], ep[c], gl[c], ge[c], with_entropy)
-            dh[c] = dh_c
+            dh[c], dW_c = bwd(hp[c], W, tp[c], lp[c], ep[c], gl[c], ge[c], with_entropy)
             dW += dW_c
         return dh[:N], dW.to(W.dtype), None, None, None
-
 
 def fused_logp_entropy(h, W, targets, chunk: int = 0, backend: str = "off"):
     """Per-token (logp, entropy, target-is-argmax) of the linear head W on hidden states h [N, d]."""
@@ -1093,7 +976,6 @@ def fused_logp_entropy(h, W, targets, chunk: int = 0, backend: str = "off"):
         z = h.new_zeros(0, dtype=torch.float32)
         return z, z, z.bool()
     return FusedLinearLogpEntropy.apply(h, W, targets, chunk or default_chunk(W.shape[0]), backend)
-
 
 def plain_linear_head(model) -> tuple[bool, str]:
     """Can the fused path reproduce the model's logits? Only if they are exactly hidden @ W^T: no bias,
@@ -1117,12 +999,8 @@ def plain_linear_head(model) -> tuple[bool, str]:
         return False, "the logits differ from last_hidden_state @ W^T (a scaled or wrapped head)"
     return True, ""
 
-
-# ====================================================================================================
-# A2. The tiny model, its tokenizer, and Hugging Face models
-# ====================================================================================================
+# ==== A2. The tiny model, its tokenizer, and Hugging Face models
 SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
-
 
 def gather_env_text(env_cls, n_episodes: int = 0, seed: int = 0):
     """Text for the tokenizer from the environment itself: random rollouts on training seeds (10% inadmissible
@@ -1148,45 +1026,38 @@ def gather_env_text(env_cls, n_episodes: int = 0, seed: int = 0):
     texts += sorted(actions)
     return texts, sorted(actions)
 
-
 def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
     """Word-level tokenizer trained with `tokenizers` on environment text; loadable with AutoTokenizer. Actions
     are plain words ("take apple" = take + apple + EOS), the same tokens as in the task and the observation."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
     tk = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk_token"]))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
     trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIALS.values()), show_progress=False)
     tk.train_from_iterator(list(texts) + list(actions), trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, **SPECIALS)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, **SPECIALS)
     tok.padding_side = "left"
     return tok
-
 
 def build_tiny_model(tok, cfg: Config):
     """A randomly initialised Llama decoder, small enough for a laptop CPU (not Qwen2: transformers 5 reloads
     a qwen2 checkpoint's tokenizer as the byte-level Qwen2Tokenizer, mis-tokenizing our word-level one)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
-                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, max_position_embeddings=4096,
-                       num_key_value_heads=cfg.n_heads // 2 if cfg.n_heads % 2 == 0 else cfg.n_heads,
-                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, use_cache=True, attention_bias=True)
-    return LlamaForCausalLM(mcfg)
-
+    mcfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads // 2 if cfg.n_heads % 2 == 0 else cfg.n_heads,
+        max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True, attention_bias=True)
+    return transformers.LlamaForCausalLM(mcfg)
 
 def load_hf_model(name: str, dtype: torch.dtype):
     """Any Hugging Face causal LM (hub id or local folder) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     if name.startswith((os.sep, ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
         raise ConfigError(f"--model {name}: no such folder")
     try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype)
+        tok = transformers.AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        model = transformers.AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype)
     except Exception as e:  # noqa: BLE001 - report any loading failure as one line
-        what = " ".join(str(e).split())
-        what = what[:what.find(". ") + 1] if 0 < what.find(". ") < 300 else what[:300]  # its first sentence
+        what = " ".join(str(e).split())[:300]
         raise ConfigError(f"cannot load --model {name!r} as a causal LM with its tokenizer: "
                           f"{type(e).__name__}: {what}") from None
     if tok.pad_token_id is None:
@@ -1194,10 +1065,7 @@ def load_hf_model(name: str, dtype: torch.dtype):
     tok.padding_side = "left"
     return tok, model
 
-
-# ====================================================================================================
-# A3. The think format for chat models: prompt, chat template, response -> action
-# ====================================================================================================
+# ==== A3. The think format for chat models: prompt, chat template, response -> action
 def build_think_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible: list[str], k: int,
                        step: int) -> str:
     """h_t for an instruct model: build_prompt's content numbered by step (as verl-agent's prompts), and the
@@ -1211,7 +1079,6 @@ def build_think_prompt(task: str, history: list[tuple[str, str]], obs: str, admi
     lines.append("Reason inside <think> </think>, then give one admissible action inside <action> </action>.")
     return "\n".join(lines)
 
-
 @dataclass
 class PromptFormat:
     """How prompts are rendered and responses turned into actions (decided once per run)."""
@@ -1222,10 +1089,8 @@ class PromptFormat:
     max_new_tokens: int
     mask: bool = False      # decode only admissible actions (AdmissiblePrefixMask)
 
-
 def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
-    """think for --prompt-format think, or auto with a --model whose tokenizer has a chat template; stop at
-    the tokenizer's EOS and at every EOS of the model's generation config (e.g. <|im_end|>, <|eot_id|>)."""
+    """think (forced, or auto for a --model with a chat template); stop at every EOS of tokenizer and model."""
     chat = getattr(tok, "chat_template", None) is not None
     think = cfg.prompt_format == "think" or (cfg.prompt_format == "auto" and bool(cfg.model) and chat)
     prefilled = False
@@ -1242,7 +1107,6 @@ def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
     if mask and think:
         raise ConfigError("--action-mask on needs --prompt-format plain (a think response is free text)")
     return PromptFormat(think, chat and think, prefilled, sorted(stop), budget, mask)
-
 
 def project_action(response: str, think: bool, prefilled_think: bool = False) -> tuple[str, bool]:
     """Response -> (action, format_ok). Plain: the stripped text. Think (verl-agent's projection, strict): exactly
@@ -1261,10 +1125,7 @@ def project_action(response: str, think: bool, prefilled_think: bool = False) ->
     action = " ".join(text[a0 + len("<action>"):a1].split())
     return action, bool(action)
 
-
-# ====================================================================================================
-# A4. The language prior (tiny model only)
-# ====================================================================================================
+# ==== A4. The language prior (tiny model only)
 def observation_corpus(env_cls, n: int, rng: random.Random) -> list[str]:
     """Observations of random-policy episodes on training seeds, each on its own (no action before it)."""
     env, texts = env_cls(), []
@@ -1280,12 +1141,9 @@ def observation_corpus(env_cls, n: int, rng: random.Random) -> list[str]:
                 break
     return texts
 
-
 def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random) -> dict:
-    """Next-token pretraining on observation text alone: BOS o EOS, with no action in the context. A real
-    LLM starts PaW knowing the language of the environment but not its dynamics; this gives the tiny model
-    the same start, so the CMAE gradient p(1-p) of §2.2 is not ~0 (a random model has p ~ 1/V for every
-    token). It cannot teach the transition [h ; a] -> o': no sequence holds an action."""
+    """Next-token training on observations alone (BOS o EOS, no action anywhere): the language of the environment,
+    not its dynamics, as a real LLM knows it, so CMAE's gradient p(1-p) (§2.2) is not ~0 at the start."""
     if cfg.prior_steps == 0:
         return {}
     t0 = time.time()
@@ -1314,13 +1172,9 @@ def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random) -> dict
     return dict(prior_loss=float(np.mean(losses[-20:])), prior_token_acc=float(np.mean(accs[-20:])),
                 prior_s=time.time() - t0)
 
-
-# ====================================================================================================
-# A5. Several processes (torchrun, DistributedDataParallel)
-# ====================================================================================================
+# ==== A5. Several processes (torchrun, DistributedDataParallel)
 class DistributedTrunk(nn.Module):
-    """What DDP wraps under torchrun: the LM, with the forward action_and_obs_logprobs needs (the last hidden
-    state for the fused loss, else the model's output; the fused head is applied outside, which DDP allows)."""
+    """What DDP wraps: the LM, with the forward action_and_obs_logprobs needs (the fused head is applied outside)."""
 
 
     def __init__(self, lm):
@@ -1332,12 +1186,10 @@ class DistributedTrunk(nn.Module):
             return self.lm.get_decoder()(input_ids=ids).last_hidden_state
         return self.lm(input_ids=ids, output_hidden_states=with_head_input)
 
-
 def world() -> tuple[int, int]:
     """(rank, number of processes): (0, 1) unless started by torchrun."""
     d = torch.distributed
     return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
-
 
 def all_reduce(values: list, op: str = "sum") -> list[float]:
     """The sum (or max, min) of each value over the processes; the values themselves in one process."""
@@ -1349,7 +1201,6 @@ def all_reduce(values: list, op: str = "sum") -> list[float]:
     d.all_reduce(t, op=dict(sum=d.ReduceOp.SUM, max=d.ReduceOp.MAX, min=d.ReduceOp.MIN)[op])
     return t.tolist()
 
-
 def all_gather(obj) -> list:
     """Every process's `obj`, in rank order ([obj] in one process)."""
     if world()[1] == 1:
@@ -1358,10 +1209,8 @@ def all_gather(obj) -> list:
     torch.distributed.all_gather_object(out, obj)
     return out
 
-
 def init_distributed(cfg: Config) -> tuple[int, int]:
-    """Under torchrun (WORLD_SIZE > 1): one process group, NCCL with one GPU per process (LOCAL_RANK) or Gloo
-    on CPU. Rollout groups are split over the processes (a group never spans two), so --groups must divide."""
+    """Under torchrun: NCCL with one GPU per process, or Gloo on CPU; whole groups per process (--groups divides)."""
     n = int(os.environ.get("WORLD_SIZE", "1"))
     if n == 1:
         return 0, 1
@@ -1373,10 +1222,8 @@ def init_distributed(cfg: Config) -> tuple[int, int]:
     torch.distributed.init_process_group("nccl" if gpu else "gloo")
     return world()
 
-
 def balanced_share(it: int, batch: Batch) -> Batch:
-    """The update's input re-dealt so that every process holds the same number of steps (rollouts leave them
-    uneven: episodes end at different lengths), so no process waits for a bigger share at every minibatch."""
+    """The update's input re-dealt so every process holds the same number of steps (episode lengths differ)."""
     rows = list(zip(batch.steps, batch.old_logp, batch.entropy.tolist(), batch.adv.tolist(), batch.selected.tolist(),
                     batch.lam.tolist(), batch.ref_logp or [None] * len(batch.steps)))
     rows = [r for part in all_gather(rows) for r in part]
@@ -1385,12 +1232,10 @@ def balanced_share(it: int, batch: Batch) -> Batch:
     return Batch(steps, old_logp, torch.tensor(entropy), torch.tensor(adv), torch.tensor(selected), torch.tensor(lam),
                  ref_logp if ref_logp[0] is not None else [])
 
-
 def process_mean(d: dict) -> dict:
     """Each value averaged over the processes (unchanged in one process)."""
     names = sorted(d)
     return dict(zip(names, (v / world()[1] for v in all_reduce([d[k] for k in names]))))
-
 
 def slim(episodes: list[Episode]) -> list[Episode]:
     """Episodes without token ids or tensors: what episode_stats needs, cheap to send between processes."""
@@ -1398,25 +1243,18 @@ def slim(episodes: list[Episode]) -> list[Episode]:
                                            anchor="", format_ok=s.format_ok, decisions=s.decisions)
                                       for s in e.steps], e.won, e.task_type) for e in episodes]
 
-
-# ====================================================================================================
-# A6. Checkpoints (atomic, the last two kept) and exact resume
-# ====================================================================================================
+# ==== A6. Checkpoints (atomic, the last two kept) and exact resume
 CKPT_NAME = re.compile(r"iter-\d{6}")
 
-
 def publish(tmp: str, final: str):
-    """Atomic save: everything was written to `tmp`; one os.rename makes it `final`, so a run killed mid-save
-    never leaves a half-written folder under the final name."""
+    """Atomic save: `tmp` was written in full; one os.rename makes it `final` (a kill never leaves half a folder)."""
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
 
-
 def save_checkpoint(run: Run, it: int, keep: int = 2) -> str:
-    """Model + tokenizer (save_pretrained), optimizer, every RNG state and the iteration in checkpoints/iter-N,
-    published atomically (resume ignores .tmp folders; the next save removes them); the newest `keep` are kept.
-    Under torchrun every process's RNG states are gathered and process 0 writes."""
+    """checkpoints/iter-N: model + tokenizer, optimizer, every process's RNG states, the iteration; written by
+    process 0 and published atomically; the newest `keep` are kept."""
     ranks = all_gather(dict(rng=run.rng.getstate(), py_random=random.getstate(), numpy=np.random.get_state(),
                             torch=torch.get_rng_state(),
                             cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
@@ -1432,17 +1270,15 @@ def save_checkpoint(run: Run, it: int, keep: int = 2) -> str:
     run.tok.save_pretrained(os.path.join(tmp, "model"))
     if run.ref_model is not None:
         run.ref_model.save_pretrained(os.path.join(tmp, "ref_model"))
-    torch.save(dict(iteration=it, optimizer=run.opt.state_dict(), **ranks[0], ranks=ranks, summary=run.summary,
+    torch.save(dict(iteration=it, optimizer=run.opt.state_dict(), ranks=ranks, summary=run.summary,
                     train_s=run.train_s), os.path.join(tmp, "trainer.pt"))
     publish(tmp, final)
     for d in sorted(d for d in os.listdir(root) if CKPT_NAME.fullmatch(d))[:-keep]:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     return final
 
-
 def save_or_warn(run: Run, it: int):
-    """A checkpoint that cannot be written (disk full, ...) costs one line, not the run; the older
-    checkpoints stay intact (the write is atomic)."""
+    """A checkpoint that cannot be written (disk full, ...) costs one line, not the run (older ones stay intact)."""
     try:
         save_checkpoint(run, it)
     except (OSError, RuntimeError) as e:
@@ -1450,10 +1286,8 @@ def save_or_warn(run: Run, it: int):
                    f"{' '.join(str(e).split())[:160]}")
         shutil.rmtree(os.path.join(run.run_dir, "checkpoints", f".tmp-iter-{it:06d}"), ignore_errors=True)
 
-
 def find_checkpoint(path: str) -> str | None:
-    """--resume accepts a run folder (its newest complete checkpoint; None if it has none yet: the run starts
-    again from its saved config) or a checkpoint folder."""
+    """--resume's folder -> a checkpoint: itself, or a run folder's newest (None: none yet, start from its config)."""
     if os.path.isfile(os.path.join(path, "trainer.pt")):
         return path
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -1462,12 +1296,11 @@ def find_checkpoint(path: str) -> str | None:
     done = sorted(d for d in os.listdir(root) if CKPT_NAME.fullmatch(d)) if os.path.isdir(root) else []
     return os.path.join(root, done[-1]) if done else None
 
-
 def load_checkpoint(ckpt: str, dtype: torch.dtype):
     """-> (tokenizer, model, reference model or None, trainer state). A damaged folder is one clear error."""
     try:
         state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
-        missing = {"iteration", "optimizer", "rng", "py_random", "numpy", "torch", "summary", "train_s"} - set(state)
+        missing = {"iteration", "optimizer", "ranks", "summary", "train_s"} - set(state)
         if missing:
             raise ValueError(f"trainer.pt lacks {', '.join(sorted(missing))}")
         tok, model = load_hf_model(os.path.join(ckpt, "model"), dtype)
@@ -1479,13 +1312,11 @@ def load_checkpoint(ckpt: str, dtype: torch.dtype):
                           f"({type(e).__name__}: {msg[:200]})") from None
     return tok, model, ref, state
 
-
 def resume_run(run: Run, state: dict, ckpt: str) -> int:
-    """Continue exactly where the checkpoint stopped: the optimizer, every RNG stream (this process's), the
-    summary and clock, and metrics.jsonl cut back to the checkpoint's iteration (a torn last line, from a
-    kill mid-write, is dropped). -> the checkpoint's iteration."""
+    """Continue exactly: optimizer, this process's RNG streams, summary and clock, metrics.jsonl cut back to the
+    checkpoint's iteration (a torn last line is dropped). -> the checkpoint's iteration."""
     run.opt.load_state_dict(state["optimizer"])
-    rngs = state["ranks"][world()[0]] if "ranks" in state else state
+    rngs = state["ranks"][world()[0]]
     run.rng.setstate(rngs["rng"])
     random.setstate(rngs["py_random"])
     np.random.set_state(rngs["numpy"])
@@ -1507,7 +1338,6 @@ def resume_run(run: Run, state: dict, ckpt: str) -> int:
     say(f"resuming from {ckpt} (iteration {start})")
     return start
 
-
 def save_final(run: Run):
     """The final model + tokenizer in <run>/model, loadable with AutoModelForCausalLM (published atomically)."""
     tmp = os.path.join(run.run_dir, ".tmp-model")
@@ -1516,25 +1346,19 @@ def save_final(run: Run):
     run.tok.save_pretrained(tmp)
     publish(tmp, os.path.join(run.run_dir, "model"))
 
-
-# ====================================================================================================
-# A7. Command line and main
-# ====================================================================================================
+# ==== A7. Command line and main
 # flags a --resume may change: budget, evaluation, logging, and how (not what) is computed
 RESUME_SAFE = {"iters", "time_budget", "eval_episodes", "eval_sampled", "eval_every", "eval_every_episodes",
                "save_every", "threads", "device", "resume", "compile", "micro_batch", "forward_batch",
                "loss_chunk", "fused_loss", "grad_checkpointing", "out", "name"}
-
 
 class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):  # one line and a pointer to --help instead of a 30-line usage block
         print(f"paw.py: error: {message} (see python paw.py --help)", file=sys.stderr)
         sys.exit(2)
 
-
 def parse_config(argv=None) -> Config:
-    """argparse from the Config fields. With --resume, the run's saved config.json supplies the defaults,
-    so only flags given again (e.g. a larger --iters) change."""
+    """argparse from the Config fields; with --resume the run's config.json gives the defaults (then e.g. --iters)."""
     p = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                            epilog="built-in environments: " + ", ".join(sorted(paw_envs.ENVS)) + ", or module:Class")
     groups = {}
@@ -1572,13 +1396,11 @@ def parse_config(argv=None) -> Config:
     except ConfigError as e:
         p.error(str(e))
 
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux/macOS), in MiB."""
     import resource
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if sys.platform == "darwin" else r / 1024
-
 
 def pick_device(name: str) -> torch.device:
     try:
@@ -1591,16 +1413,13 @@ def pick_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     return dev
 
-
 def strict_json(m: dict) -> tuple[dict, list]:
     """NaN/inf -> null (metrics.jsonl stays strict JSON) and the names of the metrics that were not finite."""
     bad = [k for k, v in m.items() if isinstance(v, float) and not math.isfinite(v)]
     return {k: (None if k in bad else v) for k, v in m.items()}, bad
 
-
 def make_run_dir(cfg: Config) -> str:
-    """The run folder, checked writable; a new run never overwrites an old one. Under torchrun, process 0
-    makes it and the others take its name."""
+    """The run folder, checked writable, never an old run's (under torchrun process 0 makes it)."""
     run_dir, error = cfg.resume.rstrip("/"), None
     if world()[0] == 0:
         if not cfg.resume:
@@ -1623,26 +1442,22 @@ def make_run_dir(cfg: Config) -> str:
         raise ConfigError(error)
     return run_dir
 
-
 def fail(msg: str, code: int = 2):
     print(f"\npaw: {msg}" if code == 130 else f"paw.py: error: {msg}", file=sys.stderr)
     sys.exit(code)
-
 
 def say(*args, **kw):
     """print, from process 0 only (under torchrun every process would print the same line)."""
     if world()[0] == 0:
         tqdm.write(" ".join(map(str, args)), **kw)
 
-
 def load_model(cfg: Config, env_cls, ckpt, dev, run_dir):
-    """-> (tokenizer, model, reference model, checkpoint state): from a checkpoint, a --model, or the tiny
-    model built from the environment's text."""
+    """-> (tokenizer, model, reference model, checkpoint state) from a checkpoint, --model or the tiny model."""
     dtype = getattr(torch, cfg.dtype)
     ref_model, state = None, None
     if ckpt:
         tok, model, ref_model, state = load_checkpoint(ckpt, dtype)
-        saved_world = len(state.get("ranks", [None]))
+        saved_world = len(state["ranks"])
         if saved_world != world()[1]:
             raise ConfigError(f"this run was trained with {saved_world} process(es); resume it with the same number "
                               f"(torchrun --nproc_per_node {saved_world}), not {world()[1]}")
@@ -1661,7 +1476,6 @@ def load_model(cfg: Config, env_cls, ckpt, dev, run_dir):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
     return tok, model, ref_model, state
 
-
 def print_plan(run: Run, dev, resuming: bool):
     cfg, fmt = run.cfg, run.fmt
     n_params = sum(p.numel() for p in run.model.parameters())
@@ -1675,10 +1489,8 @@ def print_plan(run: Run, dev, resuming: bool):
         f"{f' or {cfg.time_budget:g} min' if cfg.time_budget else ''} -> final evaluation ({cfg.eval_episodes} "
         f"held-out episodes). Ctrl-C stops early and keeps what was trained.")
 
-
 def before_rl(run: Run):
-    """A fresh run: the random policy's success and the tiny model's language prior, saved as iteration 0
-    so that --resume never repeats them."""
+    """A fresh run: the random baseline and the language prior, saved as iteration 0 (resume never repeats them)."""
     cfg = run.cfg
     if world()[0] == 0:
         open(os.path.join(run.run_dir, "metrics.jsonl"), "w").close()
@@ -1692,7 +1504,6 @@ def before_rl(run: Run):
     run.train_s = time.time() - run.started_at
     if not cfg.model and cfg.prior_steps:  # keep the pre-RL work: --resume starts here
         save_or_warn(run, 0)
-
 
 def finish(run: Run, dev, interrupted: bool) -> dict:
     """The final held-out evaluation next to the random policy, the model (save_pretrained) and summary.json."""
@@ -1708,11 +1519,8 @@ def finish(run: Run, dev, interrupted: bool) -> dict:
         summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     if world()[0] != 0:
         return summary
-    rows = {"random (admissible)": summary["random"]}
-    for k, name in (("final_greedy", "trained (greedy)"), ("final_sampled", "trained (sampled)")):
-        if k in summary:
-            rows[name] = summary[k]
-    print_eval_table(rows)
+    print_eval_table({"random (admissible)": summary["random"], **{name: summary[k] for k, name in (
+        ("final_greedy", "trained (greedy)"), ("final_sampled", "trained (sampled)")) if k in summary}})
     try:
         save_final(run)
         with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
@@ -1726,10 +1534,8 @@ def finish(run: Run, dev, interrupted: bool) -> dict:
         sys.exit(130)  # the convention for a run ended by Ctrl-C; everything above is saved
     return summary
 
-
 def start_run(cfg: Config):
-    """Everything before training, in the order that fails fastest: processes, environment, device, run folder,
-    checkpoint, model, prompt format, loss path, optimizer. -> (run, device, checkpoint folder, its state)."""
+    """Everything before training, fastest failures first. -> (run, device, checkpoint folder, its state)."""
     try:
         init_distributed(cfg)
         env_cls, dev = paw_envs.load_env_class(cfg.env), pick_device(cfg.device)
@@ -1741,10 +1547,8 @@ def start_run(cfg: Config):
         say(f"paw: {run_dir} has no complete checkpoint yet: starting it again from its saved config")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from transformers import set_seed
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # its loading/saving bars would break the training bar's line
-    set_seed(cfg.seed)  # python, numpy and torch
+    transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would break the training bar's line
+    transformers.set_seed(cfg.seed)  # python, numpy and torch
     started_at = time.time()
     try:
         tok, model, ref_model, state = load_model(cfg, env_cls, ckpt, dev, run_dir)
@@ -1762,7 +1566,6 @@ def start_run(cfg: Config):
     run = Run(cfg, env_cls, tok, model, opt, random.Random(cfg.seed), fmt, run_dir, ref_model, started_at=started_at)
     print_plan(run, dev, state is not None)
     return run, dev, ckpt, state
-
 
 def main(argv=None):
     cfg = parse_config(argv)
@@ -1788,7 +1591,6 @@ def main(argv=None):
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
-
 
 if __name__ == "__main__":
     try:
