@@ -370,7 +370,7 @@ def trl_episodes(model, tok, env_cls, seeds: list[int], max_new: int):
     for s in seeds:
         env = env_cls()
         obs, info = env.reset(s)
-        envs_.append((env, info))
+        envs_.append(env)
         ctx.append(tok(user(paw.build_prompt(info["task"], [], obs, info["admissible_actions"], 0)),
                        add_special_tokens=False)["input_ids"])
         comp.append([]), mask.append([]), logp.append([]), ret.append(0.0), done.append(False)
@@ -392,8 +392,7 @@ def trl_episodes(model, tok, env_cls, seeds: list[int], max_new: int):
         for r, i in enumerate(live):
             row = new[r].tolist()
             n = next((j + 1 for j, t in enumerate(row) if t == end), len(row))
-            env, _ = envs_[i]
-            obs, reward, d, info = env.step(tok.decode(row[:n], skip_special_tokens=True).strip())
+            obs, reward, d, info = envs_[i].step(tok.decode(row[:n], skip_special_tokens=True).strip())
             ret[i] += float(reward)
             done[i] = bool(d)
             reply = [] if row[n - 1] == end else [end]  # a turn cut at max_new still closes the assistant message
