@@ -519,11 +519,23 @@ def bench_trl(a):
 # ====================================================================================================
 # bc: behaviour cloning of the right decisions, the upper bound of what RL could reach at equal compute
 # ====================================================================================================
+REVERSE = {"go north": "go south", "go south": "go north", "go east": "go west", "go west": "go east"}
+
+
+def reactive_expert(right: list[str], last_action: str | None) -> list[str]:
+    """The labels of one state: the env's right actions (decision_points()), and where only moving helps, every
+    exit but the way back (unless it is the only one). It reads nothing but the admissible actions and the last
+    action, and solves textworld-tiny's held-out episodes (README "Agent interface")."""
+    forward = [x for x in right if x != REVERSE.get(last_action or "")]
+    return forward or right
+
+
 def bench_bc(a):
-    """Supervised learning of textworld-tiny's key decisions (decision_points(): the right action; a random exit
-    where only moving helps) by the tiny model with paw's prompt, action mask and loss path: no RL noise, a
-    perfect label for every state. States come from a behaviour that is right 70% of the time, random
-    otherwise. Prints per-decision greedy accuracy on 400 held-out states as it goes, then held-out success."""
+    """Behaviour cloning of the reactive expert (textworld-tiny's right decisions, never straight back) by the tiny
+    model with paw's prompt, action mask and loss path: a perfect label for every state, no RL noise. The yardstick
+    of an agent interface (layout, K, goal names, model size: paw flags after --): how much update CPU it takes to
+    clone the expert. States come from a behaviour that follows the expert 70% of the time, random otherwise.
+    Prints per-decision greedy accuracy on 400 held-out states as it goes, then held-out success and loops."""
     import random
     import numpy as np
     import torch
@@ -531,28 +543,30 @@ def bench_bc(a):
     import paw
     torch.set_num_threads(a.threads)
     random.seed(a.seed), torch.manual_seed(a.seed)
-    cfg = paw.parse_config(["--env", a.env, "--compile", "off", "--history", str(a.history)] + a.extra)
+    cfg = paw.parse_config(["--env", a.env, "--compile", "off", "--lr", str(a.lr)] + a.extra)
     env_cls = envs.load_env_class(a.env)
     if not hasattr(env_cls, "decision_points"):
         sys.exit(f"bench bc: {a.env} has no decision_points()")
+    layout, k, abstract = paw.agent_interface(cfg)
+    env_cls = envs.abstract_goal_names(env_cls) if abstract else env_cls
     tok = paw.build_tiny_tokenizer(*paw.gather_env_text(env_cls, seed=a.seed))
     model = paw.build_tiny_model(tok, cfg)
-    cache = {}
+    fmt, cache = paw.make_prompt_format(tok, model, cfg), {}
 
-    def states(n, rng):
+    def states(n, rng, first_seed=None):
         out, env = [], env_cls()
         while len(out) < n:
-            obs, info = env.reset(rng.randrange(envs.EVAL_SEED_START) if rng is not held_rng else
-                                  envs.EVAL_SEED_START + len(out))
+            obs, info = env.reset(rng.randrange(envs.EVAL_SEED_START) if first_seed is None else first_seed + len(out))
             hist = []
             for _ in range(env_cls.max_steps):
                 (name, right), = env.decision_points().items()
+                forward = reactive_expert(right, hist[-1][1] if hist else None)
+                name, right = ("move_on" if len(forward) < len(right) else name), forward  # move_on: not straight back
                 label = rng.choice(right)
                 trie = paw.action_trie(tok, info["admissible_actions"], tok.eos_token_id, cache)
-                p = paw.render_prompt(tok, fmt, info["task"], hist, obs, info["admissible_actions"], cfg.history)
-                out.append((paw.Step(prompt_ids=p, action_ids=cache[label], obs_ids=[], reward=0.0, valid=True, anchor="",
-                                     allowed=paw.allowed_along(trie, cache[label])),
-                            name, right, trie))
+                p = paw.render_prompt(tok, fmt, info["task"], hist, obs, info["admissible_actions"], fmt.history)
+                out.append((paw.Step(prompt_ids=p, action_ids=cache[label], obs_ids=[], reward=0.0, valid=True,
+                                     anchor="", allowed=paw.allowed_along(trie, cache[label])), name, right, trie))
                 act = label if rng.random() < 0.7 else rng.choice(info["admissible_actions"])
                 hist.append((obs, act))
                 obs, _, done, info = env.step(act)
@@ -570,16 +584,16 @@ def bench_bc(a):
         model.train()
         return {k: round(float(np.mean(v)), 2) for k, v in sorted(acc.items())}
 
-    fmt = paw.make_prompt_format(tok, model, cfg)
-    held_rng = random.Random(1)
-    held, rng = states(400, held_rng), random.Random(a.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
-    cpu, losses, log = 0.0, [], []
-    for step in range(1, a.steps + 1):
+    held, rng = states(400, random.Random(1), first_seed=envs.EVAL_SEED_START), random.Random(a.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    cpu, losses, log, step, n_labels = 0.0, [], [], 0, 0
+    while step < a.steps and cpu < a.cpu_budget:
+        step += 1
         batch = [x[0] for x in states(a.batch, rng)]
+        n_labels += len(batch)
         c0 = time.process_time()
         for g in opt.param_groups:
-            g["lr"] = a.lr * min(1.0, step / 20)
+            g["lr"] = cfg.lr * min(1.0, step / 20)
         lp = paw.action_and_obs_logprobs(model, paw.pack_steps(batch, with_obs=False), cfg).action.logp
         loss = -lp.sum() / len(batch)
         opt.zero_grad()
@@ -588,17 +602,29 @@ def bench_bc(a):
         opt.step()
         cpu += time.process_time() - c0
         losses.append(loss.item())
-        if step % a.every == 0 or step == a.steps:
-            log.append(dict(step=step, cpu_s=cpu, loss=float(np.mean(losses[-a.every:])), **accuracy(held)))
+        if step % a.every == 0:
+            log.append(dict(step=step, cpu_s=round(cpu, 1), loss=round(float(np.mean(losses[-a.every:])), 4),
+                            **accuracy(held)))
             print(json.dumps(log[-1]), flush=True)
     final = {k: paw.evaluate(model, tok, env_cls, cfg, a.episodes, greedy=k == "greedy", fmt=fmt)
              for k in ("greedy", "sampled")}
-    print(f"\nbench bc: {a.env}, lr {a.lr}, {a.steps} steps x {a.batch} labelled decisions, {cpu:.0f} s of "
-          f"update CPU | {machine()}")
-    for k, v in final.items():
-        print(f"held-out {k} success {v['success']:.3f} ({a.episodes} episodes); " +
-              ", ".join(f"{d.split('/')[1]} {x:.2f}" for d, x in v.items() if d.startswith("decision/")))
-    print(f"wrote {write_json(f'bc-{env_slug(a.env)}-lr{a.lr:g}{a.tag}.json', dict(machine=machine(), args=vars(a), log=log, final=final))}")
+    if a.save:
+        model.save_pretrained(a.save), tok.save_pretrained(a.save)
+    if a.show_failures:  # the greedy policy's failed held-out episodes, action by action
+        eps = paw.collect_rollouts(model, tok, env_cls, [envs.EVAL_SEED_START + i for i in range(a.episodes)], 1, cfg,
+                                   greedy=True, fmt=fmt)
+        for e in [e for e in eps if not e.won][:a.show_failures]:
+            print(f"failed seed {e.seed} (loop: {paw.ends_in_loop(e)}):", " | ".join(
+                paw.decode_action(tok, s.action_ids) for s in e.steps))
+    n_params = sum(p.numel() for p in model.parameters())
+    words = float(np.mean([len(x[0].prompt_ids) for x in held]))
+    print(f"\nbench bc: {a.env}, layout {layout}, K={k}, goal names {'abstracted' if abstract else 'named'}, "
+          f"{n_params / 1e6:.2f}M params, lr {cfg.lr:g}, {step} steps x {a.batch} = {n_labels} labelled decisions, "
+          f"{cpu:.0f} s of update CPU, prompt {words:.0f} tokens | {machine()}")
+    for k_, v in final.items():
+        print(f"held-out {k_} success {v['success']:.3f} ({a.episodes} episodes), loops {v['loop_share']:.2f} of "
+              "failures; " + ", ".join(f"{d.split('/')[1]} {x:.2f}" for d, x in v.items() if d.startswith("decision/")))
+    print(f"wrote {write_json(f'bc-{env_slug(a.env)}{a.tag}.json', dict(machine=machine(), args=vars(a), layout=layout, k=k, abstract=abstract, n_params=n_params, prompt_tokens=words, steps=step, labels=n_labels, cpu_s=cpu, log=log, final=final))}")
 
 
 # ====================================================================================================
@@ -845,7 +871,9 @@ def main():
     add_flags(sub.add_parser("bc", help="behaviour cloning of the right decisions: what the tiny model learns with "
                                         "perfect labels"),
               "more paw.py flags (the tiny model's shape: --d-model, --n-layers, ...)", env="textworld-tiny",
-              steps=1000, batch=32, lr=5e-4, history=1, every=250, tag=("", "suffix of the JSON file name"),
+              steps=100000, cpu_budget=(180.0, "stop after this much update CPU (s)"), batch=32, lr=1e-3, every=50,
+              tag=("", "suffix of the JSON file name"), show_failures=(0, "print this many failed greedy episodes"),
+              save=("", "save the cloned model and tokenizer to this folder"),
               episodes=200, threads=1, seed=0)
     add_flags(sub.add_parser("engine", help="CPU of rollouts and evaluation spent inside the environment (cache "
                                             "off/on)"),

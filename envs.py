@@ -190,6 +190,11 @@ class TextWorldTiny:
             return {"put_goal": [f"put {obj} {'in' if self.recs[rec]['kind'] == 'container' else 'on'} {rec}"]}
         return {"move": [f"go {d}" for d in sorted(self.exits[self.room])]}
 
+    def goal_names(self) -> dict[str, str]:
+        """The names the task refers to -> placeholder words (optional protocol method, see GoalNamesAbstracted):
+        the goal object and the goal receptacle of this episode."""
+        return {self.goal[0]: "OBJ", self.goal[1]: "REC"}
+
     # --- dynamics ----------------------------------------------------------------------------------
     def step(self, action: str):
         if self.won or self.steps >= self.max_steps:
@@ -322,6 +327,10 @@ class AlfWorldTiny:
         seen = ", ".join("a " + r for r in self.receptacles)
         obs = f"You are in the middle of a room. Looking quickly around you, you see {seen}."
         return obs, self._info(True)
+
+    def goal_names(self) -> dict[str, str]:
+        """The task's object type and target receptacle -> placeholder words (see GoalNamesAbstracted)."""
+        return {self.goal_type: "OBJ", **({self.target: "REC"} if self.target else {})}
 
     # --- helpers -----------------------------------------------------------------------------------
     def _listing(self, r: str) -> str:
@@ -965,6 +974,66 @@ class TextWorldGames:
 # ----------------------------------------------------------------------------------------------------
 ENVS = {c.name: c for c in (TextWorldTiny, TextWorldTinySparse, AlfWorldTiny, AlfWorldTinySparse, WebShopTiny,
                              WebShopTinySparse, SearchTiny, SearchTinySparse)}
+
+
+class GoalNamesAbstracted:
+    """An environment with its goal names abstracted (entity anonymisation, as in reading-comprehension data):
+    the names the task refers to (the env's `goal_names()`, e.g. {"apple": "OBJ", "fridge": "REC"}) are written
+    as placeholder words everywhere the agent reads (task, observations, admissible actions, decision points),
+    and the agent's actions are mapped back one-to-one before they reach the game. The game, its rewards and
+    its success are unchanged. Why: a small model from scratch spends most of its learning on matching the
+    task's names against the text (README "Agent interface"); a pretrained LM reads names already.
+    Make one with `abstract_goal_names(env_cls)`; an env without goal_names() is returned as it is."""
+
+    inner_cls: type = None
+
+    def __init__(self):
+        self.inner = self.inner_cls()
+        self.forward_map: dict = {}
+
+    @staticmethod
+    def _pattern(words) -> re.Pattern:
+        alts = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))  # longest name first
+        return re.compile(rf"(?<![\w-])({alts})(?![\w-])")
+
+    def _out(self, text: str) -> str:
+        return self._to.sub(lambda m: self.forward_map[m.group(1)], text) if self.forward_map else text
+
+    def _info(self, info: dict) -> dict:
+        return dict(info, task=self._out(info["task"]), admissible_actions=[self._out(a) for a in
+                                                                            info["admissible_actions"]])
+
+    def reset(self, seed: int):
+        obs, info = self.inner.reset(seed)
+        names = dict(self.inner.goal_names())
+        if len(set(names.values())) != len(names):
+            raise EnvFailure(f"{self.name}: goal_names() must map names to distinct placeholders: {names}")
+        self.forward_map, self.back_map = names, {v: k for k, v in names.items()}
+        self._to, self._back = self._pattern(names), self._pattern(self.back_map)
+        return self._out(obs), self._info(info)
+
+    def step(self, action):
+        real = self._back.sub(lambda m: self.back_map[m.group(1)], action) if isinstance(action, str) else action
+        obs, reward, done, info = self.inner.step(real)
+        return self._out(obs), reward, done, self._info(info)
+
+    def vocabulary_text(self) -> list[str]:  # the placeholders are in every task, so random play finds them
+        return list(getattr(self.inner, "vocabulary_text", lambda: [])())
+
+    def _decision_points(self) -> dict:
+        return {k: [self._out(a) for a in v] for k, v in self.inner.decision_points().items()}
+
+
+def abstract_goal_names(env_cls):
+    """env_cls with its goal names abstracted (GoalNamesAbstracted), or env_cls itself if it declares no
+    `goal_names()`. Same name, max_steps, R_max and text_episodes; decision_points() only if env_cls has it."""
+    if not callable(getattr(env_cls, "goal_names", None)):
+        return env_cls
+    attrs = dict(inner_cls=env_cls, name=getattr(env_cls, "name", env_cls.__name__), max_steps=env_cls.max_steps,
+                 R_max=env_cls.R_max, text_episodes=getattr(env_cls, "text_episodes", 1000), goal_names_abstracted=True)
+    if hasattr(env_cls, "decision_points"):
+        attrs["decision_points"] = GoalNamesAbstracted._decision_points
+    return type(env_cls.__name__ + "Abstracted", (GoalNamesAbstracted,), attrs)
 
 
 class EnvError(ValueError):

@@ -55,7 +55,7 @@ def arg(default, doc, **kw):
 class ConfigError(ValueError):
     pass
 
-CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in (0, 1]": lambda v: 0 < v <= 1,
+CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= -1": lambda v: v >= -1, "in (0, 1]": lambda v: 0 < v <= 1,
           "in (0, 1)": lambda v: 0 < v < 1, "in [0, 1)": lambda v: 0 <= v < 1}  # a field's `check` -> the test
 
 @dataclass
@@ -63,7 +63,15 @@ class Config:
     groups: int = arg(8, "tasks per iteration, each a group g of G rollouts from the same initial state",
                       group="rollouts (§2)", check="> 0")
     group_size: int = arg(8, "G, rollouts per task", check="> 0")
-    history: int = arg(1, "K, past (observation, action) pairs shown in the prompt", check=">= 0")
+    history: int = arg(-1, "K, past steps shown in the prompt: (observation, action) pairs in the full layout, "
+                       "actions in compact/minimal (-1 = 1 full, 2 compact/minimal)", check=">= -1")
+    prompt_layout: str = arg("auto", "h_t: full (task, K past observation+action, observation, actions), compact "
+                             "(task, step, K past actions, observation, actions) or minimal (compact without the "
+                             "observation); auto = minimal for the tiny model, full for --model",
+                             choices=["auto", "full", "compact", "minimal"])
+    goal_names: str = arg("auto", "abstract = the env writes the task's names as placeholders (OBJ, REC) in "
+                          "everything the agent reads, mapped back for the game; auto = abstract for the tiny "
+                          "model (envs with goal_names()), named for --model", choices=["auto", "abstract", "named"])
     temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature", check="> 0")
     action_mask: str = arg("auto", "decode only admissible actions (renormalised log-probs and entropies); auto = "
                            "on for the plain prompt, off for think", choices=["auto", "on", "off"])
@@ -121,7 +129,7 @@ class Config:
     micro_batch: int = arg(16, "sequences per forward/backward of the update, sorted by length, gradients "
                                "accumulated exactly (0 = the whole minibatch)", check=">= 0")
     eval_episodes: int = arg(100, "held-out evaluation episodes at the end (greedy)", group="evaluation", check=">= 0")
-    eval_sampled: bool = arg(False, "also evaluate with temperature sampling")
+    eval_sampled: bool = arg(True, "also evaluate with temperature sampling (--no-eval-sampled: greedy only)")
     eval_every: int = arg(0, "evaluate on held-out seeds every N iterations (0 = only at the end)", check=">= 0")
     eval_every_episodes: int = arg(50, "episodes of the periodic evaluation", check="> 0")
 
@@ -150,13 +158,21 @@ class Config:
              "instruction-following --model; the tiny model is trained from scratch and uses the plain format")
 
 # ==== 2. Rollouts (§2): prompts, generation restricted to admissible actions, the lock-step rollout loop
-def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible: list[str], k: int) -> str:
-    """h_t: the task, the last K (observation, action) pairs, the current observation, the admissible
-    actions. Built afresh at every step (verl-agent style), so the prompt length stays bounded."""
+def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible: list[str], k: int,
+                 layout: str = "full") -> str:
+    """h_t, built afresh at every step (verl-agent style), so its length stays bounded. full: the task, the last
+    K (observation, action) pairs, the current observation, the admissible actions. compact: the task, the step
+    number and the last K actions instead of past observations (a deterministic policy can then tell a step
+    from the one two steps back, so greedy decoding need not loop), the observation, the actions. minimal:
+    compact without the observation, for envs whose admissible actions say all a decision needs."""
     lines = [f"Task: {task}."]
-    for o, a in (history[-k:] if k > 0 else []):
-        lines.append(f"Before: {o} Action: {a}")
-    lines.append(f"Now: {obs}")
+    recent = history[-k:] if k > 0 else []
+    if layout == "full":
+        lines += [f"Before: {o} Action: {a}" for o, a in recent]
+    else:  # newest first: the last action always sits right after "Last:"
+        lines.append(f"Step {len(history) + 1}. Last: " + (" ; ".join(a for _, a in recent[::-1]) or "nothing"))
+    if layout != "minimal":
+        lines.append(f"Now: {obs}")
     lines.append("Actions: " + " ; ".join(admissible))
     lines.append("Your action:")
     return "\n".join(lines)
@@ -164,7 +180,7 @@ def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible
 def render_prompt(tok, fmt: PromptFormat, task, history, obs, admissible, k: int) -> list[int]:
     """Prompt text -> token ids: the plain prompt (tiny model) or the think prompt in the chat template."""
     if not fmt.think:
-        return encode_prompt(tok, build_prompt(task, history, obs, admissible, k))
+        return encode_prompt(tok, build_prompt(task, history, obs, admissible, k, fmt.layout))
     text = build_think_prompt(task, history, obs, admissible, k, len(history))
     if fmt.chat:  # the template carries its own BOS / role tokens
         text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
@@ -305,7 +321,7 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
         if not active:
             break
         prompts = [render_prompt(tok, fmt, slots[i].info["task"], slots[i].history, slots[i].obs,
-                                 slots[i].info["admissible_actions"], cfg.history) for i in active]
+                                 slots[i].info["admissible_actions"], fmt.history) for i in active]
         tries = [action_trie(tok, slots[i].info["admissible_actions"], tok.eos_token_id, action_ids)
                  for i in active] if fmt.mask else None
         generated = generate_actions(model, tok, prompts, cfg, greedy, fmt, tries)
@@ -780,14 +796,22 @@ def train_iteration(run: Run, it: int) -> dict:
                 wm_token_acc=wm_acc if wm_acc is not None else upd.get("wm_token_acc"),  # None: --wm off
                 rollout_s=t1 - t0, update_s=t2 - t1, tokens_per_s=upd["update_tokens"] / max(1e-9, t2 - t1))
 
+def ends_in_loop(ep: Episode) -> bool:
+    """The episode ends in a cycle of period <= 2: its last one or two (state, action) steps repeat the ones
+    before them (A A, or A B A B), which is how a deterministic policy wastes its remaining steps."""
+    seq = [(s.anchor, tuple(s.action_ids)) for s in ep.steps]
+    return any(len(seq) >= 2 * p and seq[-2 * p:-p] == seq[-p:] for p in (1, 2))
+
 def episode_stats(episodes: list[Episode], prefix: str = "") -> dict:
-    """Success, return, length, valid and format-valid ratios; per task type and decision when reported."""
-    steps = [s for e in episodes for s in e.steps]
+    """Success, return, length, valid and format-valid ratios, the share of failures that end in a loop; per
+    task type and decision when reported."""
+    steps, failed = [s for e in episodes for s in e.steps], [e for e in episodes if not e.won]
     out = {prefix + "success": float(np.mean([e.won for e in episodes])),
            prefix + "return": float(np.mean([e.task_return for e in episodes])),
            prefix + "episode_len": float(np.mean([len(e.steps) for e in episodes])),
            prefix + "valid_ratio": float(np.mean([s.valid for s in steps])) if steps else 0.0,
-           prefix + "format_valid_ratio": float(np.mean([s.format_ok for s in steps])) if steps else 0.0}
+           prefix + "format_valid_ratio": float(np.mean([s.format_ok for s in steps])) if steps else 0.0,
+           prefix + "loop_share": float(np.mean([ends_in_loop(e) for e in failed])) if failed else 0.0}
     for t in sorted({e.task_type for e in episodes if e.task_type}):
         out[f"{prefix}success/{t}"] = float(np.mean([e.won for e in episodes if e.task_type == t]))
     for d in sorted({k for s in steps for k in s.decisions}):  # how often each key decision is right
@@ -875,8 +899,8 @@ def random_policy_success(env_cls, n: int, seed: int = 0) -> dict:
 def print_eval_table(rows: dict):
     """Policies x metrics, then success per task type (environments that report info["task_type"])."""
     cell = lambda r, k: f"{r[k]:>13.3f}" if k in r else f"{'-':>13}"  # noqa: E731
-    cols = ["success", "return", "episode_len", "valid_ratio", "format_valid_ratio"]
-    print(f"\n{'policy':<26}" + "".join(f"{c.replace('_ratio', ''):>13}" for c in cols))
+    cols = ["success", "return", "episode_len", "valid_ratio", "format_valid_ratio", "loop_share"]
+    print(f"\n{'policy':<26}" + "".join(f"{c.replace('_ratio', '').replace('_share', 's'):>13}" for c in cols))
     for name, r in rows.items():
         print(f"{name:<26}" + "".join(cell(r, c) for c in cols))
     types = sorted({k for r in rows.values() for k in r if k.startswith("success/")})
@@ -1022,7 +1046,8 @@ def gather_env_text(env_cls, n_episodes: int = 0, seed: int = 0):
                 break
     if hasattr(env, "vocabulary_text"):
         texts += list(env.vocabulary_text())
-    texts.append(build_prompt("task", [("obs", "act")], "obs", ["a", "b"], 1))  # the prompt's own words
+    texts += [build_prompt("task", [("obs", "act")] * n, "obs", ["a", "b"], 1, layout)  # the prompts' own words
+              for layout in ("full", "compact") for n in range(env_cls.max_steps + 1)]
     texts += sorted(actions)
     return texts, sorted(actions)
 
@@ -1088,6 +1113,8 @@ class PromptFormat:
     stop_ids: list          # generation ends at any of these ids (EOS, end-of-turn)
     max_new_tokens: int
     mask: bool = False      # decode only admissible actions (AdmissiblePrefixMask)
+    layout: str = "full"    # build_prompt's layout of the plain prompt
+    history: int = 1        # K, past steps in the prompt
 
 def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
     """think (forced, or auto for a --model with a chat template); stop at every EOS of tokenizer and model."""
@@ -1106,7 +1133,14 @@ def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
     mask = cfg.action_mask == "on" or (cfg.action_mask == "auto" and not think)
     if mask and think:
         raise ConfigError("--action-mask on needs --prompt-format plain (a think response is free text)")
-    return PromptFormat(think, chat and think, prefilled, sorted(stop), budget, mask)
+    return PromptFormat(think, chat and think, prefilled, sorted(stop), budget, mask, *agent_interface(cfg)[:2])
+
+def agent_interface(cfg: Config) -> tuple[str, int, bool]:
+    """-> (prompt layout, K, abstract goal names): the tiny model learns from scratch, so by default it gets the
+    interface it learns fastest (README "Agent interface"); a --model reads the full, named text."""
+    layout = cfg.prompt_layout if cfg.prompt_layout != "auto" else ("full" if cfg.model else "minimal")
+    k = cfg.history if cfg.history >= 0 else (1 if layout == "full" else 2)
+    return layout, k, cfg.goal_names == "abstract" or (cfg.goal_names == "auto" and not cfg.model)
 
 def project_action(response: str, think: bool, prefilled_think: bool = False) -> tuple[str, bool]:
     """Response -> (action, format_ok). Plain: the stripped text. Think (verl-agent's projection, strict): exactly
@@ -1238,9 +1272,10 @@ def process_mean(d: dict) -> dict:
     return dict(zip(names, (v / world()[1] for v in all_reduce([d[k] for k in names]))))
 
 def slim(episodes: list[Episode]) -> list[Episode]:
-    """Episodes without token ids or tensors: what episode_stats needs, cheap to send between processes."""
-    return [Episode(e.group, e.seed, [Step(prompt_ids=[], action_ids=[], obs_ids=[], reward=s.reward, valid=s.valid,
-                                           anchor="", format_ok=s.format_ok, decisions=s.decisions)
+    """Episodes without prompts, observations or tensors: what episode_stats needs (the loop check reads the
+    state and the action ids), cheap to send between processes."""
+    return [Episode(e.group, e.seed, [Step(prompt_ids=[], action_ids=s.action_ids, obs_ids=[], reward=s.reward,
+                                           valid=s.valid, anchor=s.anchor, format_ok=s.format_ok, decisions=s.decisions)
                                       for s in e.steps], e.won, e.task_type) for e in episodes]
 
 # ==== A6. Checkpoints (atomic, the last two kept) and exact resume
@@ -1383,6 +1418,7 @@ def parse_config(argv=None) -> Config:
             print(f"paw.py: error: --resume {args.resume}: cannot read {path} ({type(e).__name__})", file=sys.stderr)
             sys.exit(2)
         known = {f.name for f in dataclasses.fields(Config)}
+        saved = {**dict(prompt_layout="full", goal_names="named"), **saved}  # runs saved before these flags existed
         p.set_defaults(**{k: v for k, v in saved.items() if k in known and k != "resume"})
         args = p.parse_args(argv)
         # a resumed run keeps its environment, model, tokenizer and method; only these may change
@@ -1480,7 +1516,8 @@ def print_plan(run: Run, dev, resuming: bool):
     cfg, fmt = run.cfg, run.fmt
     n_params = sum(p.numel() for p in run.model.parameters())
     say(f"paw: {cfg.env} | model {cfg.model or 'tiny Llama'} ({n_params / 1e6:.2f}M params, vocab {len(run.tok)}) "
-        f"| {cfg.algo} + WM {cfg.wm} | prompt {'think' if fmt.think else 'plain'}"
+        f"| {cfg.algo} + WM {cfg.wm} | prompt {'think' if fmt.think else f'plain {fmt.layout}, K={fmt.history}'}"
+        f"{', goal names abstracted' if getattr(run.env_cls, 'goal_names_abstracted', False) else ''}"
         f"{' (chat template)' if fmt.chat else ''}{', action mask' if fmt.mask else ''} | device {dev}"
         f"{f' x {world()[1]} processes' if world()[1] > 1 else ''} | run dir {run.run_dir}")
     pre = ["random-policy baseline"] + ([f"language prior ({cfg.prior_steps} steps)"]
@@ -1539,6 +1576,8 @@ def start_run(cfg: Config):
     try:
         init_distributed(cfg)
         env_cls, dev = paw_envs.load_env_class(cfg.env), pick_device(cfg.device)
+        if agent_interface(cfg)[2]:  # the task's names as placeholders (envs with goal_names(); others unchanged)
+            env_cls = paw_envs.abstract_goal_names(env_cls)
         ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
         run_dir = make_run_dir(cfg)
     except (paw_envs.EnvError, ConfigError) as e:
