@@ -547,7 +547,8 @@ def bench_bc(a):
     env_cls = envs.load_env_class(a.env)
     if not hasattr(env_cls, "decision_points"):
         sys.exit(f"bench bc: {a.env} has no decision_points()")
-    layout, k, abstract = paw.agent_interface(cfg)
+    layout, k, names = paw.agent_interface(cfg, env_cls)
+    abstract = names == "abstract"
     env_cls = envs.abstract_goal_names(env_cls) if abstract else env_cls
     tok = paw.build_tiny_tokenizer(*paw.gather_env_text(env_cls, seed=a.seed))
     model = paw.build_tiny_model(tok, cfg)

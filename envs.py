@@ -80,6 +80,7 @@ class TextWorldTiny:
     name = "textworld-tiny"
     max_steps = 16
     R_max = 1.0
+    prompt_layout = "minimal"  # the admissible actions say all a decision needs (README "Agent interface")
     room_counts = (2, 3, 3)   # drawn uniformly per seed
     n_objects, n_containers, n_supporters = 3, 2, 2
     closed_goal = False       # the goal receptacle is always a closed container (sparse variant)

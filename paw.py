@@ -81,7 +81,8 @@ class Config:
     gamma: float = arg(0.95, "GiGPO step level: discount of the return-to-go", check="in (0, 1]")
     gigpo_omega: float = arg(1.0, "GiGPO: weight omega of the step-level advantage")
     invalid_penalty: float = arg(0.0, "RL-return penalty per inadmissible action (lambda_g ignores it)", check=">= 0")
-    lr: float = arg(1e-3, "AdamW learning rate of the RL phase", check="> 0")
+    lr: float = arg(0.0, "AdamW learning rate of the RL phase (0 = 1e-3 for the tiny model, 1e-6 for a --model, "
+                         "as verl-agent and TRL use for 0.5-3B LMs)", check=">= 0")
     clip_low: float = arg(0.2, "PPO-clip eps_low", check="in [0, 1)")
     clip_high: float = arg(0.28, "PPO-clip eps_high", check=">= 0")
     kl_coef: float = arg(0.0, "k3 KL to the reference (pre-RL) policy; 0 = no reference model", check=">= 0")
@@ -104,7 +105,8 @@ class Config:
     out: str = arg("runs", "parent folder of the run folder <out>/<name>/")
     name: str = arg("", "run name; empty = <env>-<algo>-<wm>-s<seed>-<time>")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
-    dtype: str = arg("float32", "parameter dtype", choices=["float32", "bfloat16"])
+    dtype: str = arg("auto", "parameter dtype; auto = bfloat16 for a --model on CUDA, else float32",
+                     choices=["auto", "float32", "bfloat16"])
     threads: int = arg(0, "torch CPU threads (0 = torch's default)", check=">= 0")
     grad_checkpointing: bool = arg(False, "recompute activations in backward (less memory for a big --model)")
     save_every: int = arg(0, "checkpoint every N iterations, the last two kept (0 = final model only)", check=">= 0")
@@ -1135,12 +1137,20 @@ def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
         raise ConfigError("--action-mask on needs --prompt-format plain (a think response is free text)")
     return PromptFormat(think, chat and think, prefilled, sorted(stop), budget, mask, *agent_interface(cfg)[:2])
 
-def agent_interface(cfg: Config) -> tuple[str, int, bool]:
-    """-> (prompt layout, K, abstract goal names): the tiny model learns from scratch, so by default it gets the
-    interface it learns fastest (README "Agent interface"); a --model reads the full, named text."""
-    layout = cfg.prompt_layout if cfg.prompt_layout != "auto" else ("full" if cfg.model else "minimal")
+def agent_interface(cfg: Config, env_cls=None) -> tuple[str, int, str]:
+    """-> (prompt layout, K, goal names) with every 'auto' decided. The tiny model learns from scratch, so it gets
+    the interface it learns fastest (README "Agent interface"): the env's own `prompt_layout` (textworld-tiny:
+    minimal) or compact, and abstracted goal names where the env has goal_names(); a --model reads the full,
+    named text, as the paper's agents do. start_run writes the decided values into the run's config."""
+    env_cls = env_cls or paw_envs.ENVS.get(cfg.env)
+    layout = cfg.prompt_layout
+    if layout == "auto":
+        layout = "full" if cfg.model else getattr(env_cls, "prompt_layout", "compact")
     k = cfg.history if cfg.history >= 0 else (1 if layout == "full" else 2)
-    return layout, k, cfg.goal_names == "abstract" or (cfg.goal_names == "auto" and not cfg.model)
+    names = cfg.goal_names
+    if names == "auto":
+        names = "abstract" if not cfg.model and callable(getattr(env_cls, "goal_names", None)) else "named"
+    return layout, k, names
 
 def project_action(response: str, think: bool, prefilled_think: bool = False) -> tuple[str, bool]:
     """Response -> (action, format_ok). Plain: the stripped text. Think (verl-agent's projection, strict): exactly
@@ -1517,8 +1527,9 @@ def print_plan(run: Run, dev, resuming: bool):
     n_params = sum(p.numel() for p in run.model.parameters())
     say(f"paw: {cfg.env} | model {cfg.model or 'tiny Llama'} ({n_params / 1e6:.2f}M params, vocab {len(run.tok)}) "
         f"| {cfg.algo} + WM {cfg.wm} | prompt {'think' if fmt.think else f'plain {fmt.layout}, K={fmt.history}'}"
-        f"{', goal names abstracted' if getattr(run.env_cls, 'goal_names_abstracted', False) else ''}"
-        f"{' (chat template)' if fmt.chat else ''}{', action mask' if fmt.mask else ''} | device {dev}"
+        f"{', goal names abstracted (OBJ, REC; --goal-names named for the names)' if cfg.goal_names == 'abstract' else ''}"
+        f"{' (chat template)' if fmt.chat else ''}{', action mask' if fmt.mask else ''} | {cfg.groups} groups x "
+        f"{cfg.group_size}, lr {cfg.lr:g}, {cfg.dtype} | device {dev}"
         f"{f' x {world()[1]} processes' if world()[1] > 1 else ''} | run dir {run.run_dir}")
     pre = ["random-policy baseline"] + ([f"language prior ({cfg.prior_steps} steps)"]
                                         if not cfg.model and cfg.prior_steps else [])
@@ -1576,7 +1587,13 @@ def start_run(cfg: Config):
     try:
         init_distributed(cfg)
         env_cls, dev = paw_envs.load_env_class(cfg.env), pick_device(cfg.device)
-        if agent_interface(cfg)[2]:  # the task's names as placeholders (envs with goal_names(); others unchanged)
+        cfg.prompt_layout, cfg.history, cfg.goal_names = agent_interface(cfg, env_cls)  # saved as decided
+        cfg.lr = cfg.lr or (1e-6 if cfg.model else 1e-3)
+        if cfg.dtype == "auto":
+            cfg.dtype = "bfloat16" if cfg.model and dev.type == "cuda" else "float32"
+        if cfg.goal_names == "abstract":  # the task's names as placeholders, mapped back for the game
+            if not callable(getattr(env_cls, "goal_names", None)):
+                raise ConfigError(f"--goal-names abstract: {cfg.env} has no goal_names() (see envs.py)")
             env_cls = paw_envs.abstract_goal_names(env_cls)
         ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
         run_dir = make_run_dir(cfg)

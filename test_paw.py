@@ -1,6 +1,7 @@
 """Tests for paw: every component against an independent reference (hand-computed numbers, naive
 full-logits math), plus end-to-end behaviour. Run: pytest -q test_paw.py"""
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -880,6 +881,136 @@ def test_gigpo_anchor_states_recur(name):
     assert size.double().mean() > 1.0
 
 
+# ------------------------------------------------------------------------------------------------
+# The agent interface: goal-name abstraction, prompt layouts, loops, the reactive expert
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["textworld-tiny", "textworld-tiny-sparse", "alfworld-tiny"])
+def test_goal_name_abstraction_is_the_same_game_renamed(name):
+    """Random play in the abstracted env and, with the placeholders written back by plain str.replace, in the
+    named env: the same rewards, done, won and valid at every step; every text the agent reads is the named
+    text with the goal names replaced, and none of the goal names is left in it."""
+    named_cls, abs_cls = envs.ENVS[name], envs.abstract_goal_names(envs.ENVS[name])
+    assert abs_cls.max_steps == named_cls.max_steps and abs_cls.R_max == named_cls.R_max
+    rng = random.Random(0)
+    for seed in range(30):
+        a_env, n_env = abs_cls(), named_cls()
+        a_obs, a_info = a_env.reset(seed)
+        n_obs, n_info = n_env.reset(seed)
+        names = n_env.goal_names()
+        back = lambda t: functools.reduce(lambda x, kv: x.replace(kv[1], kv[0]), names.items(), t)  # noqa: E731
+        for _ in range(named_cls.max_steps):
+            for a_text, n_text in [(a_obs, n_obs), (a_info["task"], n_info["task"])] + list(
+                    zip(a_info["admissible_actions"], n_info["admissible_actions"])):
+                assert back(a_text) == n_text
+                assert not any(re.search(rf"(?<![\w-]){re.escape(k)}(?![\w-])", a_text) for k in names), a_text
+            assert len(a_info["admissible_actions"]) == len(n_info["admissible_actions"])
+            act = rng.choice(a_info["admissible_actions"] + ["xyzzy"])
+            a_obs, a_r, a_done, a_info = a_env.step(act)
+            n_obs, n_r, n_done, n_info = n_env.step(back(act))
+            assert (a_r, a_done, a_info["won"], a_info["valid"]) == (n_r, n_done, n_info["won"], n_info["valid"])
+            if a_done:
+                break
+    assert "OBJ" in abs_cls().reset(0)[1]["task"]
+
+
+class _Boxes:
+    """A one-step env whose goal names overlap: "box 1" (the goal) inside "box 12" and "big box 1"."""
+    max_steps, R_max = 2, 1.0
+
+    def reset(self, seed):
+        self.won = False
+        return "You see box 1, box 12 and big box 1.", self._info()
+
+    def _info(self):
+        return dict(admissible_actions=["open box 1", "open box 12", "open big box 1"], task="open box 1",
+                    won=self.won, valid=True)
+
+    def goal_names(self):
+        return {"box 1": "REC"}
+
+    def step(self, action):
+        self.won = action == "open box 1"
+        return f"You {action}.", float(self.won), True, self._info()
+
+
+def test_abstraction_replaces_whole_names_only_and_maps_actions_back():
+    e = envs.abstract_goal_names(_Boxes)()
+    obs, info = e.reset(0)
+    assert obs == "You see REC, box 12 and big REC." and info["task"] == "open REC"
+    assert info["admissible_actions"] == ["open REC", "open box 12", "open big REC"]
+    obs, r, done, info = e.step("open REC")
+    assert (obs, r, info["won"]) == ("You open REC.", 1.0, True)  # the game got "open box 1"
+    assert envs.abstract_goal_names(envs.WebShopTiny) is envs.WebShopTiny  # no goal_names(): unchanged
+
+
+def test_build_prompt_layouts_hand_written():
+    hist = [("o1", "go north"), ("o2", "take OBJ"), ("o3", "go south")]
+    acts = ["go north", "put OBJ in REC"]
+    assert paw.build_prompt("put the OBJ in the REC", hist, "o4", acts, 1, "full") == (
+        "Task: put the OBJ in the REC.\nBefore: o3 Action: go south\nNow: o4\n"
+        "Actions: go north ; put OBJ in REC\nYour action:")
+    assert paw.build_prompt("t", hist, "o4", acts, 2, "compact") == (
+        "Task: t.\nStep 4. Last: go south ; take OBJ\nNow: o4\nActions: go north ; put OBJ in REC\nYour action:")
+    assert paw.build_prompt("t", [], "o0", acts, 2, "minimal") == (
+        "Task: t.\nStep 1. Last: nothing\nActions: go north ; put OBJ in REC\nYour action:")
+    assert paw.build_prompt("t", hist, "o4", acts, 0, "full") == "Task: t.\nNow: o4\nActions: go north ; put OBJ in REC\nYour action:"
+
+
+def test_prompt_words_are_in_the_tiny_vocabulary(tiny):
+    """Every word of every layout's prompt (step numbers included) is a known token: no [UNK]."""
+    tok, model = tiny
+    e = envs.abstract_goal_names(envs.TextWorldTiny)
+    tok2 = paw.build_tiny_tokenizer(*paw.gather_env_text(e, n_episodes=50))
+    obs, info = e().reset(3)
+    for layout in ("full", "compact", "minimal"):
+        text = paw.build_prompt(info["task"], [(obs, "go north")] * 15, obs, info["admissible_actions"], 2, layout)
+        assert tok2.unk_token_id not in tok2(text, add_special_tokens=False)["input_ids"], layout
+
+
+def test_agent_interface_defaults():
+    c = paw.Config(env="textworld-tiny")
+    assert paw.agent_interface(c) == ("minimal", 2, "abstract")
+    assert paw.agent_interface(paw.Config(env="webshop-tiny")) == ("compact", 2, "named")
+    assert paw.agent_interface(paw.Config(env="alfworld-tiny")) == ("compact", 2, "abstract")
+    assert paw.agent_interface(paw.Config(env="textworld-tiny", model="some/model")) == ("full", 1, "named")
+    assert paw.agent_interface(paw.Config(prompt_layout="full", history=3, goal_names="named")) == ("full", 3, "named")
+
+
+def _loop_episode(pairs, won=False):
+    e = paw.Episode(group=0, seed=0, won=won)
+    e.steps = [paw.Step(prompt_ids=[], action_ids=[a], obs_ids=[], reward=0.0, valid=True, anchor=s) for s, a in pairs]
+    return e
+
+
+def test_ends_in_loop_and_loop_share_hand_built():
+    assert paw.ends_in_loop(_loop_episode([("x", 1), ("a", 2), ("b", 3), ("a", 2), ("b", 3)]))  # A B A B
+    assert paw.ends_in_loop(_loop_episode([("x", 1), ("a", 2), ("a", 2)]))                     # A A
+    assert not paw.ends_in_loop(_loop_episode([("a", 2), ("b", 3), ("a", 2), ("c", 3)]))
+    assert not paw.ends_in_loop(_loop_episode([("a", 2), ("b", 3), ("a", 4), ("b", 3)]))       # other action
+    assert not paw.ends_in_loop(_loop_episode([("a", 2)]))
+    eps = [_loop_episode([("a", 1), ("a", 1)]), _loop_episode([("a", 1), ("b", 1)]),
+           _loop_episode([("a", 1), ("a", 1)], won=True)]
+    assert paw.episode_stats(eps)["loop_share"] == 0.5  # of the two failures, one loops; the win is not counted
+    assert paw.episode_stats(paw.slim(eps))["loop_share"] == 0.5  # what evaluate gathers keeps what it needs
+
+
+def test_reactive_expert_solves_held_out_textworld_tiny():
+    """bench.py bc's teacher: decision_points() plus 'never straight back' wins every held-out episode, reading
+    only the admissible actions and the last action (what the minimal prompt shows)."""
+    from bench import reactive_expert
+    rng = random.Random(0)
+    for seed in range(envs.EVAL_SEED_START, envs.EVAL_SEED_START + 300):
+        e, last = envs.abstract_goal_names(envs.TextWorldTiny)(), None
+        obs, info = e.reset(seed)
+        for _ in range(e.max_steps):
+            (_, right), = e.decision_points().items()
+            last = rng.choice(reactive_expert(right, last))
+            obs, r, done, info = e.step(last)
+            if done:
+                break
+        assert info["won"], seed
+
+
 def test_env_loading_errors():
     with pytest.raises(envs.EnvError, match="textworld-tiny"):
         envs.load_env_class("nope")
@@ -1255,7 +1386,8 @@ def test_readme_prompting_a_saved_tiny_model(tmp_path):
     code = m.group(1).replace("runs/<name>/model", str(tmp_path / "saved" / "model"))
     out = run_python(["-c", code], HERE)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] in ("go north", "take apple", "open fridge")
+    acts = envs.abstract_goal_names(envs.TextWorldTiny)().reset(1_000_000)[1]["admissible_actions"]
+    assert out.stdout.strip().splitlines()[-1] in acts
 
 
 # ------------------------------------------------------------------------------------------------
