@@ -628,6 +628,54 @@ def bench_bc(a):
     print(f"wrote {write_json(f'bc-{env_slug(a.env)}{a.tag}.json', dict(machine=machine(), args=vars(a), layout=layout, k=k, abstract=abstract, n_params=n_params, prompt_tokens=words, steps=step, labels=n_labels, cpu_s=cpu, log=log, final=final))}")
 
 
+BC_INTERFACES = [  # (label, paw flags): the interfaces `bc-table` compares at equal update CPU
+    ("full, K=1, named (the old default)", ["--prompt-layout", "full", "--history", "1", "--goal-names", "named"]),
+    ("full, K=1, abstracted", ["--prompt-layout", "full", "--history", "1", "--goal-names", "abstract"]),
+    ("compact, K=2, named", ["--prompt-layout", "compact", "--goal-names", "named"]),
+    ("compact, K=2, abstracted", ["--prompt-layout", "compact", "--goal-names", "abstract"]),
+    ("minimal, K=2, named", ["--prompt-layout", "minimal", "--goal-names", "named"]),
+    ("minimal, K=2, abstracted (default)", ["--prompt-layout", "minimal", "--goal-names", "abstract"]),
+    ("minimal, K=1, abstracted", ["--prompt-layout", "minimal", "--history", "1", "--goal-names", "abstract"]),
+    ("minimal, K=0, abstracted", ["--prompt-layout", "minimal", "--history", "0", "--goal-names", "abstract"]),
+    ("minimal, K=2, abstracted, d=64 x 2 layers", ["--prompt-layout", "minimal", "--goal-names", "abstract",
+                                                   "--d-model", "64", "--n-layers", "2"]),
+]
+
+
+def bench_bc_table(a):
+    """bench.py bc for every interface of BC_INTERFACES (or those whose label contains --only), the same update CPU
+    each, --parallel at a time (one thread each); finished ones are reused (bench_out/bc-<env>-table-<i>.json).
+    Prints and writes a markdown table."""
+    chosen = [(i, lab, fl) for i, (lab, fl) in enumerate(BC_INTERFACES) if a.only in lab]
+    path = lambda i: os.path.join(HERE, "bench_out", f"bc-{env_slug(a.env)}-table-{i}.json")  # noqa: E731
+    todo, running = [c for c in chosen if a.fresh or not os.path.exists(path(c[0]))], []
+    while todo or running:
+        while todo and len(running) < a.parallel:
+            i, lab, fl = todo.pop(0)
+            cmd = [sys.executable, "bench.py", "bc", "--env", a.env, "--cpu-budget", str(a.cpu_budget), "--every", "100",
+                   "--seed", str(a.seed), "--tag", f"-table-{i}", "--", *fl]
+            print(f"bench bc-table: {lab} ...", flush=True)
+            running.append(subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        running[0].wait()
+        if running[0].returncode:
+            sys.exit(f"bench bc-table: a run failed:\n{running[0].stderr.read()[-2000:]}")
+        running.pop(0)
+    rows = ["| interface | prompt tokens | params | labelled decisions | update CPU s | first CPU s with move_on >= 0.9 "
+            "| held-out greedy | held-out sampled | greedy failures that loop |", "|---|---|---|---|---|---|---|---|---|"]
+    for i, lab, _ in chosen:
+        r = json.load(open(path(i)))
+        first = next((x["cpu_s"] for x in r["log"] if x.get("move_on", 0) >= 0.9), None)
+        g, smp = r["final"]["greedy"], r["final"]["sampled"]
+        rows.append(f"| {lab} | {r['prompt_tokens']:.0f} | {r['n_params'] / 1e6:.2f}M | {r['labels']:,} | {r['cpu_s']:.0f} | "
+                    f"{'-' if first is None else f'{first:.0f}'} | {g['success']:.3f} | {smp['success']:.3f} | "
+                    f"{g['loop_share']:.2f} |")
+    table = "\n".join(rows)
+    print(f"\nbench bc-table: {a.env}, behaviour cloning of the reactive expert, {a.cpu_budget:g} s of update CPU each, "
+          f"200 held-out episodes | {machine()}\n\n{table}")
+    with open(os.path.join(HERE, "bench_out", f"bc-{env_slug(a.env)}-table.md"), "w") as f:
+        f.write(table + "\n")
+
+
 # ====================================================================================================
 # engine: how much of the rollouts an environment's own step/reset takes (e.g. real TextWorld), cache on/off
 # ====================================================================================================
@@ -876,6 +924,11 @@ def main():
               tag=("", "suffix of the JSON file name"), show_failures=(0, "print this many failed greedy episodes"),
               save=("", "save the cloned model and tokenizer to this folder"),
               episodes=200, threads=1, seed=0)
+    add_flags(sub.add_parser("bc-table", help="bc for each agent interface (layout, K, goal names, model size) at "
+                                              "equal update CPU: a markdown table"),
+              env="textworld-tiny", cpu_budget=180.0, parallel=2, seed=0,
+              only=("", "only the interfaces whose label contains this"))
+    sub.choices["bc-table"].add_argument("--fresh", action="store_true", help="rerun finished interfaces")
     add_flags(sub.add_parser("engine", help="CPU of rollouts and evaluation spent inside the environment (cache "
                                             "off/on)"),
               env=None, model=(None, "a saved paw model folder (runs/<name>/model)"), groups=8, group_size=8,
@@ -894,7 +947,7 @@ def main():
     a = p.parse_args()
     chat_model = lambda a: print(f"saved {a.folder} ({len(make_chat_model(a.folder, hidden=a.hidden, layers=a.layers))} "  # noqa: E731
                                  "tokens)")
-    {"learn": bench_learn, "loss": bench_loss, "ddp": bench_ddp, "bc": bench_bc, "engine": bench_engine,
+    {"learn": bench_learn, "loss": bench_loss, "ddp": bench_ddp, "bc": bench_bc, "bc-table": bench_bc_table, "engine": bench_engine,
      "chat-model": chat_model, "loss-one": loss_one, "trl-one": trl_one, "trl": bench_trl, "speed": bench_speed, "speed-one": speed_one}[a.cmd](a)
 
 

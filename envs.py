@@ -971,6 +971,94 @@ class TextWorldGames:
 
 
 # ----------------------------------------------------------------------------------------------------
+# key-vault: a held-out game for "does the recipe transfer?" Not registered and never tuned on: it is run as a
+# user's own environment would be (`--env envs:KeyVault`), so it gets the default interface of an unknown env.
+# ----------------------------------------------------------------------------------------------------
+KV_ROOMS = ["foyer", "gallery", "library", "vault room", "workshop", "armory", "chapel"]
+KV_ITEMS = ["lamp", "rope", "map", "helmet", "shovel"]
+
+
+class KeyVault:
+    """3-5 rooms in a row; a brass key lies in one of them, a locked vault stands in another, some junk lies
+    around. Win by unlocking the vault with the key, opening it and taking the gold. Reward 1 on success."""
+
+    max_steps = 20
+    R_max = 1.0
+
+    def reset(self, seed: int):
+        rng = random.Random(int(seed) * 7919 + 13)
+        self.rooms = rng.sample(KV_ROOMS, rng.randint(3, 5))
+        self.key_room, self.vault_room = rng.sample(range(len(self.rooms)), 2)
+        self.junk = {i: [] for i in range(len(self.rooms))}
+        for item in rng.sample(KV_ITEMS, 2):
+            self.junk[rng.randrange(len(self.rooms))].append(item)
+        self.here, self.carry, self.locked, self.open, self.won, self.t = rng.randrange(len(self.rooms)), [], True, \
+            False, False, 0
+        return self._obs("You wake up."), self._info(True)
+
+    def actions(self) -> list[str]:
+        acts = (["go left"] if self.here > 0 else []) + (["go right"] if self.here < len(self.rooms) - 1 else [])
+        acts += [f"take {x}" for x in self.junk[self.here]]
+        if self.here == self.key_room and "key" not in self.carry:
+            acts.append("take key")
+        acts += [f"drop {x}" for x in self.carry]
+        if self.here == self.vault_room:
+            if self.locked and "key" in self.carry:
+                acts.append("unlock vault")
+            elif not self.locked and not self.open:
+                acts.append("open vault")
+            elif self.open:
+                acts.append("take gold")
+        return acts
+
+    def _obs(self, feedback: str) -> str:
+        things = list(self.junk[self.here]) + (["a brass key"] if self.here == self.key_room and "key" not in self.carry
+                                               else [])
+        vault = (" A vault stands here, " + ("locked." if self.locked else "open." if self.open else "closed.")
+                 if self.here == self.vault_room else "")
+        return (f"{feedback} You are in the {self.rooms[self.here]}.{vault} You see "
+                f"{', '.join(things) if things else 'nothing'}. You hold {', '.join(self.carry) or 'nothing'}.")
+
+    def _info(self, valid: bool) -> dict:
+        return dict(admissible_actions=self.actions(), task="unlock the vault and take the gold", won=self.won,
+                    valid=valid)
+
+    def step(self, action):
+        if self.won or self.t >= self.max_steps:
+            return "The game is over.", 0.0, True, self._info(False)
+        self.t += 1
+        act = " ".join(action.split()) if isinstance(action, str) else ""
+        if act not in self.actions():
+            return self._obs("Nothing happens."), 0.0, self.t >= self.max_steps, self._info(False)
+        verb, _, what = act.partition(" ")
+        if act == "go left" or act == "go right":
+            self.here += -1 if act == "go left" else 1
+        elif act == "take key":
+            self.carry.append("key")
+        elif act == "take gold":
+            self.won = True
+        elif verb == "take":
+            self.junk[self.here].remove(what), self.carry.append(what)
+        elif verb == "drop":
+            self.carry.remove(what)
+            if what == "key":
+                self.key_room = self.here
+            else:
+                self.junk[self.here].append(what)
+        elif act == "unlock vault":
+            self.locked = False
+        elif act == "open vault":
+            self.open = True
+        feedback = "You win the gold!" if self.won else f"You {act}."
+        return self._obs(feedback), float(self.won), self.won or self.t >= self.max_steps, self._info(True)
+
+    def vocabulary_text(self) -> list[str]:
+        return [" ".join(KV_ROOMS + KV_ITEMS) + " a brass key locked open closed vault stands here nothing You "
+                "hold see are in the wake up win gold Nothing happens. The game is over. go left right take drop "
+                "unlock"]
+
+
+# ----------------------------------------------------------------------------------------------------
 # Registry and loading of user environments (`--env module:Class`)
 # ----------------------------------------------------------------------------------------------------
 ENVS = {c.name: c for c in (TextWorldTiny, TextWorldTinySparse, AlfWorldTiny, AlfWorldTinySparse, WebShopTiny,
