@@ -289,7 +289,7 @@ def speed_one(a):
     cfg = paw.parse_config(["--env", a.env, "--prior-steps", "0", "--seed", "1", *(["--model", a.model] if a.model else []),
                             *json.loads(a.flags)])
     random.seed(1), torch.manual_seed(1)
-    env_cls = envs.load_env_class(cfg.env)
+    env_cls = paw.decide_defaults(cfg, envs.load_env_class(cfg.env), torch.device("cpu"))
     if a.model:  # a Hugging Face folder: its own tokenizer and, with a chat template, the think format
         tok, model = paw.load_hf_model(a.model, torch.float32)
     else:
@@ -547,9 +547,8 @@ def bench_bc(a):
     env_cls = envs.load_env_class(a.env)
     if not hasattr(env_cls, "decision_points"):
         sys.exit(f"bench bc: {a.env} has no decision_points()")
-    layout, k, names = paw.agent_interface(cfg, env_cls)
-    abstract = names == "abstract"
-    env_cls = envs.abstract_goal_names(env_cls) if abstract else env_cls
+    env_cls = paw.decide_defaults(cfg, env_cls, torch.device("cpu"))
+    layout, k, abstract = cfg.prompt_layout, cfg.history, cfg.goal_names == "abstract"
     tok = paw.build_tiny_tokenizer(*paw.gather_env_text(env_cls, seed=a.seed))
     model = paw.build_tiny_model(tok, cfg)
     fmt, cache = paw.make_prompt_format(tok, model, cfg), {}

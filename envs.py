@@ -19,9 +19,11 @@ and two class attributes:
     won: bool                       whether the task has been completed
     valid: bool                     whether the last action was admissible (True after reset)
 
-Optional: `decision_points()` (see TextWorldTiny) names the key decisions of the current state, and a class
-attribute `text_episodes` sets how many random episodes paw plays for the tiny tokenizer's text (default
-1000; fewer where a step is expensive, as in TextWorldGames).
+Optional: `decision_points()` (see TextWorldTiny) names the key decisions of the current state; `goal_names()`
+maps the names the task refers to onto placeholder words (see GoalNamesAbstracted); a class attribute
+`prompt_layout` ("minimal": the admissible actions say all a decision needs) picks the tiny model's prompt; and
+`text_episodes` sets how many random episodes paw plays for the tiny tokenizer's text (default 1000; fewer where
+a step is expensive, as in TextWorldGames).
 
 Rules: `step` never raises on any string (empty, unicode, 10k characters, injection-like text): an
 action that is not admissible is answered in-game ("Nothing happens.") with valid=False and leaves the

@@ -67,7 +67,7 @@ class Config:
                        "actions in compact/minimal (-1 = 1 full, 2 compact/minimal)", check=">= -1")
     prompt_layout: str = arg("auto", "h_t: full (task, K past observation+action, observation, actions), compact "
                              "(task, step, K past actions, observation, actions) or minimal (compact without the "
-                             "observation); auto = minimal for the tiny model, full for --model",
+                             "observation); auto = the env's prompt_layout (else compact) for the tiny model, full for --model",
                              choices=["auto", "full", "compact", "minimal"])
     goal_names: str = arg("auto", "abstract = the env writes the task's names as placeholders (OBJ, REC) in "
                           "everything the agent reads, mapped back for the game; auto = abstract for the tiny "
@@ -823,7 +823,7 @@ def episode_stats(episodes: list[Episode], prefix: str = "") -> dict:
 # ==== 8. The training loop and evaluation on held-out seeds
 def train(run: Run, start: int) -> tuple[int, bool]:
     """RL iterations after `start`, with evaluation, metrics, checkpoints, the time budget. -> (last, Ctrl-C?)"""
-    cfg, it, warned = run.cfg, start, False
+    cfg, it, warned, train_s0 = run.cfg, start, False, run.train_s
     bar = tqdm(range(start + 1, cfg.iters + 1), desc="PaW", dynamic_ncols=True, initial=start, total=cfg.iters,
                disable=world()[0] != 0)
     with open(os.path.join(run.run_dir, "metrics.jsonl"), "a") if world()[0] == 0 else contextlib.nullcontext() as \
@@ -844,6 +844,10 @@ def train(run: Run, start: int) -> tuple[int, bool]:
                       "(Ctrl-C again: save only)")
                 return it - 1, True
             warned = report_iteration(run, m, metrics_file, bar, warned)
+            if cfg.time_budget:  # the bar's total and ETA follow whichever of --iters / --time-budget ends first
+                per_it = (run.train_s - train_s0) / (it - start)
+                bar.total = min(cfg.iters, it + math.ceil(max(0.0, 60 * cfg.time_budget - run.train_s) / per_it))
+                bar.refresh()
             if it == start + 1:  # the first measured iteration gives the estimate of the whole run
                 left = (cfg.iters - it) * (time.time() - t_it)
                 left = min(left, max(0.0, 60 * cfg.time_budget - run.train_s)) if cfg.time_budget else left
@@ -1488,6 +1492,19 @@ def make_run_dir(cfg: Config) -> str:
         raise ConfigError(error)
     return run_dir
 
+def decide_defaults(cfg: Config, env_cls, dev: torch.device):
+    """Every 'auto' of the run decided, in cfg (so config.json records what ran): the agent interface, the learning
+    rate and dtype for the model and device. -> the env class the agent plays (goal names abstracted or not)."""
+    cfg.prompt_layout, cfg.history, cfg.goal_names = agent_interface(cfg, env_cls)
+    cfg.lr = cfg.lr or (1e-6 if cfg.model else 1e-3)
+    if cfg.dtype == "auto":
+        cfg.dtype = "bfloat16" if cfg.model and dev.type == "cuda" else "float32"
+    if cfg.goal_names != "abstract":
+        return env_cls
+    if not callable(getattr(env_cls, "goal_names", None)):
+        raise ConfigError(f"--goal-names abstract: {cfg.env} has no goal_names() (see envs.py)")
+    return paw_envs.abstract_goal_names(env_cls)  # the task's names as placeholders, mapped back for the game
+
 def fail(msg: str, code: int = 2):
     print(f"\npaw: {msg}" if code == 130 else f"paw.py: error: {msg}", file=sys.stderr)
     sys.exit(code)
@@ -1587,14 +1604,7 @@ def start_run(cfg: Config):
     try:
         init_distributed(cfg)
         env_cls, dev = paw_envs.load_env_class(cfg.env), pick_device(cfg.device)
-        cfg.prompt_layout, cfg.history, cfg.goal_names = agent_interface(cfg, env_cls)  # saved as decided
-        cfg.lr = cfg.lr or (1e-6 if cfg.model else 1e-3)
-        if cfg.dtype == "auto":
-            cfg.dtype = "bfloat16" if cfg.model and dev.type == "cuda" else "float32"
-        if cfg.goal_names == "abstract":  # the task's names as placeholders, mapped back for the game
-            if not callable(getattr(env_cls, "goal_names", None)):
-                raise ConfigError(f"--goal-names abstract: {cfg.env} has no goal_names() (see envs.py)")
-            env_cls = paw_envs.abstract_goal_names(env_cls)
+        env_cls = decide_defaults(cfg, env_cls, dev)
         ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
         run_dir = make_run_dir(cfg)
     except (paw_envs.EnvError, ConfigError) as e:
