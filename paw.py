@@ -465,7 +465,7 @@ def action_and_obs_logprobs(model, packed: Packed, cfg: Config, with_head_input:
 def behaviour_from_generation(cfg: Config, score_values: int = 0) -> bool:
     """Behaviour (old) log-probs and H(a_t|h_t) from generation, not a scoring pass? In float32 both agree (tested),
     in bf16 not. Above 2^26 kept scores (batch x new tokens x vocab, 256 MB) a rescoring pass is cheaper."""
-    return cfg.rescore == "off" or (cfg.rescore == "auto" and cfg.dtype == "float32" and score_values <= 2**26)
+    return cfg.rescore == "off" or (cfg.rescore == "auto" and cfg.dtype in ("float32", "auto") and score_values <= 2**26)
 
 @torch.no_grad()
 def score_steps(model, steps: list[Step], cfg: Config, ref_model=None, policy: bool = True):
