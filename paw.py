@@ -132,6 +132,8 @@ class Config:
                                "accumulated exactly (0 = the whole minibatch)", check=">= 0")
     eval_episodes: int = arg(100, "held-out evaluation episodes at the end (greedy)", group="evaluation", check=">= 0")
     eval_sampled: bool = arg(True, "also evaluate with temperature sampling (--no-eval-sampled: greedy only)")
+    greedy: str = arg("action", "greedy decoding under the action mask: action = the policy's most likely whole "
+                      "admissible action (its mode), token = argmax token by token", choices=["action", "token"])
     eval_every: int = arg(0, "evaluate on held-out seeds every N iterations (0 = only at the end)", check=">= 0")
     eval_every_episodes: int = arg(50, "episodes of the periodic evaluation", check="> 0")
 
@@ -243,6 +245,12 @@ def allowed_along(trie: dict, ids: list[int]) -> list[list[int]]:
 def trie_depth(trie: dict) -> int:
     return 1 + max(map(trie_depth, trie.values())) if trie else 0
 
+def trie_actions(trie: dict, prefix: tuple = ()) -> list[list[int]]:
+    """Every root-to-leaf path of an action trie: the admissible actions as token ids, each ending in EOS."""
+    if not trie:
+        return [list(prefix)] if prefix else []
+    return [a for t, sub in trie.items() for a in trie_actions(sub, prefix + (t,))]
+
 class AdmissiblePrefixMask:
     """A transformers logits processor: row r may only continue a prefix of one of its admissible actions
     (scores of every other token -> -inf, so sampling and argmax renormalise over the allowed ones). A row
@@ -267,6 +275,8 @@ def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: 
     """Batched, KV-cached generation -> per prompt: the ids as sampled, up to the first stop id, with the log-prob and
     entropy of the distribution each was drawn from (temperature T, after the action mask `tries`, if any)."""
     fmt = fmt or make_prompt_format(tok, model, cfg)
+    if greedy and tries is not None and all(tries) and cfg.greedy == "action":  # the mode; no behaviour log-probs
+        return [(ids, None, None) for ids in most_likely_actions(model, prompts, tries, cfg)]
     dev = next(model.parameters()).device
     rows = [torch.tensor(p, dtype=torch.long) for p in prompts]  # left padding: all prompts end where generation starts
     ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tok.pad_token_id, padding_side="left")
@@ -290,6 +300,27 @@ def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: 
         n = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
         actions.append((row[:n], tok_logp[r, :n] if keep else None, tok_ent[r, :n] if keep else None))
     return actions
+
+@torch.no_grad()
+def most_likely_actions(model, prompts: list[list[int]], tries: list[dict], cfg: Config) -> list[list[int]]:
+    """Greedy decoding over whole actions: per prompt, argmax_a log pi(a | h_t) = sum_j log pi(a_j | h_t, a_<j)
+    over its admissible actions, each token's distribution masked and renormalised exactly as sampling draws it:
+    the mode of the policy. Token-by-token argmax is not the mode: a prefix shared by several actions ("put OBJ
+    in" box / safe) collects all their mass and wins over a single better action ("put OBJ on REC")."""
+    cands = [(r, ids) for r, trie in enumerate(tries) for ids in trie_actions(trie)]
+    steps = [Step(prompt_ids=prompts[r], action_ids=ids, obs_ids=[], reward=0.0, valid=True, anchor="",
+                  allowed=allowed_along(tries[r], ids)) for r, ids in cands]
+    scores = []
+    for i in range(0, len(steps), cfg.forward_batch):
+        chunk = steps[i:i + cfg.forward_batch]
+        packed = pack_steps(chunk, with_obs=False)
+        logp = action_and_obs_logprobs(model, packed, cfg).action.logp.float().cpu()
+        scores += torch.zeros(len(chunk)).index_add_(0, packed.act_row, logp).tolist()
+    best: dict[int, tuple[float, list[int]]] = {}
+    for (r, ids), s in zip(cands, scores):  # ties: the first admissible action in the env's order
+        if r not in best or s > best[r][0]:
+            best[r] = (s, ids)
+    return [best[r][1] if r in best else [] for r in range(len(prompts))]
 
 def decode_action(tok, ids: list[int], stop_ids=()) -> str:
     stop = set(stop_ids) | {tok.eos_token_id}
@@ -671,10 +702,11 @@ def backward_with_wm_cap(l_rl, l_wm, head_input: torch.Tensor, cap: float) -> di
     """§6 safeguard: backward of L = L_RL + s * WM, s = min(1, cap ||dL_RL/dh|| / ||dWM/dh||), h = `head_input` (the
     last hidden state): the WM gradient into the trunk is at most `cap` x the RL one, and 0 without RL signal (all
     groups failed, L_RL = 0, lambda_g = 1: WM alone would collapse the policy). cap = 0: the literal §2.4."""
-    if cap <= 0 or not l_wm.requires_grad:
+    if cap <= 0:
         (l_rl + l_wm).backward()
         return dict(wm_scale=1.0)
-    g_rl, g_wm = (torch.autograd.grad(l, head_input, retain_graph=True, allow_unused=True)[0] for l in (l_rl, l_wm))
+    g_rl, g_wm = (torch.autograd.grad(l, head_input, retain_graph=True, allow_unused=True)[0] if l.requires_grad
+                  else None for l in (l_rl, l_wm))
     sq = [g.float().square().sum().item() if g is not None else 0.0 for g in (g_rl, g_wm)]
     n_rl, n_wm = (math.sqrt(v) for v in all_reduce(sq))  # under torchrun: the norms over every process's slice
     scale = min(1.0, cap * n_rl / (n_wm + 1e-12)) if n_wm > 0 else 1.0
@@ -740,7 +772,9 @@ def slice_backward(model, part: Batch, cfg: Config, wm_rows: list[bool], n_act: 
     fwd = action_and_obs_logprobs(model, packed, cfg, with_head_input=True)
     l_rl, l_wm, log = combined_objective(fwd, packed, part, cfg)
     w_rl, w_wm = packed.act_tgt.numel() / n_act, sum(wm_rows) / n_sel
-    log.update(backward_with_wm_cap(w_rl * l_rl, w_wm * l_wm, fwd.head_input, cfg.wm_grad_cap if any(wm_rows) else 0.0))
+    # under torchrun every process takes the capped path (its norms are all-reduced), WM rows in its slice or not
+    cap = cfg.wm_grad_cap if cfg.wm != "off" and (any(wm_rows) or world()[1] > 1) else 0.0
+    log.update(backward_with_wm_cap(w_rl * l_rl, w_wm * l_wm, fwd.head_input, cap))
     log.update(policy_loss=w_rl * l_rl.item(), wm_loss=w_wm * l_wm.item(), clipfrac=w_rl * log["clipfrac"],
                approx_kl=w_rl * log["approx_kl"], obs_hits=int(fwd.obs.is_argmax.sum()),
                obs_tokens=fwd.obs.is_argmax.numel(), tokens=int(packed.attention_mask.sum()),

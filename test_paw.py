@@ -1515,11 +1515,12 @@ def _ddp_update_worker(rank, world, folder, c):
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("wm,fused", [("cmae", True), ("off", False)])
-def test_ddp_update_equals_single_process(tiny, tmp_path, wm, fused):
+@pytest.mark.parametrize("wm,fused,one_sided", [("cmae", True, False), ("off", False, False), ("cmae", False, True)])
+def test_ddp_update_equals_single_process(tiny, tmp_path, wm, fused, one_sided):
     """2 processes (Gloo), each with half of the steps, make the same update as one process with all of them:
     token-mean L_RL and the WM mean over selected transitions are global means, the §6 cap uses global norms,
-    gradient clipping the global norm (max_grad_norm is set to bind). SGD(lr=1): the change is the gradient."""
+    gradient clipping the global norm (max_grad_norm is set to bind). SGD(lr=1): the change is the gradient.
+    one_sided: only process 0 holds WM targets (process 1 must still join the cap's collectives; it once aborted)."""
     tok, _ = tiny
     c = cfg(minibatches=1, micro_batch=0, wm=wm, wm_alpha=0.5, wm_grad_cap=0.002, max_grad_norm=0.05, fused_loss=fused)
     torch.manual_seed(5)
@@ -1528,7 +1529,10 @@ def test_ddp_update_equals_single_process(tiny, tmp_path, wm, fused):
     old, ent, _, _ = paw.score_steps(model0, steps, c)
     g = torch.Generator().manual_seed(1)
     adv, lam = torch.randn(len(steps), generator=g), torch.rand(len(steps), generator=g)
-    batch = paw.Batch(steps, old, ent, adv, paw.select_wm_targets(ent, c.wm_alpha), lam)
+    selected = paw.select_wm_targets(ent, c.wm_alpha)
+    if one_sided:  # process 1 gets the odd steps: none of them is a WM target
+        selected = torch.tensor([i % 2 == 0 for i in range(len(steps))])
+    batch = paw.Batch(steps, old, ent, adv, selected, lam)
     model0.save_pretrained(tmp_path / "model")
     torch.save(dict(batch=batch), tmp_path / "data.pt")
     torch.multiprocessing.spawn(_ddp_update_worker, args=(2, str(tmp_path), c), nprocs=2)
