@@ -7,6 +7,7 @@
     python bench.py bc --lr 5e-4                                       # supervised upper bound of the tiny model
     python bench.py loss                                               # fused vs naive loss path, CPU fp32
     python bench.py loss --device cuda --dtype bfloat16                # the same on a GPU, + GEMM rate
+    python bench.py gpu                                                # one GPU in <= 8 min (--device cpu --quick: dry run)
 
 Each prints a table and writes JSON under bench_out/.
 """
@@ -239,9 +240,14 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def make_chat_model(folder, template=CHATML, hidden: int = 32, layers: int = 1):
-    """A small randomly initialised Qwen2-architecture model with a byte-level BPE tokenizer (trained here
-    on environment text) that has a ChatML chat template, saved like a hub checkpoint."""
+QWEN25_05B = dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936)  # its trunk and head
+
+
+def make_chat_model(folder, template=CHATML, hidden: int = 32, layers: int = 1, heads: int = 2, kv_heads: int = 1,
+                    intermediate: int = 0, vocab: int = 0):
+    """A randomly initialised Qwen2-architecture model with a byte-level BPE tokenizer (trained here on environment
+    text) that has a ChatML chat template, saved like a hub checkpoint. vocab > the tokenizer's: head rows no text
+    uses (a real-size head; decode with the action mask, which only emits the tokenizer's ids)."""
     import torch
     import envs
     import paw
@@ -259,8 +265,9 @@ def make_chat_model(folder, template=CHATML, hidden: int = 32, layers: int = 1):
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = template
     torch.manual_seed(0)
-    c = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                    num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+    c = Qwen2Config(vocab_size=max(vocab, len(tok)), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                    tie_word_embeddings=True,
                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     Qwen2ForCausalLM(c).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -287,14 +294,16 @@ def speed_one(a):
     import paw
     torch.set_num_threads(a.threads)
     cfg = paw.parse_config(["--env", a.env, "--prior-steps", "0", "--seed", "1", *(["--model", a.model] if a.model else []),
-                            *json.loads(a.flags)])
+                            "--device", a.device, *json.loads(a.flags)])
     random.seed(1), torch.manual_seed(1)
-    env_cls = paw.decide_defaults(cfg, envs.load_env_class(cfg.env), torch.device("cpu"))
+    dev = paw.pick_device(cfg.device)
+    env_cls = paw.decide_defaults(cfg, envs.load_env_class(cfg.env), dev)
     if a.model:  # a Hugging Face folder: its own tokenizer and, with a chat template, the think format
-        tok, model = paw.load_hf_model(a.model, torch.float32)
+        tok, model = paw.load_hf_model(a.model, getattr(torch, cfg.dtype))
     else:
         tok = paw.build_tiny_tokenizer(*paw.gather_env_text(env_cls, n_episodes=200, seed=1))
         model = paw.build_tiny_model(tok, cfg)
+    model.to(dev)
     cfg.fused_loss = cfg.fused_loss and paw.plain_linear_head(model)[0]  # as paw.py decides it
     run = paw.Run(cfg, env_cls, tok, model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), random.Random(1),
                   paw.make_prompt_format(tok, model, cfg))
@@ -321,6 +330,10 @@ def speed_one(a):
     mean["tokens_per_step"] = mean["tokens"]
     mean["tokens_per_transition"] = mean.pop("tokens") / mean.pop("transitions")
     mean["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if dev.type == "cuda":
+        mean["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    mean.update(groups=cfg.groups, group_size=cfg.group_size, micro_batch=cfg.micro_batch, dtype=cfg.dtype,
+                params=sum(p.numel() for p in model.parameters()))
     print(json.dumps(mean))
 
 
@@ -564,9 +577,10 @@ def bench_bc(a):
                 name, right = ("move_on" if len(forward) < len(right) else name), forward  # move_on: not straight back
                 label = rng.choice(right)
                 trie = paw.action_trie(tok, info["admissible_actions"], tok.eos_token_id, cache)
-                p = paw.render_prompt(tok, fmt, info["task"], hist, obs, info["admissible_actions"], fmt.history)
-                out.append((paw.Step(prompt_ids=p, action_ids=cache[label], obs_ids=[], reward=0.0, valid=True,
-                                     anchor="", allowed=paw.allowed_along(trie, cache[label])), name, right, trie))
+                p = paw.render_prompts(tok, fmt, [(info["task"], hist, obs, info["admissible_actions"])], fmt.history)[0]
+                a_ids = cache[label] + [tok.eos_token_id]
+                out.append((paw.Step(prompt_ids=p, action_ids=a_ids, obs_ids=[], reward=0.0, valid=True,
+                                     anchor="", allowed=paw.allowed_along(trie, a_ids)), name, right, trie))
                 act = label if rng.random() < 0.7 else rng.choice(info["admissible_actions"])
                 hist.append((obs, act))
                 obs, _, done, info = env.step(act)
@@ -720,8 +734,44 @@ def bench_engine(a):
             rows.append(dict(kind=kind, what=what, cpu_s=total, env_cpu_s=spent["env"], env_share=spent["env"] / total))
             print(f"{kind:<10} {what:<12} CPU {total:6.1f} s, in the env {spent['env']:6.1f} s ({spent['env'] / total:.0%})",
                   flush=True)
+    prof = rollout_host_share(model, tok, base, cfg, a.groups, a.group_size)
+    print("cProfile of one rollout: " + ", ".join(f"{k} {v:.1%}" for k, v in prof.items()) + " of its CPU")
     print(f"bench engine: {a.env}, {a.groups} x {a.group_size} rollouts, {a.eval_episodes} greedy episodes | {machine()}")
-    print(f"wrote {write_json(f'engine-{env_slug(a.env)}.json', dict(machine=machine(), args=vars(a), rows=rows))}")
+    print(f"wrote {write_json(f'engine-{env_slug(a.env)}.json', dict(machine=machine(), args=vars(a), rows=rows, profile=prof))}")
+
+
+# paw.py's own host work in a rollout: tokenization (prompts, actions, o_{t+1}) and the action mask
+HOST_FUNCTIONS = dict(tokenizer=("tokenize_cached", "decode_action"),
+                      mask=("AdmissiblePrefixMask.__init__", "AdmissiblePrefixMask.__call__", "action_trie",
+                            "allowed_along", "trie_depth"))
+
+
+def rollout_host_share(model, tok, env_cls, cfg, groups: int, group_size: int) -> dict:
+    """cProfile of one training rollout (collect_rollouts): the share of its CPU in paw's tokenizer calls and in the
+    action mask (cumulative time of the HOST_FUNCTIONS at their outermost calls)."""
+    import cProfile
+    import functools
+    import pstats
+    import random
+    import envs
+    import paw
+
+    def key(name):  # cProfile's key of a paw function: (file, first line, name)
+        c = functools.reduce(getattr, name.split("."), paw).__code__
+        return c.co_filename, c.co_firstlineno, c.co_name
+    rng = random.Random(6)
+    seeds = [rng.randrange(envs.EVAL_SEED_START) for _ in range(groups)]
+    paw.collect_rollouts(model, tok, env_cls, seeds, group_size, cfg)  # warm-up
+    pr = cProfile.Profile()
+    pr.runcall(paw.collect_rollouts, model, tok, env_cls, seeds, group_size, cfg)
+    stats = pstats.Stats(pr).stats  # key -> (calls, primitive calls, tottime, cumtime, callers)
+    parts = {part: {key(n) for n in names} for part, names in HOST_FUNCTIONS.items()}
+    every = set().union(*parts.values())
+    total = stats[key("collect_rollouts")][3]
+    out = {part: sum(v[3] for k, v in stats.items() if k in keys and not set(v[4]) & every) / total
+           for part, keys in parts.items()}
+    out["tokenizer + mask"] = out["tokenizer"] + out["mask"]
+    return out
 
 
 # ====================================================================================================
@@ -876,6 +926,72 @@ def bench_loss(a):
     print(f"wrote {path}")
 
 
+# ====================================================================================================
+# gpu: one command for a lent GPU (<= 8 minutes): iteration phases by batch size, the loss table, a real-size model
+# ====================================================================================================
+def bench_gpu(a):
+    """Each part in its own process (clean peak memory; one failure does not stop the rest). --quick: tiny sizes,
+    the dry run of the same code on a CPU."""
+    import tempfile
+    dev, quick, rows = a.device, a.quick, dict(iterations=[], loss=[], model=[])
+    speed = [sys.executable, os.path.join(HERE, "bench.py"), "speed-one", "--env", "textworld-tiny", "--threads",
+             str(a.threads), "--device", dev, "--iters", str(a.iters)]
+    for groups in ([2, 8] if quick else [8, 32, 128]):  # the tiny model, defaults; x group size 8
+        r = run_cmd(speed + ["--flags", json.dumps(["--groups", str(groups)])], f"gpu iteration {groups} groups",
+                    fatal=False)
+        rows["iterations"].append(json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else
+                                  dict(groups=groups, error=(r.stderr or "")[-400:]))
+        print(f"tiny model, {groups} groups x 8: {rows['iterations'][-1]}", flush=True)
+    N, d, V = (512, 64, 4096) if quick else (16384, 896, 151936)
+    for variant, chunk in [("naive_eager", 0), ("naive_compiled", 0), ("fused_compiled", 0), ("fused_compiled", 4096),
+                           ("fused_compiled", 16384)]:
+        r = run_cmd([sys.executable, os.path.join(HERE, "bench.py"), "loss-one", "--variant", variant, "--N", str(N),
+                     "--d", str(d), "--V", str(V), "--device", dev, "--dtype", "float32" if quick else "bfloat16",
+                     "--reps", "3" if quick else "10", "--chunk", str(chunk)], f"loss {variant}", fatal=False)
+        row = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else dict(error=(r.stderr or "")[-400:])
+        rows["loss"].append(dict(row, variant=variant, chunk=chunk))
+        print(f"loss {variant} chunk {chunk or 'default'}: {row}", flush=True)
+    with tempfile.TemporaryDirectory() as folder:  # a Qwen2.5-0.5B-shaped model, random weights, plain masked prompt
+        shape = dict(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, vocab=4096) if quick else QWEN25_05B
+        make_chat_model(folder, **shape)
+        r = run_cmd(speed + ["--model", folder, "--flags", json.dumps(["--prompt-format", "plain"])],
+                    "gpu --model iteration", fatal=False)
+        rows["model"].append(dict(json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else
+                                  dict(error=(r.stderr or "")[-400:]), shape=shape))
+        print(f"--model {shape}: {rows['model'][-1]}", flush=True)
+    report_gpu(rows)
+    print(f"bench gpu ({dev}{', quick' if quick else ''}) | {machine()}")
+    name = f"gpu-{dev.split(':')[0]}{'-quick' if quick else ''}.json"
+    print(f"wrote {write_json(name, dict(machine=machine(), args=vars(a), **rows))}")
+
+
+def report_gpu(rows: dict):
+    """The three tables of bench gpu, as markdown."""
+    print("\n| groups x G | iteration s | rollout s | update s | update tokens/s | peak GPU MiB | micro-batch |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows["iterations"]:
+        if "error" in r:
+            print(f"| {r['groups']} x 8 | failed | | | | | |")
+            continue
+        print(f"| {r['groups']} x {r['group_size']} | {r['wall_s']:.2f} | {r['rollout_s']:.2f} | {r['update_s']:.2f} | "
+              f"{r['tokens_per_step'] / max(r['update_s'], 1e-9):,.0f} | {r.get('peak_gpu_mb', 0):,.0f} | {r['micro_batch']} |")
+    print("\n| loss path | chunk | ms | peak MiB | speed vs naive eager | memory vs naive eager |")
+    print("|---|---|---|---|---|---|")
+    base = next((r for r in rows["loss"] if r["variant"] == "naive_eager" and "s" in r), None)
+    for r in rows["loss"]:
+        if "s" not in r:
+            print(f"| {r['variant']} | {r['chunk'] or 'default'} | failed | | | |")
+            continue
+        rel = (f"{base['s'] / r['s']:.2f}x | {r['peak_mb'] / max(base['peak_mb'], 1e-9):.3f}x" if base else " | ")
+        print(f"| {r['variant']} | {r['chunk'] or 'default'} | {r['s'] * 1e3:.1f} | {r['peak_mb']:,.0f} | {rel} |")
+    for r in rows["model"]:
+        if "error" in r:
+            print(f"\n--model {r['shape']}: failed: {r['error'][-300:]}")
+        else:
+            print(f"\n--model ({r['params'] / 1e6:.0f}M params, {r['dtype']}), 8 groups x 8: iteration {r['wall_s']:.1f} s "
+                  f"(rollout {r['rollout_s']:.1f}, update {r['update_s']:.1f}), peak GPU {r.get('peak_gpu_mb', 0):,.0f} MiB")
+
+
 def add_flags(sp, extra: str = "", **flags):
     """--name (underscores as dashes) for each keyword: a default (its type is the flag's type), or a tuple
     (default, help); default None = a required string. `extra`: help of the trailing paw.py flags after --."""
@@ -909,7 +1025,11 @@ def main():
                                                      "--wm off"),
                         "more paw.py flags for every variant", env="textworld-tiny", iters=2, reps=2, threads=1,
                         model=("", "a Hugging Face model folder instead of the tiny model (see chat-model)"))
-    one_p = add_flags(sub.add_parser("speed-one"), env=None, iters=0, threads=1, flags=None, model="")
+    one_p = add_flags(sub.add_parser("speed-one"), env=None, iters=0, threads=1, flags=None, model="", device="cpu")
+    gpu = add_flags(sub.add_parser("gpu", help="one GPU in <= 8 minutes: iteration by phase at 8/32/128 groups, the "
+                                               "fused-loss table at Qwen's vocabulary, a 0.5B-shaped --model iteration"),
+                    device="cuda", iters=2, threads=4)
+    gpu.add_argument("--quick", action="store_true", help="tiny sizes: the dry run on a CPU (--device cpu)")
     for sp in (speed_p, one_p):
         sp.add_argument("--same-rollouts", action="store_true", help="time the first iteration again and again "
                         "(model, optimizer and every RNG restored): all variants update on the same rollouts")
@@ -947,7 +1067,8 @@ def main():
     chat_model = lambda a: print(f"saved {a.folder} ({len(make_chat_model(a.folder, hidden=a.hidden, layers=a.layers))} "  # noqa: E731
                                  "tokens)")
     {"learn": bench_learn, "loss": bench_loss, "ddp": bench_ddp, "bc": bench_bc, "bc-table": bench_bc_table, "engine": bench_engine,
-     "chat-model": chat_model, "loss-one": loss_one, "trl-one": trl_one, "trl": bench_trl, "speed": bench_speed, "speed-one": speed_one}[a.cmd](a)
+     "chat-model": chat_model, "loss-one": loss_one, "trl-one": trl_one, "trl": bench_trl, "speed": bench_speed, "speed-one": speed_one,
+     "gpu": bench_gpu}[a.cmd](a)
 
 
 if __name__ == "__main__":

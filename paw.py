@@ -80,6 +80,8 @@ class Config:
     adv_norm: str = arg("mean_std", "episode-level normalisation of GRPO/GiGPO", choices=["mean_std", "mean"])
     gamma: float = arg(0.95, "GiGPO step level: discount of the return-to-go", check="in (0, 1]")
     gigpo_omega: float = arg(1.0, "GiGPO: weight omega of the step-level advantage")
+    return_discount: float = arg(1.0, "episode return the group statistics see: sum_t d^t r_t (1 = the task return; "
+                                      "< 1 ranks a shorter win above a longer one)", check="in (0, 1]")
     invalid_penalty: float = arg(0.0, "RL-return penalty per inadmissible action (lambda_g ignores it)", check=">= 0")
     lr: float = arg(0.0, "AdamW learning rate of the RL phase (0 = 1e-3 for the tiny model, 1e-6 for a --model, "
                          "as verl-agent and TRL use for 0.5-3B LMs)", check=">= 0")
@@ -128,8 +130,9 @@ class Config:
     forward_batch: int = arg(64, "sequences per no-grad scoring forward", check="> 0")
     rescore: str = arg("auto", "behaviour log-probs from a no-grad pass (on) or from generation (off); auto = off "
                        "in float32, where both agree", choices=["auto", "on", "off"])
-    micro_batch: int = arg(16, "sequences per forward/backward of the update, sorted by length, gradients "
-                               "accumulated exactly (0 = the whole minibatch)", check=">= 0")
+    micro_batch: int = arg(-1, "sequences per forward/backward of the update, sorted by length, gradients "
+                               "accumulated exactly (0 = the whole minibatch; -1 = auto: the whole minibatch for the "
+                               "tiny model on a GPU, else 16)", check=">= -1")
     eval_episodes: int = arg(100, "held-out evaluation episodes at the end (greedy)", group="evaluation", check=">= 0")
     eval_sampled: bool = arg(True, "also evaluate with temperature sampling (--no-eval-sampled: greedy only)")
     greedy: str = arg("action", "greedy decoding under the action mask: action = the policy's most likely whole "
@@ -181,19 +184,25 @@ def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible
     lines.append("Your action:")
     return "\n".join(lines)
 
-def render_prompt(tok, fmt: PromptFormat, task, history, obs, admissible, k: int) -> list[int]:
-    """Prompt text -> token ids: the plain prompt (tiny model) or the think prompt in the chat template."""
+def render_prompts(tok, fmt: PromptFormat, states: list[tuple], k: int, cache: dict | None = None) -> list[list[int]]:
+    """Prompt texts -> token ids, one tokenizer call for all live episodes (tokenize_cached). states: (task, history,
+    observation, admissible actions) per episode; the plain prompt (tiny model) or the think prompt in the chat
+    template."""
     if not fmt.think:
-        return encode_prompt(tok, build_prompt(task, history, obs, admissible, k, fmt.layout))
-    text = build_think_prompt(task, history, obs, admissible, k, len(history))
-    if fmt.chat:  # the template carries its own BOS / role tokens
-        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
-        return tok(text, add_special_tokens=False)["input_ids"]
-    return encode_prompt(tok, text + "\n")
+        texts = [build_prompt(*st, k, fmt.layout) for st in states]
+    else:
+        texts = [build_think_prompt(*st, k, len(st[1])) for st in states]
+        texts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+                 for t in texts] if fmt.chat else [t + "\n" for t in texts]
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None and not fmt.chat else []  # a template has its own
+    return [bos + x for x in tokenize_cached(tok, texts, cache if cache is not None else {})]
 
-def encode_prompt(tok, text: str) -> list[int]:
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
+def tokenize_cached(tok, texts: list[str], cache: dict) -> list[list[int]]:
+    """Token ids of each text (no special tokens), from `cache` or from one tokenizer call for the texts not in it:
+    the G rollouts of a group start from the same prompt, and observations and actions repeat."""
+    new = [t for t in dict.fromkeys(texts) if t not in cache]
+    cache.update(zip(new, tok(new, add_special_tokens=False)["input_ids"] if new else []))
+    return [cache[t] for t in texts]
 
 @dataclass
 class Step:
@@ -226,11 +235,9 @@ def action_trie(tok, admissible: list[str], eos_id: int, cache: dict) -> dict:
     """The admissible actions as a prefix tree of token ids, each action ending in EOS: {id: subtree}.
     Decoding restricted to this tree can only emit an admissible action (standard action masking)."""
     trie: dict = {}
-    for a in admissible:
-        if a not in cache:
-            cache[a] = tok(a, add_special_tokens=False)["input_ids"] + [eos_id]
+    for ids in tokenize_cached(tok, admissible, cache):
         node = trie
-        for t in cache[a]:
+        for t in ids + [eos_id]:
             node = node.setdefault(t, {})
     return trie
 
@@ -254,19 +261,43 @@ def trie_actions(trie: dict, prefix: tuple = ()) -> list[list[int]]:
 class AdmissiblePrefixMask:
     """A transformers logits processor: row r may only continue a prefix of one of its admissible actions
     (scores of every other token -> -inf, so sampling and argmax renormalise over the allowed ones). A row
-    that has finished its action is left alone (generate pads it)."""
+    that has finished its action is left alone (generate pads it). The tries are numbered once into a sorted
+    edge table (node, token) -> child; at every token all rows walk it at once, as tensor work."""
 
     def __init__(self, tries: list[dict], prompt_len: int):
-        self.tries, self.prompt_len = tries, prompt_len
+        self.prompt_len, roots, edges = prompt_len, [], []
+        n = 0
+        for trie in tries:
+            roots.append(n)
+            todo, n = [(trie, n)], n + 1
+            while todo:
+                node, nid = todo.pop()
+                for t, sub in node.items():
+                    edges.append((nid, t, n))
+                    todo.append((sub, n))
+                    n += 1
+        edges.sort()  # by (node, token): each node's children are one contiguous run
+        e = torch.tensor(edges, dtype=torch.long).reshape(-1, 3)
+        self.roots, self.key, self.token, self.child = torch.tensor(roots), e[:, 0] * 2**32 + e[:, 1], e[:, 1], e[:, 2]
+        self.first = torch.searchsorted(e[:, 0].contiguous(), torch.arange(n + 1))  # node's children: first[n]..first[n+1]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        block = torch.zeros_like(scores, dtype=torch.bool)
-        for r, node in enumerate(self.tries):
-            for t in input_ids[r, self.prompt_len:].tolist():
-                node = node.get(t) if node else None
-            if node:
-                block[r] = True
-                block[r, list(node)] = False
+        if not len(self.key):  # no row has an admissible action: nothing to mask
+            return scores
+        dev = scores.device
+        key, token, child, first = (x.to(dev) for x in (self.key, self.token, self.child, self.first))
+        node = self.roots.to(dev)
+        for j in range(self.prompt_len, input_ids.shape[1]):  # -1: off the tree (left alone)
+            k = node.clamp(min=0) * 2**32 + input_ids[:, j]
+            at = torch.searchsorted(key, k).clamp(max=len(key) - 1)
+            node = torch.where((node >= 0) & (key[at] == k), child[at], -1)
+        live = node >= 0
+        start = torch.where(live, first[node.clamp(min=0)], 0)
+        count = torch.where(live, first[node.clamp(min=0) + 1] - start, 0)
+        rows = torch.repeat_interleave(torch.arange(len(node), device=dev), count)
+        offset = torch.arange(len(rows), device=dev) - torch.repeat_interleave(count.cumsum(0) - count, count)
+        block = (count > 0)[:, None].expand_as(scores).clone()
+        block[rows, token[torch.repeat_interleave(start, count) + offset]] = False
         return scores.masked_fill(block, float("-inf"))
 
 @torch.no_grad()
@@ -342,7 +373,7 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
     fmt = fmt or make_prompt_format(tok, model, cfg)
     was_training = model.training
     model.eval()
-    episodes, slots, action_ids = [], [], {}  # action_ids: admissible string -> its token ids + EOS
+    episodes, slots, ids_of = [], [], {}  # ids_of: text -> its token ids (prompts, actions, observations)
     for g, seed in enumerate(seeds):
         for _ in range(group_size):
             env = env_cls()
@@ -353,23 +384,30 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
         active = [i for i, slot in enumerate(slots) if not slot.done]
         if not active:
             break
-        prompts = [render_prompt(tok, fmt, slots[i].info["task"], slots[i].history, slots[i].obs,
-                                 slots[i].info["admissible_actions"], fmt.history) for i in active]
-        tries = [action_trie(tok, slots[i].info["admissible_actions"], tok.eos_token_id, action_ids)
+        prompts = render_prompts(tok, fmt, [(slots[i].info["task"], slots[i].history, slots[i].obs,
+                                             slots[i].info["admissible_actions"]) for i in active], fmt.history, ids_of)
+        if fmt.mask:  # every action string not seen before tokenized in one call, then one trie per episode
+            tokenize_cached(tok, [a for i in active for a in slots[i].info["admissible_actions"]], ids_of)
+        tries = [action_trie(tok, slots[i].info["admissible_actions"], tok.eos_token_id, ids_of)
                  for i in active] if fmt.mask else None
         generated = generate_actions(model, tok, prompts, cfg, greedy, fmt, tries)
+        played, eos = [], tok.eos_token_id
+        for i, (ids, _, _) in zip(active, generated):
+            slot = slots[i]
+            # masked: the ids spell one admissible action; play its own string, since decoding may not give it
+            # back ("non-euclidean" is three word-level tokens, joined by spaces)
+            text = next((x for x in slot.info["admissible_actions"] if ids_of[x] + [eos] == ids), None) if tries else None
+            text, format_ok = (text, True) if text is not None else project_action(
+                decode_action(tok, ids, fmt.stop_ids), fmt.think, fmt.prefilled_think)
+            points = slot.env.decision_points() if hasattr(slot.env, "decision_points") else {}
+            played.append((text, format_ok, points, *slot.env.step(text)))  # checked: a violation is EnvFailure
+        obs_ids = tokenize_cached(tok, [p[3] for p in played], ids_of)  # o_{t+1}
         for n, (i, prompt, (ids, logp, entropy)) in enumerate(zip(active, prompts, generated)):
             slot, ep = slots[i], episodes[i]
-            text, format_ok = project_action(decode_action(tok, ids, fmt.stop_ids), fmt.think, fmt.prefilled_think)
-            if tries is not None:  # masked: the ids spell one admissible action; play its own string, since
-                # decoding may not give it back ("non-euclidean" is three word-level tokens, joined by spaces)
-                text = next((x for x in slot.info["admissible_actions"] if action_ids[x] == ids), text)
-            points = slot.env.decision_points() if hasattr(slot.env, "decision_points") else {}
-            obs, reward, done, info = slot.env.step(text)  # checked: a protocol violation is EnvFailure
-            obs_ids = tok(obs, add_special_tokens=False)["input_ids"][:cfg.wm_max_tokens]
+            text, format_ok, points, obs, reward, done, info = played[n]
             ep.steps.append(Step(
-                prompt_ids=prompt, action_ids=ids, obs_ids=obs_ids, reward=float(reward), anchor=slot.obs,
-                valid=bool(info.get("valid", True)) and format_ok, format_ok=format_ok,
+                prompt_ids=prompt, action_ids=ids, obs_ids=obs_ids[n][:cfg.wm_max_tokens], reward=float(reward),
+                anchor=slot.obs, valid=bool(info.get("valid", True)) and format_ok, format_ok=format_ok,
                 allowed=allowed_along(tries[n], ids) if tries is not None else None,
                 decisions={k: text in right for k, right in points.items()}, gen_logp=logp, gen_entropy=entropy))
             slot.history.append((slot.obs, text if format_ok else text[:200]))  # a rambling violation stays short
@@ -573,13 +611,13 @@ def gigpo_step_advantages(step_returns: list[float], anchors: list[str], group: 
         adv[idx] = normalized_in_group(R[idx], norm, eps)
     return adv, size
 
-def rl_returns(ep: Episode, invalid_penalty: float) -> float:
-    """The return the advantage estimator sees: task return minus the invalid-action penalty."""
-    return ep.task_return - invalid_penalty * sum(not s.valid for s in ep.steps)
+def rl_returns(ep: Episode, invalid_penalty: float, discount: float = 1.0) -> float:
+    """The return the advantage estimator sees: the (discounted) task return minus the invalid-action penalty."""
+    return sum(discount ** t * s.reward for t, s in enumerate(ep.steps)) - invalid_penalty * sum(not s.valid for s in ep.steps)
 
 def compute_advantages(episodes: list[Episode], cfg: Config):
     """Per-step advantage (broadcast to every action token of the step) for --algo, plus log stats."""
-    R = torch.tensor([rl_returns(e, cfg.invalid_penalty) for e in episodes], dtype=torch.float64)
+    R = torch.tensor([rl_returns(e, cfg.invalid_penalty, cfg.return_discount) for e in episodes], dtype=torch.float64)
     grp = torch.tensor([e.group for e in episodes])
     stats = {}
     ep_adv = rloo_advantages(R, grp) if cfg.algo == "rloo" else grpo_advantages(R, grp, cfg.adv_norm)
@@ -735,7 +773,7 @@ def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random) -> dic
             mb = sorted(mb.tolist(), key=lambda i: seq_len[i])
             in_s = [wm_on and bool(batch.selected[i]) and len(steps[i].obs_ids) > 0 for i in mb]
             n_act, n_sel = all_reduce([sum(len(steps[i].action_ids) for i in mb), sum(in_s)])  # global counts
-            size = cfg.micro_batch or len(mb)
+            size = cfg.micro_batch if cfg.micro_batch > 0 else len(mb)
             if n_proc > 1:  # every process runs the same number of slices (DDP syncs on the last one)
                 n_parts = int(min(all_reduce([-(-len(mb) // size)], "max")[0], all_reduce([len(mb)], "min")[0]))
                 parts = [p.tolist() for p in np.array_split(np.array(mb), n_parts)]
@@ -1291,6 +1329,18 @@ def all_gather(obj) -> list:
     torch.distributed.all_gather_object(out, obj)
     return out
 
+def distributed_backend(device: str, procs_per_node: int, n_gpus: int) -> str:
+    """The process-group backend under torchrun: NCCL with one GPU per process, else Gloo on CPU. More processes per
+    node than visible GPUs: Gloo on CPU for --device auto, one clear error for an explicit cuda device."""
+    if device == "cpu" or n_gpus == 0 or device == "mps":
+        return "gloo"
+    if procs_per_node > n_gpus:
+        if device == "auto":
+            return "gloo"
+        raise ConfigError(f"--device {device}: torchrun starts {procs_per_node} processes per node but {n_gpus} GPU(s) "
+                          f"are visible (use --nproc_per_node {n_gpus}, or --device cpu)")
+    return "nccl"
+
 def init_distributed(cfg: Config) -> tuple[int, int]:
     """Under torchrun: NCCL with one GPU per process, or Gloo on CPU; whole groups per process (--groups divides)."""
     n = int(os.environ.get("WORLD_SIZE", "1"))
@@ -1298,10 +1348,15 @@ def init_distributed(cfg: Config) -> tuple[int, int]:
         return 0, 1
     if cfg.groups % n:
         raise ConfigError(f"--groups {cfg.groups} must be a multiple of the {n} processes (a group never spans two)")
-    gpu = cfg.device != "cpu" and torch.cuda.is_available()
-    if gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group("nccl" if gpu else "gloo")
+    n_gpus, local = torch.cuda.device_count() if torch.cuda.is_available() else 0, int(os.environ.get("LOCAL_RANK", "0"))
+    backend = distributed_backend(cfg.device, int(os.environ.get("LOCAL_WORLD_SIZE", n)), n_gpus)
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    elif cfg.device == "auto":
+        if n_gpus and local == 0:
+            print(f"paw: {n} processes, {n_gpus} GPU(s) visible: every process runs on CPU (Gloo)", file=sys.stderr)
+        cfg.device = "cpu"
+    torch.distributed.init_process_group(backend)
     return world()
 
 def balanced_share(it: int, batch: Batch) -> Batch:
@@ -1531,6 +1586,8 @@ def decide_defaults(cfg: Config, env_cls, dev: torch.device):
     rate and dtype for the model and device. -> the env class the agent plays (goal names abstracted or not)."""
     cfg.prompt_layout, cfg.history, cfg.goal_names = agent_interface(cfg, env_cls)
     cfg.lr = cfg.lr or (1e-6 if cfg.model else 1e-3)
+    if cfg.micro_batch < 0:  # a GPU holds a tiny model's whole minibatch; a CPU is faster in cache-sized slices
+        cfg.micro_batch = 0 if dev.type == "cuda" and not cfg.model else 16
     if cfg.dtype == "auto":
         cfg.dtype = "bfloat16" if cfg.model and dev.type == "cuda" else "float32"
     if cfg.goal_names != "abstract":
