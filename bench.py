@@ -8,6 +8,7 @@
     python bench.py loss                                               # fused vs naive loss path, CPU fp32
     python bench.py loss --device cuda --dtype bfloat16                # the same on a GPU, + GEMM rate
     python bench.py gpu                                                # one GPU in <= 8 min (--device cpu --quick: dry run)
+    python bench.py table                                              # RL baselines vs + PaW, 5 envs x 3 seeds
 
 Each prints a table and writes JSON under bench_out/.
 """
@@ -927,6 +928,153 @@ def bench_loss(a):
 
 
 # ====================================================================================================
+# table: the paper's comparison rebuilt where the agent learns (RL baseline vs + PaW, several envs, 3 seeds)
+# ====================================================================================================
+TABLE_ROWS = {"grpo": ["--algo", "grpo", "--wm", "off"], "grpo+paw": ["--algo", "grpo", "--wm", "cmae"],
+              "gigpo": ["--algo", "gigpo", "--wm", "off"], "gigpo+paw": ["--algo", "gigpo", "--wm", "cmae"],
+              "rloo": ["--algo", "rloo", "--wm", "off"], "rloo+paw": ["--algo", "rloo", "--wm", "cmae"]}
+TABLE_ABLATIONS = {  # PaW with one component changed (on top of the env's + PaW row)
+    "paw, CE instead of CMAE": ["--wm", "ce"], "paw, alpha = 1 (no entropy selection)": ["--wm-alpha", "1"],
+    "paw, constant lambda = 0.5": ["--wm-lambda", "0.5"], "paw, --wm-grad-cap 0 (literal objective)": ["--wm-grad-cap", "0"]}
+TW_SET = "bench_out/tw70"  # the real TextWorld set of the docs: python envs.py textworld-games bench_out/tw70 --train 50 --eval 20
+
+
+def table_jobs(a) -> list[tuple[str, str, int, list[str]]]:
+    """(env, row, seed, paw flags) of every cell; ablation rows on --ablate-env only."""
+    jobs = []
+    for seed in range(1, a.seeds + 1):  # seed-major: a partial table has every row at the same seeds
+        for env in a.envs.split(","):
+            for row in a.rows.split(","):
+                jobs.append((env, row, seed, TABLE_ROWS[row]))
+            if env == a.ablate_env:
+                algo = a.rows.split(",")[0].split("+")[0]
+                for name, flags in TABLE_ABLATIONS.items():
+                    jobs.append((env, name, seed, ["--algo", algo, "--wm", "cmae"] + flags))
+    return jobs
+
+
+def bench_table(a):
+    """Every (env, row, seed) is one paw.py run in bench_out/table/<env>-<row>-s<seed>; a finished one (summary.json)
+    is reused, an unfinished one started again: run it again to resume. --parallel runs at a time."""
+    import shutil
+    root = os.path.join(HERE, "bench_out", "table")
+    if any(e.startswith("textworld:") for e in a.envs.split(",")):
+        spec = next(e for e in a.envs.split(",") if e.startswith("textworld:"))[len("textworld:"):]
+        if spec == TW_SET and not os.path.isdir(os.path.join(HERE, TW_SET, "eval")):
+            import envs
+            print(f"making the TextWorld game set {TW_SET} (50 + 20 games, a few minutes)", flush=True)
+            envs.make_textworld_games(os.path.join(HERE, TW_SET), 50, 20, jobs=a.parallel)
+    todo, running = [], []
+    for env, row, seed, flags in table_jobs(a):
+        name = f"{env_slug(env)}-{row.replace(' ', '').replace(',', '-').replace('=', '')[:40]}-s{seed}"
+        if not os.path.exists(os.path.join(root, name, "summary.json")):
+            todo.append((name, [sys.executable, os.path.join(HERE, "paw.py"), "--env", env, "--seed", str(seed),
+                                "--time-budget", str(a.budget), "--eval-episodes", str(a.eval_episodes),
+                                "--threads", str(a.threads), "--out", root, "--name", name, *flags, *a.extra]))
+    print(f"bench table: {len(todo)} runs to go ({a.parallel} at a time, {a.budget:g} min each)", flush=True)
+    while todo or running:
+        while todo and len(running) < a.parallel:
+            name, cmd = todo.pop(0)
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # an interrupted run starts again
+            os.makedirs(root, exist_ok=True)
+            log = open(os.path.join(root, name + ".log"), "w")
+            print(f"[start] {name}", flush=True)
+            running.append((name, log, subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(2)
+        for job in [j for j in running if j[2].poll() is not None]:
+            running.remove(job)
+            job[1].close()
+            print(f"[{'done' if job[2].returncode == 0 else f'FAILED ({job[2].returncode})'}] {job[0]}", flush=True)
+        if not running:
+            report_table(a, root)
+    report_table(a, root)
+
+
+def mean_std(xs: list[float]) -> str:
+    import numpy as np
+    return f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0.0:.3f}" if xs else "-"
+
+
+def report_table(a, root: str):
+    """Markdown (stdout and bench_out/table.md), JSON, and a PNG of held-out success per env and row (mean ± std
+    over seeds); the paired difference + PaW - baseline per seed."""
+    cells = {}
+    for env, row, seed, _ in table_jobs(a):
+        name = f"{env_slug(env)}-{row.replace(' ', '').replace(',', '-').replace('=', '')[:40]}-s{seed}"
+        path = os.path.join(root, name, "summary.json")
+        if os.path.exists(path):
+            s = json.load(open(path))
+            cells.setdefault((env, row), {})[seed] = dict(
+                greedy=s["final_greedy"]["success"], sampled=s.get("final_sampled", {}).get("success"),
+                score=s["final_greedy"]["return"], random=s["random"]["success"], iters=s["iters_done"])
+    lines = [f"| env | row | seeds | held-out greedy | held-out sampled | greedy return | iters | PaW − baseline "
+             "(greedy; sampled), paired |", "|---|---|---|---|---|---|---|---|"]
+    for env in a.envs.split(","):
+        rows = [r for r in a.rows.split(",")] + (list(TABLE_ABLATIONS) if env == a.ablate_env else [])
+        for row in rows:
+            c = cells.get((env, row), {})
+            if not c:
+                continue
+            diff = ""
+            base = row.split("+")[0] if row in TABLE_ROWS and "+" in row else (
+                a.rows.split(",")[0].split("+")[0] if row in TABLE_ABLATIONS else None)
+            if base and (env, base) in cells:
+                b = cells[(env, base)]
+                both = sorted(set(c) & set(b))
+                dg = [c[s]["greedy"] - b[s]["greedy"] for s in both]
+                ds = [c[s]["sampled"] - b[s]["sampled"] for s in both if c[s]["sampled"] is not None
+                      and b[s]["sampled"] is not None]
+                diff = f"{mean_std(dg)}; {mean_std(ds)} ({len(both)} seeds)"
+            v = list(c.values())
+            lines.append(f"| {env} | {row} | {len(c)} | {mean_std([x['greedy'] for x in v])} | "
+                         f"{mean_std([x['sampled'] for x in v if x['sampled'] is not None])} | "
+                         f"{mean_std([x['score'] for x in v])} | {sum(x['iters'] for x in v) / len(v):.0f} | {diff} |")
+        rnd = [x["random"] for (e, _), c in cells.items() if e == env for x in c.values()]
+        if rnd:
+            lines.append(f"| {env} | random policy | | {rnd[0]:.3f} | | | | |")
+    md = "\n".join(lines)
+    print("\n" + md + f"\n\n{a.budget:g} min per run, {a.eval_episodes} held-out episodes | {machine()}")
+    os.makedirs(os.path.join(HERE, "bench_out"), exist_ok=True)
+    with open(os.path.join(HERE, "bench_out", "table.md"), "w") as f:
+        f.write(md + "\n")
+    write_json("table.json", dict(machine=machine(), args=vars(a), cells={f"{e}|{r}": v for (e, r), v in cells.items()}))
+    plot_table(a, cells, os.path.join(HERE, "bench_out", "table.png"))
+
+
+def plot_table(a, cells: dict, png: str):
+    """Grouped bars: one group per env, one bar per row, held-out sampled (hatched: greedy) mean ± std."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        return
+    envs_, rows = a.envs.split(","), a.rows.split(",")
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(envs_), 3.6))
+    w = 0.8 / len(rows)
+    for j, row in enumerate(rows):
+        for k, key in enumerate(("sampled", "greedy")):
+            xs, ms, ss = [], [], []
+            for i, env in enumerate(envs_):
+                v = [x[key] for x in cells.get((env, row), {}).values() if x[key] is not None]
+                if v:
+                    xs.append(i + (j - len(rows) / 2 + 0.5) * w)
+                    ms.append(np.mean(v))
+                    ss.append(np.std(v, ddof=1) if len(v) > 1 else 0.0)
+            if xs:
+                ax.bar(xs, ms, w * 0.9, yerr=ss, color=f"C{j}", alpha=1.0 if k == 0 else 0.45, capsize=2,
+                       hatch=None if k == 0 else "//", label=row if k == 0 else None)
+    ax.set_xticks(range(len(envs_)), [e.split("/")[-1] for e in envs_], fontsize=8)
+    ax.set_ylabel("held-out success (solid: sampled, hatched: greedy)", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+
+
+# ====================================================================================================
 # gpu: one command for a lent GPU (<= 8 minutes): iteration phases by batch size, the loss table, a real-size model
 # ====================================================================================================
 def bench_gpu(a):
@@ -1026,6 +1174,13 @@ def main():
                         "more paw.py flags for every variant", env="textworld-tiny", iters=2, reps=2, threads=1,
                         model=("", "a Hugging Face model folder instead of the tiny model (see chat-model)"))
     one_p = add_flags(sub.add_parser("speed-one"), env=None, iters=0, threads=1, flags=None, model="", device="cpu")
+    add_flags(sub.add_parser("table", help="RL baseline vs + PaW per env, seeds, equal budget: markdown, JSON, PNG "
+                                           "(resumable: finished runs in bench_out/table/ are reused)"),
+              "more paw.py flags for every run", envs=(f"textworld:{TW_SET},webshop-tiny,search-tiny,webshop-tiny-sparse,"
+                                                       "textworld-tiny", "comma list of --env"),
+              rows=("grpo,grpo+paw,gigpo,gigpo+paw", f"comma list of {', '.join(TABLE_ROWS)}"),
+              ablate_env=("webshop-tiny-sparse", "env of the ablation rows (empty: none)"), seeds=3, budget=10.0,
+              parallel=2, threads=1, eval_episodes=200)
     gpu = add_flags(sub.add_parser("gpu", help="one GPU in <= 8 minutes: iteration by phase at 8/32/128 groups, the "
                                                "fused-loss table at Qwen's vocabulary, a 0.5B-shaped --model iteration"),
                     device="cuda", iters=2, threads=4)
@@ -1068,7 +1223,7 @@ def main():
                                  "tokens)")
     {"learn": bench_learn, "loss": bench_loss, "ddp": bench_ddp, "bc": bench_bc, "bc-table": bench_bc_table, "engine": bench_engine,
      "chat-model": chat_model, "loss-one": loss_one, "trl-one": trl_one, "trl": bench_trl, "speed": bench_speed, "speed-one": speed_one,
-     "gpu": bench_gpu}[a.cmd](a)
+     "gpu": bench_gpu, "table": bench_table}[a.cmd](a)
 
 
 if __name__ == "__main__":

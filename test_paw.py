@@ -1139,6 +1139,9 @@ def test_smoke_run_writes_metrics_and_loadable_checkpoint(tmp_path, algo, wm):
                 "zero_std_group_frac", "grad_norm", "rollout_s", "update_s", "tokens_per_s"):
         assert key in lines[0], key
     assert json.loads((run / "config.json").read_text())["algo"] == algo
+    lr = json.loads((run / "config.json").read_text())["lr"]
+    assert lines[0]["lr"] == pytest.approx(lr * paw.remaining_fraction(1, 2, 0, 0))  # --anneal-lr: 1, then below
+    assert 0 < lines[1]["lr"] < lr
     if algo == "gigpo":
         assert lines[0]["anchor_cluster_size"] >= 1
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1348,12 +1351,21 @@ def test_strict_json_names_non_finite_metrics():
 
 # bit-exact resume is a CPU property (CUDA kernels need not be deterministic): pinned to --device cpu
 RESUME = SMOKE + ["--groups", "2", "--group-size", "3", "--prior-steps", "20", "--wm", "cmae", "--threads", "1",
-                  "--device", "cpu"]
+                  "--device", "cpu", "--time-budget", "0"]  # --anneal-lr by iterations only: no wall clock
 
 
 def _metrics(path):
     timing = ("rollout_s", "update_s", "tokens_per_s", "train_s")
     return [{k: v for k, v in json.loads(x).items() if k not in timing} for x in open(path)]
+
+
+def test_remaining_fraction_follows_whichever_ends_the_run():
+    """--anneal-lr's factor: 1 at the first iteration, then the larger of the iteration and time shares is done."""
+    assert paw.remaining_fraction(1, 100, 0.0, 0.0) == 1.0
+    assert paw.remaining_fraction(51, 100, 0.0, 0.0) == pytest.approx(0.5)
+    assert paw.remaining_fraction(11, 100, 300.0, 10.0) == pytest.approx(0.5)  # 5 of 10 minutes > 10 of 100 iterations
+    assert paw.remaining_fraction(91, 100, 60.0, 10.0) == pytest.approx(0.1)
+    assert paw.remaining_fraction(5, 100, 700.0, 10.0) == 0.0
 
 
 def test_resume_refuses_flags_that_change_env_model_or_tokenizer(tmp_path):
