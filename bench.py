@@ -539,7 +539,7 @@ REVERSE = {"go north": "go south", "go south": "go north", "go east": "go west",
 def reactive_expert(right: list[str], last_action: str | None) -> list[str]:
     """The labels of one state: the env's right actions (decision_points()), and where only moving helps, every
     exit but the way back (unless it is the only one). It reads nothing but the admissible actions and the last
-    action, and solves textworld-tiny's held-out episodes (README "Agent interface")."""
+    action, and solves textworld-tiny's held-out episodes (docs/method.md, "Agent interface")."""
     forward = [x for x in right if x != REVERSE.get(last_action or "")]
     return forward or right
 
@@ -743,7 +743,7 @@ def bench_engine(a):
 
 # paw.py's own host work in a rollout: tokenization (prompts, actions, o_{t+1}) and the action mask
 HOST_FUNCTIONS = dict(tokenizer=("tokenize_cached", "decode_action"),
-                      mask=("AdmissiblePrefixMask.__init__", "AdmissiblePrefixMask.__call__", "action_trie",
+                      mask=("AdmissiblePrefixMask.__init__", "AdmissiblePrefixMask.__call__", "action_tries", "action_trie",
                             "allowed_along", "trie_depth"))
 
 
@@ -769,8 +769,9 @@ def rollout_host_share(model, tok, env_cls, cfg, groups: int, group_size: int) -
     parts = {part: {key(n) for n in names} for part, names in HOST_FUNCTIONS.items()}
     every = set().union(*parts.values())
     total = stats[key("collect_rollouts")][3]
-    out = {part: sum(v[3] for k, v in stats.items() if k in keys and not set(v[4]) & every) / total
-           for part, keys in parts.items()}
+    # each function's cumulative time from callers outside the host set (so nothing is counted twice)
+    out = {part: sum(ct for k, v in stats.items() if k in keys for c, (_, _, _, ct) in v[4].items() if c not in every)
+           / total for part, keys in parts.items()}
     out["tokenizer + mask"] = out["tokenizer"] + out["mask"]
     return out
 

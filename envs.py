@@ -10,7 +10,7 @@ A class with a no-argument constructor and
 and two class attributes:
 
     max_steps: int    the episode is cut after this many steps (the trainer also enforces it)
-    R_max: float      the maximum achievable episode return (used by §2.3's lambda_g, README "The method")
+    R_max: float      the maximum achievable episode return (used by §2.3's lambda_g, docs/method.md)
 
 `info` (from reset and from every step) carries:
 
@@ -82,7 +82,7 @@ class TextWorldTiny:
     name = "textworld-tiny"
     max_steps = 16
     R_max = 1.0
-    prompt_layout = "minimal"  # the admissible actions say all a decision needs (README "Agent interface")
+    prompt_layout = "minimal"  # the admissible actions say all a decision needs (docs/method.md, "Agent interface")
     room_counts = (2, 3, 3)   # drawn uniformly per seed
     n_objects, n_containers, n_supporters = 3, 2, 2
     closed_goal = False       # the goal receptacle is always a closed container (sparse variant)
@@ -1073,7 +1073,7 @@ class GoalNamesAbstracted:
     as placeholder words everywhere the agent reads (task, observations, admissible actions, decision points),
     and the agent's actions are mapped back one-to-one before they reach the game. The game, its rewards and
     its success are unchanged. Why: a small model from scratch spends most of its learning on matching the
-    task's names against the text (README "Agent interface"); a pretrained LM reads names already.
+    task's names against the text (docs/method.md, "Agent interface"); a pretrained LM reads names already.
     Make one with `abstract_goal_names(env_cls)`; an env without goal_names() is returned as it is."""
 
     inner_cls: type = None

@@ -2,8 +2,9 @@
 
 An LLM agent is trained with RL (GRPO / GiGPO / RLOO + PPO-clip) on a multi-turn text environment and,
 from the same rollouts and the same forward pass, with an auxiliary world-modeling (WM) loss that
-predicts the next observation. Read it alongside the method notes in README.md ("The method"): the
-comments name their sections (§1 ... §6).
+predicts the next observation. Read it alongside the method notes in docs/method.md: the
+comments name their sections (§1 idea ... §3 RL algorithms, §6 risks); what paw adds to the paper
+(the WM gradient cap, the action mask, the language prior) is marked "paw's addition" and has its own heading there.
 
     python paw.py --env textworld-tiny            # trains PaW, evaluates, saves to runs/<name>/
     python paw.py --env textworld-tiny --wm off   # the plain GRPO baseline
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # §6: under load, OpenMP's spinning threads cost 10x
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # §6 risks: under load, spinning OpenMP threads cost 10x
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
@@ -94,13 +95,13 @@ class Config:
     minibatches: int = arg(16, "optimizer steps per pass", check="> 0")
     max_grad_norm: float = arg(1.0, "gradient clipping", check=">= 0")
     wm: str = arg("cmae", "WM loss: cmae (§2.2), ce (ablation) or off (plain RL baseline)",
-                  choices=["cmae", "ce", "off"], group="world modeling (§2.1-§2.4, §6)")
+                  choices=["cmae", "ce", "off"], group="world modeling (§2.1-§2.4, WM gradient cap)")
     wm_alpha: float = arg(0.75, "§2.1: share of highest-H(a|h) transitions that are WM targets", check="in (0, 1]")
     wm_rho: float = arg(0.2, "§2.2: tokens predicted with p > rho get no CMAE loss", check="in (0, 1)")
     wm_lambda: str = arg("adaptive", "§2.3: 'adaptive' (1 - mean_return/R_max per group) or a constant")
     wm_coef: float = arg(1.0, "§2.3: global coefficient multiplying lambda", check=">= 0")
     wm_max_tokens: int = arg(48, "§2: the next observation o_{t+1} is truncated to this many tokens", check="> 0")
-    wm_grad_cap: float = arg(1.0, "§6: WM gradient norm <= cap x RL gradient norm (0 = off)", check=">= 0")
+    wm_grad_cap: float = arg(1.0, "WM gradient cap (paw's addition against §6's collapse): WM gradient norm <= cap x RL gradient norm (0 = the literal §2.4)", check=">= 0")
     env: str = arg("textworld-tiny", "built-in environment, or module:Class of your own (see envs.py)", group="run")
     model: str = arg("", "Hugging Face causal LM (hub id or local folder); empty = the tiny model, built here")
     seed: int = arg(1, "random seed (python, numpy, torch, task sampling)")
@@ -243,6 +244,16 @@ def action_trie(tok, admissible: list[str], eos_id: int, cache: dict) -> dict:
             node = node.setdefault(t, {})
     return trie
 
+def action_tries(tok, admissible_lists: list[list[str]], cache: dict) -> list[dict]:
+    """action_trie for each live episode: the strings not seen before tokenized in one call, one trie per distinct
+    list (the G rollouts of a group often share theirs)."""
+    tokenize_cached(tok, [a for adm in admissible_lists for a in adm], cache)
+    same: dict[tuple, dict] = {}
+    for adm in admissible_lists:
+        if tuple(adm) not in same:
+            same[tuple(adm)] = action_trie(tok, adm, tok.eos_token_id, cache)
+    return [same[tuple(adm)] for adm in admissible_lists]
+
 def allowed_along(trie: dict, ids: list[int]) -> list[list[int]]:
     """For each token of a decoded action, the ids the mask allowed at that position."""
     out, node = [], trie
@@ -267,32 +278,43 @@ class AdmissiblePrefixMask:
     edge table (node, token) -> child; at every token all rows walk it at once, as tensor work."""
 
     def __init__(self, tries: list[dict], prompt_len: int):
-        self.prompt_len, roots, edges = prompt_len, [], []
-        n = 0
+        numbered: dict[int, tuple] = {}  # id(trie) -> (its node count, its edges numbered from 0): shared tries once
+        roots, parts, n = [], [], 0
         for trie in tries:
+            if id(trie) not in numbered:
+                edges, todo, size = [], [(trie, 0)], 1
+                while todo:
+                    node, nid = todo.pop()
+                    for t, sub in node.items():
+                        edges.append((nid, t, size))
+                        todo.append((sub, size))
+                        size += 1
+                numbered[id(trie)] = (size, np.array(edges, dtype=np.int64).reshape(-1, 3))
+            size, edges = numbered[id(trie)]
             roots.append(n)
-            todo, n = [(trie, n)], n + 1
-            while todo:
-                node, nid = todo.pop()
-                for t, sub in node.items():
-                    edges.append((nid, t, n))
-                    todo.append((sub, n))
-                    n += 1
-        edges.sort()  # by (node, token): each node's children are one contiguous run
-        e = torch.tensor(edges, dtype=torch.long).reshape(-1, 3)
-        self.roots, self.key, self.token, self.child = torch.tensor(roots), e[:, 0] * 2**32 + e[:, 1], e[:, 1], e[:, 2]
+            parts.append(edges)
+            n += size
+        offset = np.repeat(np.array(roots, dtype=np.int64), [len(p) for p in parts])[:, None] * np.array([1, 0, 1])
+        e = torch.from_numpy(np.concatenate(parts) + offset if parts else np.zeros((0, 3), dtype=np.int64))
+        e = e[torch.argsort(e[:, 0] * 2**32 + e[:, 1])]  # by (node, token): each node's children are one run
+        self.prompt_len, self.roots, self.token, self.child = prompt_len, torch.tensor(roots), e[:, 1], e[:, 2]
+        self.key = e[:, 0] * 2**32 + e[:, 1]
         self.first = torch.searchsorted(e[:, 0].contiguous(), torch.arange(n + 1))  # node's children: first[n]..first[n+1]
+        self.node, self.walked = self.roots, 0  # where each row is, after `walked` generated tokens
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if not len(self.key):  # no row has an admissible action: nothing to mask
             return scores
         dev = scores.device
         key, token, child, first = (x.to(dev) for x in (self.key, self.token, self.child, self.first))
-        node = self.roots.to(dev)
-        for j in range(self.prompt_len, input_ids.shape[1]):  # -1: off the tree (left alone)
+        if input_ids.shape[1] - self.prompt_len < self.walked:  # a new generation with this mask: from the roots
+            self.node, self.walked = self.roots, 0
+        node = self.node.to(dev)
+        for j in range(self.prompt_len + self.walked, input_ids.shape[1]):  # -1: off the tree (left alone)
             k = node.clamp(min=0) * 2**32 + input_ids[:, j]
             at = torch.searchsorted(key, k).clamp(max=len(key) - 1)
             node = torch.where((node >= 0) & (key[at] == k), child[at], -1)
+        self.node, self.walked = node, input_ids.shape[1] - self.prompt_len
         live = node >= 0
         start = torch.where(live, first[node.clamp(min=0)], 0)
         count = torch.where(live, first[node.clamp(min=0) + 1] - start, 0)
@@ -318,7 +340,7 @@ def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: 
     budget = fmt.max_new_tokens
     if tries is not None:
         gen_kw["logits_processor"] = transformers.LogitsProcessorList([AdmissiblePrefixMask(tries, ids.shape[1])])
-        budget = max(trie_depth(t) for t in tries) or 1  # the longest admissible action + EOS
+        budget = max(map(trie_depth, {id(t): t for t in tries}.values())) or 1  # the longest admissible action + EOS
     keep = behaviour_from_generation(cfg, len(prompts) * budget * model.get_output_embeddings().weight.shape[0])
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=budget,
                          eos_token_id=fmt.stop_ids, pad_token_id=tok.pad_token_id, repetition_penalty=1.0,
@@ -388,10 +410,7 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
             break
         prompts = render_prompts(tok, fmt, [(slots[i].info["task"], slots[i].history, slots[i].obs,
                                              slots[i].info["admissible_actions"]) for i in active], fmt.history, ids_of)
-        if fmt.mask:  # every action string not seen before tokenized in one call, then one trie per episode
-            tokenize_cached(tok, [a for i in active for a in slots[i].info["admissible_actions"]], ids_of)
-        tries = [action_trie(tok, slots[i].info["admissible_actions"], tok.eos_token_id, ids_of)
-                 for i in active] if fmt.mask else None
+        tries = action_tries(tok, [slots[i].info["admissible_actions"] for i in active], ids_of) if fmt.mask else None
         generated = generate_actions(model, tok, prompts, cfg, greedy, fmt, tries)
         played, eos = [], tok.eos_token_id
         for i, (ids, _, _) in zip(active, generated):
@@ -470,7 +489,7 @@ class ForwardOut(NamedTuple):
     """What the one forward pass over packed [h_t ; a_t ; o_{t+1}] sequences gives."""
     action: TokenStats   # a_t's tokens, at the sampling temperature (and renormalised under the action mask)
     obs: TokenStats      # o_{t+1}'s tokens, at temperature 1: the model's own prediction of the next observation
-    head_input: torch.Tensor | None = None  # the last hidden state (the §6 safeguard measures gradients there)
+    head_input: torch.Tensor | None = None  # the last hidden state (the WM gradient cap measures gradients there)
 
 def naive_logp_entropy(logits, targets, allowed: torch.Tensor | None = None) -> TokenStats:
     """The reference: full log_softmax over the vocabulary, gather, entropy, autograd. With `allowed`
@@ -639,9 +658,9 @@ def compute_advantages(episodes: list[Episode], cfg: Config):
     return step_adv.float(), stats
 
 
-# ==== 5. World-model targets (§2.1) and weights (§2.3)
+# ==== 5. World-model targets (§2.1 action-entropy selection) and weights (§2.3 reward-adaptive balancing)
 def select_wm_targets(action_entropy: torch.Tensor, alpha: float) -> torch.Tensor:
-    """§2.1: S = the top ceil(alpha * M) of the M transitions, ranked by H(a_t|h_t) (mean token entropy
+    """§2.1 action-entropy selection: S = the top ceil(alpha * M) of the M transitions, ranked by H(a_t|h_t) (mean token entropy
     of the action). Ties go to the earlier transition (stable sort). alpha = 1 keeps everything."""
     M = action_entropy.numel()
     k = math.ceil(alpha * M - 1e-9)
@@ -651,7 +670,7 @@ def select_wm_targets(action_entropy: torch.Tensor, alpha: float) -> torch.Tenso
     return mask
 
 def adaptive_wm_weight(group_mean_return: torch.Tensor, r_max: float, coef: float = 1.0) -> torch.Tensor:
-    """§2.3: lambda_g = clamp(1 - mean_return(g) / R_max, 0, 1), times a global coefficient. mean_return
+    """§2.3 reward-adaptive balancing: lambda_g = clamp(1 - mean_return(g) / R_max, 0, 1), times a global coefficient. mean_return
     is the task return (no penalties): all-fail groups, which get zero GRPO advantage, get lambda = 1."""
     return coef * (1.0 - group_mean_return / r_max).clamp(0.0, 1.0)
 
@@ -667,7 +686,7 @@ def wm_weights(episodes: list[Episode], cfg: Config, r_max: float) -> torch.Tens
         lam_g = torch.full((n_groups,), float(cfg.wm_lambda) * cfg.wm_coef, dtype=torch.float64)
     return torch.cat([lam_g[e.group].repeat(len(e.steps)) for e in episodes]).float()
 
-# ==== 6. Losses and the objective (§2.2, §2.4, §3), with the §6 safeguard
+# ==== 6. Losses (§2.2 noise-tolerant WM loss, §3 PPO-clip), §2.4 combined objective, the WM gradient cap (paw's addition)
 @dataclass
 class Batch:
     """The objective's per-step input: one entry per step (transition) t of the iteration's rollouts."""
@@ -684,7 +703,7 @@ class Batch:
                      self.selected[idx], self.lam[idx], [self.ref_logp[i] for i in idx] if self.ref_logp else [])
 
 def cmae_loss(logp: torch.Tensor, rho: float) -> torch.Tensor:
-    """§2.2 per-token clipped MAE: l = 1[p <= rho] * (1 - p), the indicator on detached p. For a one-hot
+    """§2.2 noise-tolerant WM loss, per-token clipped MAE (CMAE): l = 1[p <= rho] * (1 - p), the indicator on detached p. For a one-hot
     target MAE = 1 - p; its gradient w.r.t. the target logit is -p(1-p) in the band and 0 outside."""
     p = logp.exp()
     return (p.detach() <= rho).to(p.dtype) * (1.0 - p)
@@ -725,7 +744,7 @@ def wm_term(obs_logp, obs_rows, n_rows, selected, lam, cfg: Config) -> torch.Ten
     return (lam[in_s] * per_t[in_s]).sum() / in_s.sum()
 
 def combined_objective(fwd: ForwardOut, packed: Packed, part: Batch, cfg: Config):
-    """§2.4: L(theta) = L_RL(theta) + (1/|S|) sum_{t in S} lambda_{g(t)} L_WM(t), on the steps of `part`
+    """§2.4 combined objective: L(theta) = L_RL(theta) + (1/|S|) sum_{t in S} lambda_{g(t)} L_WM(t), on the steps of `part`
     packed as `packed` and scored as `fwd`. Each loss is averaged over its own tokens/transitions.
     Returns (L_RL, WM term, stats)."""
     dev = fwd.action.logp.device
@@ -739,7 +758,7 @@ def combined_objective(fwd: ForwardOut, packed: Packed, part: Batch, cfg: Config
     return l_rl, l_wm, dict(clipfrac=clipfrac.item(), approx_kl=approx_kl.item())
 
 def backward_with_wm_cap(l_rl, l_wm, head_input: torch.Tensor, cap: float) -> dict:
-    """§6 safeguard: backward of L = L_RL + s * WM, s = min(1, cap ||dL_RL/dh|| / ||dWM/dh||), h = `head_input` (the
+    """The WM gradient cap (paw's addition, docs/method.md; §6 risks): backward of L = L_RL + s * WM, s = min(1, cap ||dL_RL/dh|| / ||dWM/dh||), h = `head_input` (the
     last hidden state): the WM gradient into the trunk is at most `cap` x the RL one, and 0 without RL signal (all
     groups failed, L_RL = 0, lambda_g = 1: WM alone would collapse the policy). cap = 0: the literal §2.4."""
     if cap <= 0:
@@ -791,11 +810,11 @@ def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random) -> dic
                 for k in counts:  # WM token accuracy: of the policy that generated the rollouts (first pass)
                     v = out.pop(k)
                     counts[k] += v if epoch == 0 or k in ("tokens", "padded") else 0
-                for k, v in out.items():  # losses: already weighted; §6 scale and norms: mean over slices
+                for k, v in out.items():  # losses: already weighted; the cap's scale and norms: mean over slices
                     log[k] = log.get(k, 0.0) + (v if k in ("policy_loss", "wm_loss", "clipfrac", "approx_kl")
                                                 else v * len(part) / len(mb))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            if grad_norm > 0:  # §6: no RL signal (every advantage 0, so WM scaled to 0): no optimizer step
+            if grad_norm > 0:  # the cap: no RL signal (every advantage 0, so WM scaled to 0): no optimizer step
                 opt.step()
             logs.append(dict(log, grad_norm=grad_norm, stepped=float(grad_norm > 0)))
     out = process_mean({k: float(np.mean([d[k] for d in logs if k in d])) for k in logs[0]})  # over processes too
@@ -1226,7 +1245,7 @@ def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
 
 def agent_interface(cfg: Config, env_cls=None) -> tuple[str, int, str]:
     """-> (prompt layout, K, goal names) with every 'auto' decided. The tiny model learns from scratch, so it gets
-    the interface it learns fastest (README "Agent interface"): the env's own `prompt_layout` (textworld-tiny:
+    the interface it learns fastest (docs/method.md, "Agent interface"): the env's own `prompt_layout` (textworld-tiny:
     minimal) or compact, and abstracted goal names where the env has goal_names(); a --model reads the full,
     named text, as the paper's agents do. start_run writes the decided values into the run's config."""
     env_cls = env_cls or paw_envs.ENVS.get(cfg.env)

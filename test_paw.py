@@ -47,7 +47,7 @@ def tiny():
 # The shape of paw.py
 # ------------------------------------------------------------------------------------------------
 def test_paw_py_reads_in_the_papers_order():
-    """The method's functions come in the order of the README's §-table, all before the engineering appendix,
+    """The method's functions come in the order of the README's code map, all before the engineering appendix,
     and no function is longer than 60 lines (a function a reader can hold in view)."""
     import ast
     src = open(os.path.join(HERE, "paw.py")).read()
@@ -582,8 +582,10 @@ def test_admissible_prefix_mask_equals_a_walk_of_each_trie():
                 if node and rng.random() < 0.8:
                     ids[r, j] = rng.choice(list(node))
                 node = node.get(int(ids[r, j])) if node else None
-        scores = torch.randn(B, V)
-        assert torch.equal(paw.AdmissiblePrefixMask(tries, P)(ids, scores), naive_prefix_mask(tries, P, ids, scores))
+        scores, mask = torch.randn(B, V), paw.AdmissiblePrefixMask(tries, P)
+        for n in range(P, P + L + 1):  # as generate calls it: one more token each time (the walk is incremental)
+            assert torch.equal(mask(ids[:, :n], scores), naive_prefix_mask(tries, P, ids[:, :n], scores))
+        assert torch.equal(mask(ids[:, :P], scores), naive_prefix_mask(tries, P, ids[:, :P], scores))  # reused
 
 
 def test_greedy_action_is_the_mode_of_the_masked_policy(tiny):
