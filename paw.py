@@ -1626,9 +1626,16 @@ def decide_defaults(cfg: Config, env_cls, dev: torch.device):
         raise ConfigError(f"--goal-names abstract: {cfg.env} has no goal_names() (see envs.py)")
     return paw_envs.abstract_goal_names(env_cls)  # the task's names as placeholders, mapped back for the game
 
+class RunError(Exception):
+    """The run cannot go on: one line for the user, and the exit code the command line ends with (2 bad input,
+    1 a failure during the run, 130 Ctrl-C). Raised, not exited: a function copied into a notebook keeps it alive."""
+
+    def __init__(self, msg: str, code: int = 2):
+        super().__init__(msg)
+        self.code = code
+
 def fail(msg: str, code: int = 2):
-    print(f"\npaw: {msg}" if code == 130 else f"paw.py: error: {msg}", file=sys.stderr)
-    sys.exit(code)
+    raise RunError(msg, code)
 
 def say(*args, **kw):
     """print, from process 0 only (under torchrun every process would print the same line)."""
@@ -1716,8 +1723,7 @@ def finish(run: Run, dev, interrupted: bool) -> dict:
              f"{' '.join(str(e).split())[:200]}", 1)
     print(f"\nsaved: {run.run_dir}/ (config.json, metrics.jsonl, summary.json, model/"
           f"{', checkpoints/' if os.path.isdir(os.path.join(run.run_dir, 'checkpoints')) else ''})")
-    if interrupted:
-        sys.exit(130)  # the convention for a run ended by Ctrl-C; everything above is saved
+    summary["interrupted"] = interrupted  # main's caller exits 130, the convention for Ctrl-C; all above is saved
     return summary
 
 def start_run(cfg: Config):
@@ -1779,9 +1785,12 @@ def main(argv=None):
         torch.distributed.destroy_process_group()
     return summary
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the only place that exits: every error below is one line and an exit code
     try:
-        main()
+        sys.exit(130 if main().get("interrupted") else 0)
+    except RunError as e:
+        print(f"\npaw: {e}" if e.code == 130 else f"paw.py: error: {e}", file=sys.stderr)
+        sys.exit(e.code)
     except paw_envs.EnvFailure as e:  # a bug in the environment: one line; config and metrics stay on disk
         print(f"paw.py: error: {e}", file=sys.stderr)
         sys.exit(1)

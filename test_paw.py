@@ -1346,6 +1346,13 @@ def test_ctrl_c_keeps_work_and_exits_130(tmp_path, phase, trigger, extra):
     assert (run / "checkpoints" / "iter-000000").is_dir()  # the pre-RL work is kept for --resume
 
 
+def test_library_functions_raise_and_only_the_command_line_exits(tmp_path):
+    """start_run on a bad --env raises RunError (code 2) instead of ending the interpreter (a notebook survives)."""
+    with pytest.raises(paw.RunError) as e:
+        paw.start_run(cfg(env="no_such_module:Env", out=str(tmp_path)))
+    assert e.value.code == 2 and "no_such_module" in str(e.value)
+
+
 def test_strict_json_names_non_finite_metrics():
     m, bad = paw.strict_json(dict(a=1.0, b=float("nan"), c=float("inf"), d="x"))
     assert bad == ["b", "c"] and json.loads(json.dumps(m)) == dict(a=1.0, b=None, c=None, d="x")
