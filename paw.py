@@ -1674,7 +1674,7 @@ def print_plan(run: Run, dev, resuming: bool):
         f"| {cfg.algo} + WM {cfg.wm} | prompt {'think' if fmt.think else f'plain {fmt.layout}, K={fmt.history}'}"
         f"{', goal names abstracted (OBJ, REC; --goal-names named for the names)' if cfg.goal_names == 'abstract' else ''}"
         f"{' (chat template)' if fmt.chat else ''}{', action mask' if fmt.mask else ''} | {cfg.groups} groups x "
-        f"{cfg.group_size}, lr {cfg.lr:g}, {cfg.dtype} | device {dev}"
+        f"{cfg.group_size}, lr {cfg.lr:g}{' -> 0 (linear)' if cfg.anneal_lr else ''}, {cfg.dtype} | device {dev}"
         f"{f' x {world()[1]} processes' if world()[1] > 1 else ''} | run dir {run.run_dir}")
     pre = ["random-policy baseline"] + ([f"language prior ({cfg.prior_steps} steps)"]
                                         if not cfg.model and cfg.prior_steps else [])

@@ -1142,8 +1142,8 @@ def test_smoke_run_writes_metrics_and_loadable_checkpoint(tmp_path, algo, wm):
         assert key in lines[0], key
     assert json.loads((run / "config.json").read_text())["algo"] == algo
     lr = json.loads((run / "config.json").read_text())["lr"]
-    assert lines[0]["lr"] == pytest.approx(lr * paw.remaining_fraction(1, 2, 0, 0))  # --anneal-lr: 1, then below
-    assert 0 < lines[1]["lr"] < lr
+    # --anneal-lr over --iters 2 (the 10-minute budget is further from its end): the full lr, then at most half
+    assert lr * 0.9 < lines[0]["lr"] <= lr and 0 < lines[1]["lr"] <= lr / 2
     if algo == "gigpo":
         assert lines[0]["anchor_cluster_size"] >= 1
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1360,7 +1360,7 @@ def test_strict_json_names_non_finite_metrics():
 
 # bit-exact resume is a CPU property (CUDA kernels need not be deterministic): pinned to --device cpu
 RESUME = SMOKE + ["--groups", "2", "--group-size", "3", "--prior-steps", "20", "--wm", "cmae", "--threads", "1",
-                  "--device", "cpu", "--time-budget", "0"]  # --anneal-lr by iterations only: no wall clock
+                  "--device", "cpu", "--no-anneal-lr"]  # the schedule follows --iters, which a resume here changes
 
 
 def _metrics(path):
