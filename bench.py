@@ -1137,7 +1137,7 @@ def report_gpu(rows: dict):
         if "error" in r:
             print(f"\n--model {r['shape']}: failed: {r['error'][-300:]}")
         else:
-            print(f"\n--model ({r['params'] / 1e6:.0f}M params, {r['dtype']}), 8 groups x 8: iteration {r['wall_s']:.1f} s "
+            print(f"\n--model ({r['params'] / 1e6:.2f}M params, {r['dtype']}), 8 groups x 8: iteration {r['wall_s']:.1f} s "
                   f"(rollout {r['rollout_s']:.1f}, update {r['update_s']:.1f}), peak GPU {r.get('peak_gpu_mb', 0):,.0f} MiB")
 
 
