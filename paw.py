@@ -81,8 +81,6 @@ class Config:
     adv_norm: str = arg("mean_std", "episode-level normalisation of GRPO/GiGPO", choices=["mean_std", "mean"])
     gamma: float = arg(0.95, "GiGPO step level: discount of the return-to-go", check="in (0, 1]")
     gigpo_omega: float = arg(1.0, "GiGPO: weight omega of the step-level advantage")
-    return_discount: float = arg(1.0, "episode return the group statistics see: sum_t d^t r_t (1 = the task return; "
-                                      "< 1 ranks a shorter win above a longer one)", check="in (0, 1]")
     invalid_penalty: float = arg(0.0, "RL-return penalty per inadmissible action (lambda_g ignores it)", check=">= 0")
     lr: float = arg(0.0, "AdamW learning rate of the RL phase (0 = 1e-3 for the tiny model, 1e-6 for a --model, "
                          "as verl-agent and TRL use for 0.5-3B LMs)", check=">= 0")
@@ -101,7 +99,8 @@ class Config:
     wm_lambda: str = arg("adaptive", "§2.3: 'adaptive' (1 - mean_return/R_max per group) or a constant")
     wm_coef: float = arg(1.0, "§2.3: global coefficient multiplying lambda", check=">= 0")
     wm_max_tokens: int = arg(48, "§2: the next observation o_{t+1} is truncated to this many tokens", check="> 0")
-    wm_grad_cap: float = arg(1.0, "WM gradient cap (paw's addition against §6's collapse): WM gradient norm <= cap x RL gradient norm (0 = the literal §2.4)", check=">= 0")
+    wm_grad_cap: float = arg(1.0, "WM gradient cap (paw's addition against §6's collapse): WM gradient norm <= cap "
+                             "x RL gradient norm (0 = the literal §2.4)", check=">= 0")
     env: str = arg("textworld-tiny", "built-in environment, or module:Class of your own (see envs.py)", group="run")
     model: str = arg("", "Hugging Face causal LM (hub id or local folder); empty = the tiny model, built here")
     seed: int = arg(1, "random seed (python, numpy, torch, task sampling)")
@@ -306,10 +305,13 @@ class AdmissiblePrefixMask:
         if not len(self.key):  # no row has an admissible action: nothing to mask
             return scores
         dev = scores.device
-        key, token, child, first = (x.to(dev) for x in (self.key, self.token, self.child, self.first))
+        if self.key.device != dev:  # the tables go to the GPU once, not at every token
+            self.key, self.token, self.child, self.first, self.roots, self.node = (
+                x.to(dev) for x in (self.key, self.token, self.child, self.first, self.roots, self.node))
+        key, token, child, first = self.key, self.token, self.child, self.first
         if input_ids.shape[1] - self.prompt_len < self.walked:  # a new generation with this mask: from the roots
             self.node, self.walked = self.roots, 0
-        node = self.node.to(dev)
+        node = self.node
         for j in range(self.prompt_len + self.walked, input_ids.shape[1]):  # -1: off the tree (left alone)
             k = node.clamp(min=0) * 2**32 + input_ids[:, j]
             at = torch.searchsorted(key, k).clamp(max=len(key) - 1)
@@ -632,13 +634,13 @@ def gigpo_step_advantages(step_returns: list[float], anchors: list[str], group: 
         adv[idx] = normalized_in_group(R[idx], norm, eps)
     return adv, size
 
-def rl_returns(ep: Episode, invalid_penalty: float, discount: float = 1.0) -> float:
-    """The return the advantage estimator sees: the (discounted) task return minus the invalid-action penalty."""
-    return sum(discount ** t * s.reward for t, s in enumerate(ep.steps)) - invalid_penalty * sum(not s.valid for s in ep.steps)
+def rl_returns(ep: Episode, invalid_penalty: float) -> float:
+    """The return the advantage estimator sees: task return minus the invalid-action penalty."""
+    return ep.task_return - invalid_penalty * sum(not s.valid for s in ep.steps)
 
 def compute_advantages(episodes: list[Episode], cfg: Config):
     """Per-step advantage (broadcast to every action token of the step) for --algo, plus log stats."""
-    R = torch.tensor([rl_returns(e, cfg.invalid_penalty, cfg.return_discount) for e in episodes], dtype=torch.float64)
+    R = torch.tensor([rl_returns(e, cfg.invalid_penalty) for e in episodes], dtype=torch.float64)
     grp = torch.tensor([e.group for e in episodes])
     stats = {}
     ep_adv = rloo_advantages(R, grp) if cfg.algo == "rloo" else grpo_advantages(R, grp, cfg.adv_norm)
@@ -660,8 +662,8 @@ def compute_advantages(episodes: list[Episode], cfg: Config):
 
 # ==== 5. World-model targets (§2.1 action-entropy selection) and weights (§2.3 reward-adaptive balancing)
 def select_wm_targets(action_entropy: torch.Tensor, alpha: float) -> torch.Tensor:
-    """§2.1 action-entropy selection: S = the top ceil(alpha * M) of the M transitions, ranked by H(a_t|h_t) (mean token entropy
-    of the action). Ties go to the earlier transition (stable sort). alpha = 1 keeps everything."""
+    """§2.1 action-entropy selection: S = the top ceil(alpha * M) of the M transitions, ranked by H(a_t|h_t)
+    (mean token entropy of the action). Ties go to the earlier transition (stable sort). alpha = 1 keeps everything."""
     M = action_entropy.numel()
     k = math.ceil(alpha * M - 1e-9)
     order = torch.sort(-action_entropy.double(), stable=True).indices
@@ -670,8 +672,8 @@ def select_wm_targets(action_entropy: torch.Tensor, alpha: float) -> torch.Tenso
     return mask
 
 def adaptive_wm_weight(group_mean_return: torch.Tensor, r_max: float, coef: float = 1.0) -> torch.Tensor:
-    """§2.3 reward-adaptive balancing: lambda_g = clamp(1 - mean_return(g) / R_max, 0, 1), times a global coefficient. mean_return
-    is the task return (no penalties): all-fail groups, which get zero GRPO advantage, get lambda = 1."""
+    """§2.3 reward-adaptive balancing: lambda_g = clamp(1 - mean_return(g) / R_max, 0, 1), times a global
+    coefficient. mean_return is the task return (no penalties): all-fail groups, which get zero GRPO advantage, get lambda = 1."""
     return coef * (1.0 - group_mean_return / r_max).clamp(0.0, 1.0)
 
 def wm_weights(episodes: list[Episode], cfg: Config, r_max: float) -> torch.Tensor:
@@ -686,7 +688,7 @@ def wm_weights(episodes: list[Episode], cfg: Config, r_max: float) -> torch.Tens
         lam_g = torch.full((n_groups,), float(cfg.wm_lambda) * cfg.wm_coef, dtype=torch.float64)
     return torch.cat([lam_g[e.group].repeat(len(e.steps)) for e in episodes]).float()
 
-# ==== 6. Losses (§2.2 noise-tolerant WM loss, §3 PPO-clip), §2.4 combined objective, the WM gradient cap (paw's addition)
+# ==== 6. Losses (§2.2 noise-tolerant WM loss, §3 PPO-clip), §2.4 combined objective, WM gradient cap (paw's)
 @dataclass
 class Batch:
     """The objective's per-step input: one entry per step (transition) t of the iteration's rollouts."""
@@ -703,8 +705,8 @@ class Batch:
                      self.selected[idx], self.lam[idx], [self.ref_logp[i] for i in idx] if self.ref_logp else [])
 
 def cmae_loss(logp: torch.Tensor, rho: float) -> torch.Tensor:
-    """§2.2 noise-tolerant WM loss, per-token clipped MAE (CMAE): l = 1[p <= rho] * (1 - p), the indicator on detached p. For a one-hot
-    target MAE = 1 - p; its gradient w.r.t. the target logit is -p(1-p) in the band and 0 outside."""
+    """§2.2 noise-tolerant WM loss, per-token clipped MAE (CMAE): l = 1[p <= rho] * (1 - p), the indicator on
+    detached p. For a one-hot target MAE = 1 - p; its gradient w.r.t. the target logit is -p(1-p) in the band and 0 outside."""
     p = logp.exp()
     return (p.detach() <= rho).to(p.dtype) * (1.0 - p)
 
@@ -758,7 +760,8 @@ def combined_objective(fwd: ForwardOut, packed: Packed, part: Batch, cfg: Config
     return l_rl, l_wm, dict(clipfrac=clipfrac.item(), approx_kl=approx_kl.item())
 
 def backward_with_wm_cap(l_rl, l_wm, head_input: torch.Tensor, cap: float) -> dict:
-    """The WM gradient cap (paw's addition, docs/method.md; §6 risks): backward of L = L_RL + s * WM, s = min(1, cap ||dL_RL/dh|| / ||dWM/dh||), h = `head_input` (the
+    """The WM gradient cap (paw's addition, docs/method.md; against §6's collapse): backward of L = L_RL + s * WM,
+    s = min(1, cap ||dL_RL/dh|| / ||dWM/dh||), h = `head_input` (the
     last hidden state): the WM gradient into the trunk is at most `cap` x the RL one, and 0 without RL signal (all
     groups failed, L_RL = 0, lambda_g = 1: WM alone would collapse the policy). cap = 0: the literal §2.4."""
     if cap <= 0:
