@@ -19,6 +19,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # §6 of the method notes: pin threads, no spinning
 
 import argparse
+import functools
 import json
 import platform
 import subprocess
@@ -303,11 +304,13 @@ def speed_one(a):
         tok, model = paw.load_hf_model(a.model, getattr(torch, cfg.dtype))
     else:
         tok = paw.build_tiny_tokenizer(*paw.gather_env_text(env_cls, n_episodes=200, seed=1))
-        model = paw.build_tiny_model(tok, cfg)
+        model = paw.build_tiny_model(tok, cfg.d_model, cfg.n_layers, cfg.n_heads)
     model.to(dev)
     cfg.fused_loss = cfg.fused_loss and paw.plain_linear_head(model)[0]  # as paw.py decides it
+    logp_fn = paw.head_logp_fn(cfg.fused_loss, model.get_output_embeddings().weight.shape[0], cfg.compile, cfg.loss_chunk)
     run = paw.Run(cfg, env_cls, tok, model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), random.Random(1),
-                  paw.make_prompt_format(tok, model, cfg))
+                  paw.make_prompt_format(tok, model, cfg),
+                  logprobs=functools.partial(paw.action_and_obs_logprobs, temperature=cfg.temperature, logp_fn=logp_fn))
     import copy
     import numpy as np
     start = copy.deepcopy((model.state_dict(), run.opt.state_dict(), run.rng.getstate(), random.getstate(),
@@ -564,7 +567,7 @@ def bench_bc(a):
     env_cls = paw.decide_defaults(cfg, env_cls, torch.device("cpu"))
     layout, k, abstract = cfg.prompt_layout, cfg.history, cfg.goal_names == "abstract"
     tok = paw.build_tiny_tokenizer(*paw.gather_env_text(env_cls, seed=a.seed))
-    model = paw.build_tiny_model(tok, cfg)
+    model = paw.build_tiny_model(tok, cfg.d_model, cfg.n_layers, cfg.n_heads)
     fmt, cache = paw.make_prompt_format(tok, model, cfg), {}
 
     def states(n, rng, first_seed=None):
@@ -593,7 +596,7 @@ def bench_bc(a):
         acc = {}
         for i in range(0, len(held), 100):
             chunk = held[i:i + 100]
-            outs = paw.generate_actions(model, tok, [x[0].prompt_ids for x in chunk], cfg, True, fmt, [x[3] for x in chunk])
+            outs = paw.generate_actions(model, tok, [x[0].prompt_ids for x in chunk], fmt, True, [x[3] for x in chunk])
             for (_, name, right, _), (ids, _, _) in zip(chunk, outs):
                 acc.setdefault(name, []).append(paw.decode_action(tok, ids) in right)
         model.train()
@@ -609,7 +612,7 @@ def bench_bc(a):
         c0 = time.process_time()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, step / 20)
-        lp = paw.action_and_obs_logprobs(model, paw.pack_steps(batch, with_obs=False), cfg).action.logp
+        lp = paw.action_and_obs_logprobs(model, paw.pack_steps(batch, with_obs=False), cfg.temperature).action.logp
         loss = -lp.sum() / len(batch)
         opt.zero_grad()
         loss.backward()
@@ -621,13 +624,13 @@ def bench_bc(a):
             log.append(dict(step=step, cpu_s=round(cpu, 1), loss=round(float(np.mean(losses[-a.every:])), 4),
                             **accuracy(held)))
             print(json.dumps(log[-1]), flush=True)
-    final = {k: paw.evaluate(model, tok, env_cls, cfg, a.episodes, greedy=k == "greedy", fmt=fmt)
+    final = {k: paw.evaluate(model, tok, env_cls, fmt, a.episodes, greedy=k == "greedy")
              for k in ("greedy", "sampled")}
     if a.save:
         model.save_pretrained(a.save), tok.save_pretrained(a.save)
     if a.show_failures:  # the greedy policy's failed held-out episodes, action by action
-        eps = paw.collect_rollouts(model, tok, env_cls, [envs.EVAL_SEED_START + i for i in range(a.episodes)], 1, cfg,
-                                   greedy=True, fmt=fmt)
+        eps = paw.collect_rollouts(model, tok, env_cls, [envs.EVAL_SEED_START + i for i in range(a.episodes)], 1, fmt,
+                                   greedy=True)
         for e in [e for e in eps if not e.won][:a.show_failures]:
             print(f"failed seed {e.seed} (loop: {paw.ends_in_loop(e)}):", " | ".join(
                 paw.decode_action(tok, s.action_ids) for s in e.steps))
@@ -705,6 +708,8 @@ def bench_engine(a):
     torch.set_num_threads(a.threads)
     tok, model = AutoTokenizer.from_pretrained(a.model), AutoModelForCausalLM.from_pretrained(a.model)
     cfg = paw.parse_config(["--env", a.env, "--threads", str(a.threads)])
+    paw.decide_defaults(cfg, envs.load_env_class(a.env), torch.device("cpu"))
+    fmt = paw.make_prompt_format(tok, model, cfg)
     base, spent = envs.load_env_class(a.env), {}
 
     def timed(cls):  # the env class with its reset/step on the clock
@@ -728,14 +733,14 @@ def bench_engine(a):
             spent["env"], t = 0.0, time.process_time()
             if what == "rollouts":
                 paw.collect_rollouts(model, tok, cls, [rng.randrange(envs.EVAL_SEED_START) for _ in range(a.groups)],
-                                     a.group_size, cfg)
+                                     a.group_size, fmt)
             else:
-                paw.evaluate(model, tok, cls, cfg, a.eval_episodes, greedy=True)
+                paw.evaluate(model, tok, cls, fmt, a.eval_episodes, greedy=True)
             total = time.process_time() - t
             rows.append(dict(kind=kind, what=what, cpu_s=total, env_cpu_s=spent["env"], env_share=spent["env"] / total))
             print(f"{kind:<10} {what:<12} CPU {total:6.1f} s, in the env {spent['env']:6.1f} s ({spent['env'] / total:.0%})",
                   flush=True)
-    prof = rollout_host_share(model, tok, base, cfg, a.groups, a.group_size)
+    prof = rollout_host_share(model, tok, base, fmt, a.groups, a.group_size)
     print("cProfile of one rollout: " + ", ".join(f"{k} {v:.1%}" for k, v in prof.items()) + " of its CPU")
     print(f"bench engine: {a.env}, {a.groups} x {a.group_size} rollouts, {a.eval_episodes} greedy episodes | {machine()}")
     print(f"wrote {write_json(f'engine-{env_slug(a.env)}.json', dict(machine=machine(), args=vars(a), rows=rows, profile=prof))}")
@@ -747,7 +752,7 @@ HOST_FUNCTIONS = dict(tokenizer=("tokenize_cached", "decode_action"),
                             "allowed_along", "trie_depth"))
 
 
-def rollout_host_share(model, tok, env_cls, cfg, groups: int, group_size: int) -> dict:
+def rollout_host_share(model, tok, env_cls, fmt, groups: int, group_size: int) -> dict:
     """cProfile of one training rollout (collect_rollouts): the share of its CPU in paw's tokenizer calls and in the
     action mask (cumulative time of the HOST_FUNCTIONS at their outermost calls)."""
     import cProfile
@@ -762,9 +767,9 @@ def rollout_host_share(model, tok, env_cls, cfg, groups: int, group_size: int) -
         return c.co_filename, c.co_firstlineno, c.co_name
     rng = random.Random(6)
     seeds = [rng.randrange(envs.EVAL_SEED_START) for _ in range(groups)]
-    paw.collect_rollouts(model, tok, env_cls, seeds, group_size, cfg)  # warm-up
+    paw.collect_rollouts(model, tok, env_cls, seeds, group_size, fmt)  # warm-up
     pr = cProfile.Profile()
-    pr.runcall(paw.collect_rollouts, model, tok, env_cls, seeds, group_size, cfg)
+    pr.runcall(paw.collect_rollouts, model, tok, env_cls, seeds, group_size, fmt)
     stats = pstats.Stats(pr).stats  # key -> (calls, primitive calls, tottime, cumtime, callers)
     parts = {part: {key(n) for n in names} for part, names in HOST_FUNCTIONS.items()}
     every = set().union(*parts.values())
@@ -1008,7 +1013,7 @@ def report_table(a, root: str):
             cells.setdefault((env, row), {})[seed] = dict(
                 greedy=s["final_greedy"]["success"], sampled=s.get("final_sampled", {}).get("success"),
                 score=s["final_greedy"]["return"], random=s["random"]["success"], iters=s["iters_done"])
-    lines = [f"| env | row | seeds | held-out greedy | held-out sampled | greedy return | iters | PaW − baseline "
+    lines = ["| env | row | seeds | held-out greedy | held-out sampled | greedy return | iters | PaW − baseline "
              "(greedy; sampled), paired |", "|---|---|---|---|---|---|---|---|"]
     for env in a.envs.split(","):
         rows = [r for r in a.rows.split(",")] + (list(TABLE_ABLATIONS) if env == a.ablate_env else [])

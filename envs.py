@@ -1269,18 +1269,51 @@ def check_env_class(cls, name: str = "env"):
     _check_info(info, "step", name)
 
 
-def random_rollout(env, seed: int, rng: random.Random, invalid_prob: float = 0.0):
-    """One episode of the uniformly random admissible-action policy; returns (won, transcript)."""
+class RandomEpisode(NamedTuple):
+    won: bool
+    task: str
+    task_type: str
+    observations: list  # o_0 (after reset), o_1, ...
+    offered: list       # the admissible actions of each state an action was drawn in
+
+
+def random_episode(env, seed: int, rng: random.Random, invalid_prob: float | None = None,
+                   max_obs: int = 0) -> RandomEpisode:
+    """One episode of the uniformly random admissible-action policy from env.reset(seed). invalid_prob: the chance of
+    an inadmissible action ("xyzzy") per step; None = never, with no random draw for it, and a state without
+    admissible actions ends the episode. max_obs > 0: stop once that many observations are collected."""
     obs, info = env.reset(seed)
-    transcript = [obs]
+    first, observations, offered = info, [obs], []
     for _ in range(env.max_steps):
         acts = info["admissible_actions"]
-        a = "xyzzy" if (rng.random() < invalid_prob or not acts) else rng.choice(acts)
-        obs, r, done, info = env.step(a)
-        transcript += [a, obs]
+        if (invalid_prob is None and not acts) or (max_obs and len(observations) >= max_obs):
+            break
+        a = "xyzzy" if (invalid_prob is not None and rng.random() < invalid_prob) or not acts else rng.choice(acts)
+        offered.append(acts)
+        obs, _, done, info = env.step(a)
+        observations.append(obs)
         if done:
             break
-    return bool(info["won"]), transcript
+    return RandomEpisode(bool(info.get("won", False)), first["task"], str(first.get("task_type", "")), observations,
+                         offered)
+
+
+def random_policy_success(env_cls, n: int, seed: int = 0) -> dict:
+    """The uniformly random admissible-action policy on the n held-out seeds: success, and per task type."""
+    rng, env = random.Random(seed), env_cls()
+    eps = [random_episode(env, EVAL_SEED_START + i, rng, invalid_prob=0.0) for i in range(n)]
+    out = dict(success=float(np.mean([e.won for e in eps])))
+    for t in sorted({e.task_type for e in eps} - {""}):
+        out[f"success/{t}"] = float(np.mean([e.won for e in eps if e.task_type == t]))
+    return out
+
+
+def random_observations(env_cls, n: int, rng: random.Random) -> list[str]:
+    """n observations of random-policy episodes on training seeds, each a text of its own."""
+    env, texts = env_cls(), []
+    while len(texts) < n:
+        texts += random_episode(env, rng.randrange(EVAL_SEED_START), rng, max_obs=n - len(texts)).observations
+    return texts
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -49,12 +49,19 @@ import envs as paw_envs
 
 # ==== 1. Config. Every field has a one-line doc, which is also its --help text. The method's fields come first.
 def arg(default, doc, **kw):
-    """A Config field: its default, its one-line doc (the --help text), and optionally its `group` in --help,
-    `choices`, and `check` (a key of CHECKS)."""
+    """A Config field: default, one-line doc (the --help text), optional --help `group`, `choices`, `check`."""
     return field(default=default, metadata=dict(help=doc, **kw))
 
 class ConfigError(ValueError):
-    pass
+    """A bad flag or input: one line for the user (the command line exits with code 2)."""
+
+class RunError(Exception):
+    """The run cannot go on: one line for the user, and the exit code the command line ends with (2 bad input,
+    1 a failure during the run, 130 Ctrl-C). Raised, not exited: a function copied into a notebook keeps it alive."""
+
+    def __init__(self, msg: str, code: int = 2):
+        super().__init__(msg)
+        self.code = code
 
 CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= -1": lambda v: v >= -1, "in (0, 1]": lambda v: 0 < v <= 1,
           "in (0, 1)": lambda v: 0 < v < 1, "in [0, 1)": lambda v: 0 <= v < 1}  # a field's `check` -> the test
@@ -64,28 +71,22 @@ class Config:
     groups: int = arg(8, "tasks per iteration, each a group g of G rollouts from the same initial state",
                       group="rollouts (§2)", check="> 0")
     group_size: int = arg(8, "G, rollouts per task", check="> 0")
-    history: int = arg(-1, "K, past steps shown in the prompt: (observation, action) pairs in the full layout, "
-                       "actions in compact/minimal (-1 = 1 full, 2 compact/minimal)", check=">= -1")
-    prompt_layout: str = arg("auto", "h_t: full (task, K past observation+action, observation, actions), compact "
-                             "(task, step, K past actions, observation, actions) or minimal (compact without the "
-                             "observation); auto = the env's prompt_layout (else compact) for the tiny model, full for --model",
-                             choices=["auto", "full", "compact", "minimal"])
-    goal_names: str = arg("auto", "abstract = the env writes the task's names as placeholders (OBJ, REC) in "
-                          "everything the agent reads, mapped back for the game; auto = abstract for the tiny "
-                          "model (envs with goal_names()), named for --model", choices=["auto", "abstract", "named"])
+    history: int = arg(-1, "K, past steps in the prompt (-1 = 1 in the full layout, 2 in compact/minimal)", check=">= -1")
+    prompt_layout: str = arg("auto", "h_t layout (build_prompt); auto = the env's prompt_layout (else compact) for the "
+                             "tiny model, full for --model", choices=["auto", "full", "compact", "minimal"])
+    goal_names: str = arg("auto", "abstract: the task's names become OBJ, REC in all the agent reads; auto = abstract "
+                          "for the tiny model (envs with goal_names())", choices=["auto", "abstract", "named"])
     temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature", check="> 0")
-    action_mask: str = arg("auto", "decode only admissible actions (renormalised log-probs and entropies); auto = "
-                           "on for the plain prompt, off for think", choices=["auto", "on", "off"])
+    action_mask: str = arg("auto", "decode only admissible actions; auto = on for the plain prompt, off for think",
+                           choices=["auto", "on", "off"])
     max_action_tokens: int = arg(0, "longest response in tokens, EOS included (0 = 8 plain, 256 think)", check=">= 0")
     algo: str = arg("grpo", "advantage estimator (§3)", choices=["grpo", "gigpo", "rloo"], group="RL (§3)")
     adv_norm: str = arg("mean_std", "episode-level normalisation of GRPO/GiGPO", choices=["mean_std", "mean"])
     gamma: float = arg(0.95, "GiGPO step level: discount of the return-to-go", check="in (0, 1]")
     gigpo_omega: float = arg(1.0, "GiGPO: weight omega of the step-level advantage")
     invalid_penalty: float = arg(0.0, "RL-return penalty per inadmissible action (lambda_g ignores it)", check=">= 0")
-    lr: float = arg(0.0, "AdamW learning rate of the RL phase (0 = 1e-3 for the tiny model, 1e-6 for a --model, "
-                         "as verl-agent and TRL use for 0.5-3B LMs)", check=">= 0")
-    anneal_lr: bool = arg(True, "decay the learning rate linearly to 0 over the run (whichever of --iters / "
-                                "--time-budget ends it), as CleanRL's PPO: the final policy settles")
+    lr: float = arg(0.0, "AdamW learning rate (0 = 1e-3 for the tiny model, 1e-6 for a --model)", check=">= 0")
+    anneal_lr: bool = arg(True, "decay the learning rate linearly to 0 by the end of --iters / --time-budget")
     clip_low: float = arg(0.2, "PPO-clip eps_low", check="in [0, 1)")
     clip_high: float = arg(0.28, "PPO-clip eps_high", check=">= 0")
     kl_coef: float = arg(0.0, "k3 KL to the reference (pre-RL) policy; 0 = no reference model", check=">= 0")
@@ -99,8 +100,8 @@ class Config:
     wm_lambda: str = arg("adaptive", "§2.3: 'adaptive' (1 - mean_return/R_max per group) or a constant")
     wm_coef: float = arg(1.0, "§2.3: global coefficient multiplying lambda", check=">= 0")
     wm_max_tokens: int = arg(48, "§2: the next observation o_{t+1} is truncated to this many tokens", check="> 0")
-    wm_grad_cap: float = arg(1.0, "WM gradient cap (paw's addition against §6's collapse): WM gradient norm <= cap "
-                             "x RL gradient norm (0 = the literal §2.4)", check=">= 0")
+    wm_grad_cap: float = arg(1.0, "paw's WM gradient cap: WM grad norm <= cap x RL grad norm (0 = the literal §2.4)",
+                             check=">= 0")
     env: str = arg("textworld-tiny", "built-in environment, or module:Class of your own (see envs.py)", group="run")
     model: str = arg("", "Hugging Face causal LM (hub id or local folder); empty = the tiny model, built here")
     seed: int = arg(1, "random seed (python, numpy, torch, task sampling)")
@@ -109,36 +110,31 @@ class Config:
     out: str = arg("runs", "parent folder of the run folder <out>/<name>/")
     name: str = arg("", "run name; empty = <env>-<algo>-<wm>-s<seed>-<time>")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
-    dtype: str = arg("auto", "parameter dtype; auto = bfloat16 for a --model on CUDA, else float32",
-                     choices=["auto", "float32", "bfloat16"])
+    dtype: str = arg("auto", "auto = bfloat16 for a --model on CUDA, else float32", choices=["auto", "float32", "bfloat16"])
     threads: int = arg(0, "torch CPU threads (0 = torch's default)", check=">= 0")
     grad_checkpointing: bool = arg(False, "recompute activations in backward (less memory for a big --model)")
     save_every: int = arg(0, "checkpoint every N iterations, the last two kept (0 = final model only)", check=">= 0")
     resume: str = arg("", "continue the run in this folder (runs/<name>) from its latest checkpoint")
-    prompt_format: str = arg("auto", "plain (bare action) or think (chat template, <think>..</think><action>.."
-                             "</action>); auto = think for a chat --model", choices=["auto", "plain", "think"])
+    prompt_format: str = arg("auto", "plain (bare action) or think (<think>..</think><action>..</action>); auto = "
+                             "think for a chat --model", choices=["auto", "plain", "think"])
     d_model: int = arg(96, "tiny model: hidden size", group="tiny model", check="> 0")
     n_layers: int = arg(3, "tiny model: decoder layers", check="> 0")
     n_heads: int = arg(4, "tiny model: attention heads", check="> 0")
     prior_steps: int = arg(150, "language prior: next-token steps on observation text alone (0 = none)", check=">= 0")
     prior_batch: int = arg(32, "observations per language-prior step", check="> 0")
     prior_lr: float = arg(2e-3, "language-prior learning rate", check="> 0")
-    fused_loss: bool = arg(True, "chunked fused lm_head -> log-prob/entropy, never the full logits (off for a "
-                                 "head that is not a plain linear layer)", group="loss path")
-    compile: str = arg("auto", "torch.compile backend of the loss kernels; auto = inductor from a 32k vocabulary, "
-                       "off below", choices=["auto", "inductor", "aot_eager", "off"])
+    fused_loss: bool = arg(True, "apply the head to the loss positions only, chunked (never the full logits)",
+                           group="loss path")
+    compile: str = arg("auto", "torch.compile backend of the loss kernels; auto = inductor from a 32k vocabulary",
+                       choices=["auto", "inductor", "aot_eager", "off"])
     loss_chunk: int = arg(0, "tokens per fused-loss chunk (0 = a logits tile of ~2^26 values)", check=">= 0")
-
     forward_batch: int = arg(64, "sequences per no-grad scoring forward", check="> 0")
     rescore: str = arg("auto", "behaviour log-probs from a no-grad pass (on) or from generation (off); auto = off "
-                       "in float32, where both agree", choices=["auto", "on", "off"])
-    micro_batch: int = arg(-1, "sequences per forward/backward of the update, sorted by length, gradients "
-                               "accumulated exactly (0 = the whole minibatch; -1 = auto: the whole minibatch for the "
-                               "tiny model on a GPU, else 16)", check=">= -1")
+                       "in float32", choices=["auto", "on", "off"])
+    micro_batch: int = arg(-1, "sequences per forward/backward, gradients accumulated (0 = the whole minibatch; "
+                           "-1 = 0 for the tiny model on a GPU, else 16)", check=">= -1")
     eval_episodes: int = arg(100, "held-out evaluation episodes at the end (greedy)", group="evaluation", check=">= 0")
     eval_sampled: bool = arg(True, "also evaluate with temperature sampling (--no-eval-sampled: greedy only)")
-    greedy: str = arg("token", "greedy decoding under the action mask: token = argmax token by token, action = the "
-                      "policy's most likely whole admissible action (its mode; ~5x the CPU)", choices=["token", "action"])
     eval_every: int = arg(0, "evaluate on held-out seeds every N iterations (0 = only at the end)", check=">= 0")
     eval_every_episodes: int = arg(50, "episodes of the periodic evaluation", check="> 0")
 
@@ -185,6 +181,50 @@ def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible
     lines.append("Actions: " + " ; ".join(admissible))
     lines.append("Your action:")
     return "\n".join(lines)
+
+def build_think_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible: list[str], k: int,
+                       step: int) -> str:
+    """h_t for an instruct model: build_prompt's content numbered by step (as verl-agent's prompts), and the
+    response format: reasoning in <think> </think>, then one admissible action in <action> </action>."""
+    lines = [f"Task: {task}."]
+    recent = history[-k:] if k > 0 else []
+    for i, (o, a) in enumerate(recent):
+        lines.append(f"Step {step - len(recent) + i + 1}: {o} Action: {a}")
+    lines.append(f"Step {step + 1} (now): {obs}")
+    lines.append("Admissible actions: " + "; ".join(admissible))
+    lines.append("Reason inside <think> </think>, then give one admissible action inside <action> </action>.")
+    return "\n".join(lines)
+
+@dataclass
+class PromptFormat:
+    """How h_t is rendered and a_t decoded and sampled: decided once per run (make_prompt_format, appendix A3)."""
+    think: bool             # <think>/<action> responses, turned into actions by project_action
+    chat: bool              # the tokenizer's chat template wraps the prompt
+    prefilled_think: bool   # the template ends the generation prompt with "<think>" (e.g. some reasoning models)
+    stop_ids: list          # generation ends at any of these ids (EOS, end-of-turn)
+    max_new_tokens: int
+    mask: bool = False      # decode only admissible actions (AdmissiblePrefixMask)
+    layout: str = "full"    # build_prompt's layout of the plain prompt
+    history: int = 1        # K, past steps in the prompt
+    temperature: float = 1.0  # sampling temperature T (log-probs are taken at the same T)
+    score_limit: float = 0.0  # keep generation's own log-probs up to this many scores (behaviour_score_limit)
+
+def project_action(response: str, think: bool, prefilled_think: bool = False) -> tuple[str, bool]:
+    """Response -> (action, format_ok). Plain: the stripped text. Think (verl-agent's projection, strict): exactly
+    `<think> .. </think>` then one non-empty `<action> .. </action>` (a pre-filled "<think>" counts). Malformed:
+    the env gets the raw text, and the step is penalised like an inadmissible one."""
+    if not think:
+        return " ".join(response.split()), True
+    text = ("<think>" + response) if prefilled_think and "<think>" not in response[:20] else response
+    ok = (text.count("<think>") == 1 and text.count("</think>") == 1 and text.count("<action>") == 1
+          and text.count("</action>") == 1)
+    if ok:
+        t0, t1, a0, a1 = (text.index(tag) for tag in ("<think>", "</think>", "<action>", "</action>"))
+        ok = t0 < t1 < a0 < a1 and text[:t0].strip() == ""
+    if not ok:
+        return " ".join(response.split()), False
+    action = " ".join(text[a0 + len("<action>"):a1].split())
+    return action, bool(action)
 
 def render_prompts(tok, fmt: PromptFormat, states: list[tuple], k: int, cache: dict | None = None) -> list[list[int]]:
     """Prompt texts -> token ids, one tokenizer call for all live episodes (tokenize_cached). states: (task, history,
@@ -264,12 +304,6 @@ def allowed_along(trie: dict, ids: list[int]) -> list[list[int]]:
 def trie_depth(trie: dict) -> int:
     return 1 + max(map(trie_depth, trie.values())) if trie else 0
 
-def trie_actions(trie: dict, prefix: tuple = ()) -> list[list[int]]:
-    """Every root-to-leaf path of an action trie: the admissible actions as token ids, each ending in EOS."""
-    if not trie:
-        return [list(prefix)] if prefix else []
-    return [a for t, sub in trie.items() for a in trie_actions(sub, prefix + (t,))]
-
 class AdmissiblePrefixMask:
     """A transformers logits processor: row r may only continue a prefix of one of its admissible actions
     (scores of every other token -> -inf, so sampling and argmax renormalise over the allowed ones). A row
@@ -327,23 +361,21 @@ class AdmissiblePrefixMask:
         return scores.masked_fill(block, float("-inf"))
 
 @torch.no_grad()
-def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: bool,
-                     fmt: PromptFormat | None = None, tries: list[dict] | None = None) -> list[tuple]:
+def generate_actions(model, tok, prompts: list[list[int]], fmt: PromptFormat, greedy: bool = False,
+                     tries: list[dict] | None = None) -> list[tuple]:
     """Batched, KV-cached generation -> per prompt: the ids as sampled, up to the first stop id, with the log-prob and
-    entropy of the distribution each was drawn from (temperature T, after the action mask `tries`, if any)."""
-    fmt = fmt or make_prompt_format(tok, model, cfg)
-    if greedy and tries is not None and all(tries) and cfg.greedy == "action":  # the mode; no behaviour log-probs
-        return [(ids, None, None) for ids in most_likely_actions(model, prompts, tries, cfg)]
+    entropy of the distribution each was drawn from (temperature T, after the action mask `tries`, if any), or None
+    for both when there are more than fmt.score_limit scores to keep (the scoring pass then gives them)."""
     dev = next(model.parameters()).device
     rows = [torch.tensor(p, dtype=torch.long) for p in prompts]  # left padding: all prompts end where generation starts
     ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tok.pad_token_id, padding_side="left")
     mask = nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
-    gen_kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
+    gen_kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=fmt.temperature, top_k=0, top_p=1.0)
     budget = fmt.max_new_tokens
     if tries is not None:
         gen_kw["logits_processor"] = transformers.LogitsProcessorList([AdmissiblePrefixMask(tries, ids.shape[1])])
         budget = max(map(trie_depth, {id(t): t for t in tries}.values())) or 1  # the longest admissible action + EOS
-    keep = behaviour_from_generation(cfg, len(prompts) * budget * model.get_output_embeddings().weight.shape[0])
+    keep = len(prompts) * budget * model.get_output_embeddings().weight.shape[0] <= fmt.score_limit
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=budget,
                          eos_token_id=fmt.stop_ids, pad_token_id=tok.pad_token_id, repetition_penalty=1.0,
                          output_scores=keep, return_dict_in_generate=True, **gen_kw)
@@ -358,27 +390,6 @@ def generate_actions(model, tok, prompts: list[list[int]], cfg: Config, greedy: 
         actions.append((row[:n], tok_logp[r, :n] if keep else None, tok_ent[r, :n] if keep else None))
     return actions
 
-@torch.no_grad()
-def most_likely_actions(model, prompts: list[list[int]], tries: list[dict], cfg: Config) -> list[list[int]]:
-    """Greedy decoding over whole actions: per prompt, argmax_a log pi(a | h_t) = sum_j log pi(a_j | h_t, a_<j)
-    over its admissible actions, each token's distribution masked and renormalised exactly as sampling draws it:
-    the mode of the policy. Token-by-token argmax is not the mode: a prefix shared by several actions ("put OBJ
-    in" box / safe) collects all their mass and wins over a single better action ("put OBJ on REC")."""
-    cands = [(r, ids) for r, trie in enumerate(tries) for ids in trie_actions(trie)]
-    steps = [Step(prompt_ids=prompts[r], action_ids=ids, obs_ids=[], reward=0.0, valid=True, anchor="",
-                  allowed=allowed_along(tries[r], ids)) for r, ids in cands]
-    scores = []
-    for i in range(0, len(steps), cfg.forward_batch):
-        chunk = steps[i:i + cfg.forward_batch]
-        packed = pack_steps(chunk, with_obs=False)
-        logp = action_and_obs_logprobs(model, packed, cfg).action.logp.float().cpu()
-        scores += torch.zeros(len(chunk)).index_add_(0, packed.act_row, logp).tolist()
-    best: dict[int, tuple[float, list[int]]] = {}
-    for (r, ids), s in zip(cands, scores):  # ties: the first admissible action in the env's order
-        if r not in best or s > best[r][0]:
-            best[r] = (s, ids)
-    return [best[r][1] if r in best else [] for r in range(len(prompts))]
-
 def decode_action(tok, ids: list[int], stop_ids=()) -> str:
     stop = set(stop_ids) | {tok.eos_token_id}
     return tok.decode([t for t in ids if t not in stop], skip_special_tokens=True).strip()
@@ -392,11 +403,11 @@ class Slot:
     history: list = field(default_factory=list)  # (observation, action) pairs played so far
     done: bool = False
 
-def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg: Config,
-                     greedy: bool = False, fmt: PromptFormat | None = None) -> list[Episode]:
+def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, fmt: PromptFormat, greedy: bool = False,
+                     max_obs_tokens: int = 48) -> list[Episode]:
     """§2: run len(seeds) x group_size episodes in lock-step (all G rollouts of a group share the seed,
-    so they start from the same state); one batched generate call per environment step."""
-    fmt = fmt or make_prompt_format(tok, model, cfg)
+    so they start from the same state); one batched generate call per environment step. o_{t+1} is kept as token
+    ids, truncated to `max_obs_tokens` (--wm-max-tokens)."""
     was_training = model.training
     model.eval()
     episodes, slots, ids_of = [], [], {}  # ids_of: text -> its token ids (prompts, actions, observations)
@@ -413,7 +424,7 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
         prompts = render_prompts(tok, fmt, [(slots[i].info["task"], slots[i].history, slots[i].obs,
                                              slots[i].info["admissible_actions"]) for i in active], fmt.history, ids_of)
         tries = action_tries(tok, [slots[i].info["admissible_actions"] for i in active], ids_of) if fmt.mask else None
-        generated = generate_actions(model, tok, prompts, cfg, greedy, fmt, tries)
+        generated = generate_actions(model, tok, prompts, fmt, greedy, tries)
         played, eos = [], tok.eos_token_id
         for i, (ids, _, _) in zip(active, generated):
             slot = slots[i]
@@ -429,7 +440,7 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, cfg
             slot, ep = slots[i], episodes[i]
             text, format_ok, points, obs, reward, done, info = played[n]
             ep.steps.append(Step(
-                prompt_ids=prompt, action_ids=ids, obs_ids=obs_ids[n][:cfg.wm_max_tokens], reward=float(reward),
+                prompt_ids=prompt, action_ids=ids, obs_ids=obs_ids[n][:max_obs_tokens], reward=float(reward),
                 anchor=slot.obs, valid=bool(info.get("valid", True)) and format_ok, format_ok=format_ok,
                 allowed=allowed_along(tries[n], ids) if tries is not None else None,
                 decisions={k: text in right for k, right in points.items()}, gen_logp=logp, gen_entropy=entropy))
@@ -515,71 +526,73 @@ def allowed_matrix(packed: Packed, n_act: int, vocab: int, device) -> torch.Tens
     m[~m.any(1)] = True  # no admissible action there: generation was not masked either
     return m
 
-def action_and_obs_logprobs(model, packed: Packed, cfg: Config, with_head_input: bool = False) -> ForwardOut:
-    """One forward pass over packed sequences -> per-token (log-prob, entropy, is-argmax) of the action tokens
-    (at the sampling temperature) and of the observation tokens (temperature 1). With `with_head_input`, also
-    the last hidden state. With --fused-loss the head is applied to the loss positions only (appendix A1)."""
+def linear_head_logp(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor) -> TokenStats:
+    """The linear head W on the hidden states of the loss positions only: their logits h W^T [N, V], then the
+    reference math. The fused kernel of appendix A1 gives the same per token without the [N, V] logits."""
+    return naive_logp_entropy(h @ W.t(), targets)
+
+def action_and_obs_logprobs(model, packed: Packed, temperature: float = 1.0, logp_fn=None,
+                            with_head_input: bool = False) -> ForwardOut:
+    """One forward pass over packed sequences -> per-token (log-prob, entropy, is-argmax) of the action tokens (at
+    temperature T, renormalised under the action mask) and of the observation tokens (temperature 1); with
+    `with_head_input`, also the last hidden state. logp_fn(h, W, targets) -> TokenStats applies the head to the loss
+    positions only (linear_head_logp, or fused_logp_entropy of appendix A1); None: the model's own logits (any head).
+    `model` is the LM, or under torchrun DistributedDataParallel around it (called, so gradients are synchronised)."""
     ddp, model = (model, model.module.lm) if isinstance(model, nn.parallel.DistributedDataParallel) else (None, model)
     dev = next(model.parameters()).device
     # Right padding + causal attention: no real token ever attends to a pad, so no mask is needed and
     # attention takes its fast causal path. Positions 0..T-1 match generation's (left pad + mask).
     ids = packed.input_ids.to(dev)
-    pos = torch.cat([packed.act_pos, packed.obs_pos]).to(dev)
-    tgt = torch.cat([packed.act_tgt, packed.obs_tgt]).to(dev)
-    n_act = packed.act_pos.numel()
+    act_pos, obs_pos = packed.act_pos.to(dev), packed.obs_pos.to(dev)
+    act_tgt, obs_tgt = packed.act_tgt.to(dev), packed.obs_tgt.to(dev)
     W = model.get_output_embeddings().weight
-    allowed = allowed_matrix(packed, n_act, W.shape[0], dev)
-    backend = cfg.compile if cfg.compile != "auto" else ("inductor" if W.shape[0] >= 32768 else "off")
-    if cfg.fused_loss:
-        hidden = ddp(ids, True, False) if ddp else model.get_decoder()(input_ids=ids).last_hidden_state
-        h = hidden.reshape(-1, hidden.shape[-1])[pos]
-        z = None
-        if backend == "off" and W.shape[0] < GATHERED_LOGITS_MAX_VOCAB:
-            z = (h @ W.t()).float()  # small vocabulary: plain autograd over these logits beats the chunk loop
-        elif allowed is None:
-            scale = torch.ones(h.shape[0], 1, dtype=h.dtype, device=dev)
-            scale[:n_act] = 1.0 / cfg.temperature  # logits / T == (h / T) W^T
-            stats = fused_logp_entropy(h * scale, W, tgt, cfg.loss_chunk, backend)
-        else:  # masked actions are few tokens: their logits in full, the observation tokens fused
-            act = naive_logp_entropy((h[:n_act] @ W.t()) / cfg.temperature, tgt[:n_act], allowed)
-            obs = fused_logp_entropy(h[n_act:], W, tgt[n_act:], cfg.loss_chunk, backend)
-            stats = [torch.cat([a.to(o.dtype) if a.is_floating_point() else a, o]) for a, o in zip(act, obs)]
-    else:
+    allowed = allowed_matrix(packed, act_pos.numel(), W.shape[0], dev)
+    if logp_fn is None:
         out = ddp(ids, False, with_head_input) if ddp else model(input_ids=ids, output_hidden_states=with_head_input)
         hidden = out.hidden_states[-1] if with_head_input else None
-        z = out.logits.reshape(-1, out.logits.shape[-1])[pos].float()
-    if z is not None:  # the loss positions' full logits: the naive reference math
-        act = naive_logp_entropy(z[:n_act] / cfg.temperature, tgt[:n_act], allowed)
-        stats = [torch.cat(x) for x in zip(act, naive_logp_entropy(z[n_act:], tgt[n_act:]))]
-    return ForwardOut(TokenStats(*(x[:n_act] for x in stats)), TokenStats(*(x[n_act:] for x in stats)),
-                      hidden if with_head_input else None)
+        z = out.logits.reshape(-1, out.logits.shape[-1])
+        act = naive_logp_entropy(z[act_pos].float() / temperature, act_tgt, allowed)
+        obs = naive_logp_entropy(z[obs_pos].float(), obs_tgt)
+    else:
+        hidden = ddp(ids, True, False) if ddp else model.get_decoder()(input_ids=ids).last_hidden_state
+        h = hidden.reshape(-1, hidden.shape[-1])
+        if allowed is None:
+            act = logp_fn(h[act_pos] / temperature, W, act_tgt)  # logits / T == (h / T) W^T
+        else:  # masked actions are few tokens: their logits in full
+            act = naive_logp_entropy((h[act_pos] @ W.t()) / temperature, act_tgt, allowed)
+        obs = logp_fn(h[obs_pos], W, obs_tgt)
+    return ForwardOut(act, obs, hidden if with_head_input else None)
 
-def behaviour_from_generation(cfg: Config, score_values: int = 0) -> bool:
-    """Behaviour (old) log-probs and H(a_t|h_t) from generation, not a scoring pass? In float32 both agree (tested),
-    in bf16 not. Above 2^26 kept scores (batch x new tokens x vocab, 256 MB) a rescoring pass is cheaper."""
-    return cfg.rescore == "off" or (cfg.rescore == "auto" and cfg.dtype in ("float32", "auto") and score_values <= 2**26)
+def behaviour_score_limit(rescore: str, dtype: str) -> float:
+    """How many scores (batch x new tokens x vocab) generation may keep so that its own log-probs and H(a_t|h_t)
+    serve as the behaviour policy's, saving the scoring pass: --rescore off = always, on = never, auto = up to 2^26
+    (256 MB) in float32, where both agree (tested), and never in bf16, where they do not."""
+    if rescore == "auto":
+        return 2.0**26 if dtype in ("float32", "auto") else 0.0
+    return math.inf if rescore == "off" else 0.0
 
 @torch.no_grad()
-def score_steps(model, steps: list[Step], cfg: Config, ref_model=None, policy: bool = True):
+def score_steps(logprobs, model, steps: list[Step], batch_size: int = 64, ref_model=None, policy: bool = True):
     """The no-grad scoring pass (§2.1): with the weights that generated the rollouts, the behaviour log-probs of
     each action token (sampling temperature), H(a_t|h_t), the WM token accuracy, and with `ref_model` its log-probs
-    (policy=False: only those). -> (old log-probs per step, H(a_t|h_t), ref log-probs per step, WM accuracy)."""
+    (policy=False: only those). logprobs(model, packed) -> ForwardOut (action_and_obs_logprobs with the run's
+    temperature and head). -> (old log-probs per step, H(a_t|h_t), ref log-probs per step, WM accuracy)."""
     was_training = model.training
     model.eval()
     old, ent_mean, ref, hits, n_obs = [], [], [], 0, 0
-    for i in range(0, len(steps), cfg.forward_batch):
-        chunk = steps[i:i + cfg.forward_batch]
+    for i in range(0, len(steps), batch_size):
+        chunk = steps[i:i + batch_size]
         packed = pack_steps(chunk, with_obs=policy)
         counts = torch.bincount(packed.act_row, minlength=len(chunk)).tolist()
         if policy:
-            fwd = action_and_obs_logprobs(model, packed, cfg)
+            fwd = logprobs(model, packed)
             old += list(torch.split(fwd.action.logp.float().cpu(), counts))
             ent_mean += [x.mean().item() if x.numel() else 0.0  # H(a_t|h_t), the mean over a_t's tokens (§2.1)
                          for x in torch.split(fwd.action.entropy.float().cpu(), counts)]
             hits += int(fwd.obs.is_argmax.sum())
             n_obs += fwd.obs.is_argmax.numel()
         if ref_model is not None:
-            ref += list(torch.split(action_and_obs_logprobs(ref_model, packed, cfg).action.logp.float().cpu(), counts))
+            ref += list(torch.split(logprobs(ref_model, packed).action.logp.float().cpu(), counts))
     model.train(was_training)
     return old, torch.tensor(ent_mean), ref, (hits / n_obs if n_obs else None)
 
@@ -676,16 +689,16 @@ def adaptive_wm_weight(group_mean_return: torch.Tensor, r_max: float, coef: floa
     coefficient. mean_return is the task return (no penalties): all-fail groups, which get zero GRPO advantage, get lambda = 1."""
     return coef * (1.0 - group_mean_return / r_max).clamp(0.0, 1.0)
 
-def wm_weights(episodes: list[Episode], cfg: Config, r_max: float) -> torch.Tensor:
-    """lambda_{g(t)} for every step, adaptive (§2.3) or the constant of --wm-lambda (ablation)."""
+def wm_weights(episodes: list[Episode], r_max: float, lam: str = "adaptive", coef: float = 1.0) -> torch.Tensor:
+    """lambda_{g(t)} for every step: adaptive (§2.3), or the constant `lam` (--wm-lambda, an ablation), times `coef`."""
     n_groups = max(e.group for e in episodes) + 1
-    if cfg.wm_lambda == "adaptive":
+    if lam == "adaptive":
         R = torch.tensor([e.task_return for e in episodes], dtype=torch.float64)
         mean_R = R.new_zeros(n_groups).scatter_reduce(0, torch.tensor([e.group for e in episodes]), R, "mean",
                                                       include_self=False)  # mean task return per group
-        lam_g = adaptive_wm_weight(mean_R, r_max, cfg.wm_coef)
+        lam_g = adaptive_wm_weight(mean_R, r_max, coef)
     else:
-        lam_g = torch.full((n_groups,), float(cfg.wm_lambda) * cfg.wm_coef, dtype=torch.float64)
+        lam_g = torch.full((n_groups,), float(lam) * coef, dtype=torch.float64)
     return torch.cat([lam_g[e.group].repeat(len(e.steps)) for e in episodes]).float()
 
 # ==== 6. Losses (§2.2 noise-tolerant WM loss, §3 PPO-clip), §2.4 combined objective, WM gradient cap (paw's)
@@ -736,9 +749,9 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     d = ref_logp - logp
     return (d.exp() - d - 1).mean()
 
-def wm_term(obs_logp, obs_rows, n_rows, selected, lam, cfg: Config) -> torch.Tensor:
-    """§2.4 second term: (1/|S|) sum_{t in S} lambda_{g(t)} L_WM(t), with L_WM from §2.2 (CMAE or CE)."""
-    tok_loss = cmae_loss(obs_logp, cfg.wm_rho) if cfg.wm == "cmae" else ce_wm_loss(obs_logp)
+def wm_term(obs_logp, obs_rows, n_rows, selected, lam, loss: str = "cmae", rho: float = 0.2) -> torch.Tensor:
+    """§2.4 second term: (1/|S|) sum_{t in S} lambda_{g(t)} L_WM(t), with L_WM from §2.2 (`loss` cmae, or ce)."""
+    tok_loss = cmae_loss(obs_logp, rho) if loss == "cmae" else ce_wm_loss(obs_logp)
     per_t = per_transition_mean(tok_loss, obs_rows, n_rows)
     in_s = selected & (torch.bincount(obs_rows, minlength=n_rows) > 0)  # t in S with at least one o_{t+1} token
     if not in_s.any():
@@ -755,30 +768,62 @@ def combined_objective(fwd: ForwardOut, packed: Packed, part: Batch, cfg: Config
     l_rl, clipfrac, approx_kl = ppo_clip_loss(fwd.action.logp, old_logp, adv, cfg.clip_low, cfg.clip_high)
     if part.ref_logp and cfg.kl_coef > 0:
         l_rl = l_rl + cfg.kl_coef * k3_kl(fwd.action.logp, torch.cat(part.ref_logp).to(dev))
-    l_wm = (wm_term(fwd.obs.logp, packed.obs_row.to(dev), len(part.steps), part.selected.to(dev), part.lam.to(dev), cfg)
-            if cfg.wm != "off" else fwd.action.logp.sum() * 0.0)
+    l_wm = (wm_term(fwd.obs.logp, packed.obs_row.to(dev), len(part.steps), part.selected.to(dev), part.lam.to(dev),
+                    cfg.wm, cfg.wm_rho) if cfg.wm != "off" else fwd.action.logp.sum() * 0.0)
     return l_rl, l_wm, dict(clipfrac=clipfrac.item(), approx_kl=approx_kl.item())
 
-def backward_with_wm_cap(l_rl, l_wm, head_input: torch.Tensor, cap: float) -> dict:
+def backward_with_wm_cap(l_rl, l_wm, head_input: torch.Tensor, cap: float, reduce=None) -> dict:
     """The WM gradient cap (paw's addition, docs/method.md; against §6's collapse): backward of L = L_RL + s * WM,
     s = min(1, cap ||dL_RL/dh|| / ||dWM/dh||), h = `head_input` (the
     last hidden state): the WM gradient into the trunk is at most `cap` x the RL one, and 0 without RL signal (all
-    groups failed, L_RL = 0, lambda_g = 1: WM alone would collapse the policy). cap = 0: the literal §2.4."""
+    groups failed, L_RL = 0, lambda_g = 1: WM alone would collapse the policy). cap = 0: the literal §2.4.
+    reduce: sums a list of numbers over the processes (Processes.reduce under torchrun; None: one process)."""
     if cap <= 0:
         (l_rl + l_wm).backward()
         return dict(wm_scale=1.0)
     g_rl, g_wm = (torch.autograd.grad(l, head_input, retain_graph=True, allow_unused=True)[0] if l.requires_grad
                   else None for l in (l_rl, l_wm))
     sq = [g.float().square().sum().item() if g is not None else 0.0 for g in (g_rl, g_wm)]
-    n_rl, n_wm = (math.sqrt(v) for v in all_reduce(sq))  # under torchrun: the norms over every process's slice
+    n_rl, n_wm = (math.sqrt(v) for v in (reduce(sq) if reduce else sq))  # torchrun: over every process's slice
     scale = min(1.0, cap * n_rl / (n_wm + 1e-12)) if n_wm > 0 else 1.0
     (l_rl + scale * l_wm).backward()
     return dict(wm_scale=scale, grad_norm_rl_top=n_rl, grad_norm_wm_top=n_wm)
 
 # ==== 7. The update and one training iteration
-def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random) -> dict:
+class Processes:
+    """The processes an iteration is split over. This is one process, where every call is the identity; under
+    torchrun, TorchrunProcesses (appendix A5) sums, gathers and re-deals across all of them."""
+    rank, n = 0, 1
+
+    def reduce(self, values: list, op: str = "sum") -> list:
+        """Each value summed (or max, min) over the processes."""
+        return list(values)
+
+    def gather(self, obj) -> list:
+        """Every process's `obj`, in rank order."""
+        return [obj]
+
+    def mean(self, d: dict) -> dict:
+        """Each value of `d` averaged over the processes."""
+        return dict(sorted(d.items()))
+
+    def episodes(self, episodes: list) -> list:
+        """Every process's episodes (what episode_stats reads)."""
+        return episodes
+
+    def share(self, it: int, batch: Batch) -> Batch:
+        """The update's input re-dealt so that every process holds an equal share of all the steps."""
+        return batch
+
+    def say(self, msg: str):
+        """One line for the user (from process 0 only), above the progress bar."""
+        tqdm.write(msg)
+
+def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random, logprobs,
+               procs: Processes = Processes()) -> dict:
     """PPO-clip epochs over minibatches of steps, one optimizer step per minibatch (§2.4, §3). A minibatch runs
-    in --micro-batch slices whose gradients add up exactly to the whole minibatch's (see slice_backward)."""
+    in --micro-batch slices whose gradients add up exactly to the whole minibatch's (see slice_backward).
+    logprobs(model, packed, with_head_input) -> ForwardOut (the run's action_and_obs_logprobs)."""
     params = [p for p in model.parameters() if p.requires_grad]
     steps, logs, counts = batch.steps, [], dict(tokens=0, padded=0, obs_hits=0, obs_tokens=0)
     wm_on = cfg.wm != "off"
@@ -786,8 +831,7 @@ def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random) -> dic
     wm_rows = [wm_on and bool(batch.selected[i]) and float(batch.lam[i]) != 0.0 and len(s.obs_ids) > 0
                for i, s in enumerate(steps)]
     seq_len = [len(s.prompt_ids) + len(s.action_ids) + (len(s.obs_ids) if w else 0) for s, w in zip(steps, wm_rows)]
-    n_proc = world()[1]  # under torchrun: this process's steps are its share of a global minibatch
-    n_mb = int(all_reduce([min(cfg.minibatches, len(steps))], "min")[0])
+    n_mb = int(procs.reduce([min(cfg.minibatches, len(steps))], "min")[0])  # torchrun: a share of each minibatch
     model.train()
     for epoch in range(cfg.ppo_epochs):
         order = list(range(len(steps)))
@@ -796,20 +840,20 @@ def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random) -> dic
             # membership is random; within the minibatch, slices of similar length waste little on padding
             mb = sorted(mb.tolist(), key=lambda i: seq_len[i])
             in_s = [wm_on and bool(batch.selected[i]) and len(steps[i].obs_ids) > 0 for i in mb]
-            n_act, n_sel = all_reduce([sum(len(steps[i].action_ids) for i in mb), sum(in_s)])  # global counts
+            n_act, n_sel = procs.reduce([sum(len(steps[i].action_ids) for i in mb), sum(in_s)])  # global counts
             size = cfg.micro_batch if cfg.micro_batch > 0 else len(mb)
-            if n_proc > 1:  # every process runs the same number of slices (DDP syncs on the last one)
-                n_parts = int(min(all_reduce([-(-len(mb) // size)], "max")[0], all_reduce([len(mb)], "min")[0]))
+            if procs.n > 1:  # every process runs the same number of slices (DDP syncs on the last one)
+                n_parts = int(min(procs.reduce([-(-len(mb) // size)], "max")[0], procs.reduce([len(mb)], "min")[0]))
                 parts = [p.tolist() for p in np.array_split(np.array(mb), n_parts)]
             else:
                 parts = [mb[j:j + size] for j in range(0, len(mb), size)]
             opt.zero_grad(set_to_none=True)
             log = dict(policy_loss=0.0, wm_loss=0.0, clipfrac=0.0, approx_kl=0.0)
             for j, part in enumerate(parts):
-                sync = n_proc == 1 or j == len(parts) - 1
+                sync = procs.n == 1 or j == len(parts) - 1
                 with (contextlib.nullcontext() if sync else model.no_sync()):
-                    out = slice_backward(model, batch.rows(part), cfg, [wm_rows[i] for i in part],
-                                         n_act / n_proc, max(1.0, n_sel) / n_proc)
+                    out = slice_backward(model, batch.rows(part), cfg, [wm_rows[i] for i in part], n_act / procs.n,
+                                         max(1.0, n_sel) / procs.n, logprobs, procs)
                 for k in counts:  # WM token accuracy: of the policy that generated the rollouts (first pass)
                     v = out.pop(k)
                     counts[k] += v if epoch == 0 or k in ("tokens", "padded") else 0
@@ -820,23 +864,24 @@ def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random) -> dic
             if grad_norm > 0:  # the cap: no RL signal (every advantage 0, so WM scaled to 0): no optimizer step
                 opt.step()
             logs.append(dict(log, grad_norm=grad_norm, stepped=float(grad_norm > 0)))
-    out = process_mean({k: float(np.mean([d[k] for d in logs if k in d])) for k in logs[0]})  # over processes too
-    tokens, padded, hits, n_obs = all_reduce([counts[k] for k in ("tokens", "padded", "obs_hits", "obs_tokens")])
+    out = procs.mean({k: float(np.mean([d[k] for d in logs if k in d])) for k in logs[0]})
+    tokens, padded, hits, n_obs = procs.reduce([counts[k] for k in ("tokens", "padded", "obs_hits", "obs_tokens")])
     out.update(update_tokens=tokens, update_pad_frac=1 - tokens / max(1, padded))
     if n_obs:
         out["wm_token_acc"] = hits / n_obs
     return out
 
-def slice_backward(model, part: Batch, cfg: Config, wm_rows: list[bool], n_act: float, n_sel: float) -> dict:
+def slice_backward(model, part: Batch, cfg: Config, wm_rows: list[bool], n_act: float, n_sel: float, logprobs,
+                   procs: Processes = Processes()) -> dict:
     """One slice of a minibatch, forward and backward: L_RL weighted by its share of the n_act action tokens, the WM
     term by its packed rows (`wm_rows`) over the n_sel selected transitions, so the slices add up to §2.4 exactly."""
     packed = pack_steps(part.steps, with_obs=wm_rows)
-    fwd = action_and_obs_logprobs(model, packed, cfg, with_head_input=True)
+    fwd = logprobs(model, packed, with_head_input=True)
     l_rl, l_wm, log = combined_objective(fwd, packed, part, cfg)
     w_rl, w_wm = packed.act_tgt.numel() / n_act, sum(wm_rows) / n_sel
     # under torchrun every process takes the capped path (its norms are all-reduced), WM rows in its slice or not
-    cap = cfg.wm_grad_cap if cfg.wm != "off" and (any(wm_rows) or world()[1] > 1) else 0.0
-    log.update(backward_with_wm_cap(w_rl * l_rl, w_wm * l_wm, fwd.head_input, cap))
+    cap = cfg.wm_grad_cap if cfg.wm != "off" and (any(wm_rows) or procs.n > 1) else 0.0
+    log.update(backward_with_wm_cap(w_rl * l_rl, w_wm * l_wm, fwd.head_input, cap, procs.reduce))
     log.update(policy_loss=w_rl * l_rl.item(), wm_loss=w_wm * l_wm.item(), clipfrac=w_rl * log["clipfrac"],
                approx_kl=w_rl * log["approx_kl"], obs_hits=int(fwd.obs.is_argmax.sum()),
                obs_tokens=fwd.obs.is_argmax.numel(), tokens=int(packed.attention_mask.sum()),
@@ -859,12 +904,14 @@ class Run:
     summary: dict = field(default_factory=dict)
     train_s: float = 0.0                # wall-clock of training so far (the clock of --time-budget)
     started_at: float = 0.0             # when this process started building the run (time.time())
+    logprobs: object = action_and_obs_logprobs  # (model, packed, with_head_input) -> ForwardOut, the run's head
+    procs: Processes = field(default_factory=Processes)
 
 def train_iteration(run: Run, it: int) -> dict:
     """One PaW iteration: rollouts -> behaviour log-probs -> advantages -> WM targets -> PPO + WM update."""
-    cfg, model, t0 = run.cfg, run.model, time.time()
-    seeds = [run.rng.randrange(paw_envs.EVAL_SEED_START) for _ in range(cfg.groups // world()[1])]  # this process's
-    episodes = collect_rollouts(model, run.tok, run.env_cls, seeds, cfg.group_size, cfg, fmt=run.fmt)
+    cfg, model, procs, t0 = run.cfg, run.model, run.procs, time.time()
+    seeds = [run.rng.randrange(paw_envs.EVAL_SEED_START) for _ in range(cfg.groups // procs.n)]  # this process's
+    episodes = collect_rollouts(model, run.tok, run.env_cls, seeds, cfg.group_size, run.fmt, False, cfg.wm_max_tokens)
     steps = [s for e in episodes for s in e.steps]
     t1 = time.time()
     if all(s.gen_logp is not None for s in steps):  # the sampler's own log-probs: no second pass over the rollouts
@@ -872,24 +919,22 @@ def train_iteration(run: Run, it: int) -> dict:
         entropy = torch.tensor([s.gen_entropy.mean().item() if len(s.action_ids) else 0.0 for s in steps])
         ref_logp, wm_acc = [], None  # the WM token accuracy then comes from the update's first pass
         if run.ref_model is not None:
-            ref_logp = score_steps(model, steps, cfg, run.ref_model, policy=False)[2]
+            ref_logp = score_steps(run.logprobs, model, steps, cfg.forward_batch, run.ref_model, policy=False)[2]
     else:
-        old_logp, entropy, ref_logp, wm_acc = score_steps(model, steps, cfg, run.ref_model)
+        old_logp, entropy, ref_logp, wm_acc = score_steps(run.logprobs, model, steps, cfg.forward_batch, run.ref_model)
     adv, adv_stats = compute_advantages(episodes, cfg)
-    every_entropy = all_gather(entropy)  # §2.1 ranks the whole batch (under torchrun: every process's transitions)
+    every_entropy = procs.gather(entropy)  # §2.1 ranks the whole batch (under torchrun: every process's transitions)
     selected = (select_wm_targets(torch.cat(every_entropy), cfg.wm_alpha) if cfg.wm != "off"
                 else torch.zeros(sum(map(len, every_entropy)), dtype=torch.bool))
-    first = sum(map(len, every_entropy[:world()[0]]))
+    first = sum(map(len, every_entropy[:procs.rank]))
     batch = Batch(steps, old_logp, entropy, adv, selected[first:first + len(steps)],
-                  wm_weights(episodes, cfg, run.env_cls.R_max), ref_logp)
+                  wm_weights(episodes, run.env_cls.R_max, cfg.wm_lambda, cfg.wm_coef), ref_logp)
     local = dict(adv_stats, action_entropy=entropy.mean().item(), wm_lambda_mean=batch.lam.mean().item(),
                  wm_selected_frac=batch.selected.float().mean().item())
-    if world()[1] > 1:  # the advantages are final: now every process gets an equal share of all the steps
-        batch = balanced_share(it, batch)
-    upd = ppo_update(run.trainer or model, run.opt, batch, cfg, run.rng)
+    batch = procs.share(it, batch)  # the advantages are final: under torchrun, equal shares of all the steps
+    upd = ppo_update(run.trainer or model, run.opt, batch, cfg, run.rng, run.logprobs, procs)
     t2 = time.time()
-    everyone = [e for part in all_gather(slim(episodes)) for e in part]  # all processes' episodes
-    return dict(iter=it, **episode_stats(everyone), **process_mean(local),
+    return dict(iter=it, **episode_stats(procs.episodes(episodes)), **procs.mean(local),
                 **{k: v for k, v in upd.items() if k not in ("update_tokens", "wm_token_acc")},
                 wm_token_acc=wm_acc if wm_acc is not None else upd.get("wm_token_acc"),  # None: --wm off
                 rollout_s=t1 - t0, update_s=t2 - t1, tokens_per_s=upd["update_tokens"] / max(1e-9, t2 - t1))
@@ -917,12 +962,13 @@ def episode_stats(episodes: list[Episode], prefix: str = "") -> dict:
     return out
 
 # ==== 8. The training loop and evaluation on held-out seeds
-def train(run: Run, start: int) -> tuple[int, bool]:
-    """RL iterations after `start`, with evaluation, metrics, checkpoints, the time budget. -> (last, Ctrl-C?)"""
-    cfg, it, warned, train_s0 = run.cfg, start, False, run.train_s
+def train(run: Run, start: int, checkpoint=None) -> tuple[int, bool]:
+    """RL iterations after `start`, with evaluation, metrics, the time budget, and checkpoint(run, it) every
+    --save-every iterations. -> (the last iteration done, whether Ctrl-C stopped the run)"""
+    cfg, procs, it, warned, train_s0 = run.cfg, run.procs, start, False, run.train_s
     bar = tqdm(range(start + 1, cfg.iters + 1), desc="PaW", dynamic_ncols=True, initial=start, total=cfg.iters,
-               disable=world()[0] != 0)
-    with open(os.path.join(run.run_dir, "metrics.jsonl"), "a") if world()[0] == 0 else contextlib.nullcontext() as \
+               disable=procs.rank != 0)
+    with open(os.path.join(run.run_dir, "metrics.jsonl"), "a") if procs.rank == 0 else contextlib.nullcontext() as \
             metrics_file:
         for it in bar:
             t_it = time.time()
@@ -934,11 +980,11 @@ def train(run: Run, start: int) -> tuple[int, bool]:
                 run.train_s += time.time() - t_it
                 m.update(train_s=run.train_s, lr=run.opt.param_groups[0]["lr"])
                 if cfg.eval_every and it % cfg.eval_every == 0:
-                    ev = evaluate(run.model, run.tok, run.env_cls, cfg, cfg.eval_every_episodes, fmt=run.fmt)
+                    ev = evaluate(run.model, run.tok, run.env_cls, run.fmt, cfg.eval_every_episodes, procs=procs)
                     m.update({"eval_" + k: v for k, v in ev.items()})
             except KeyboardInterrupt:  # keep what was learned: evaluate and save after the loop
-                if world()[1] > 1:  # the other processes cannot be told: the last checkpoint is what is kept
-                    fail(f"interrupted at iteration {it}; under torchrun the last checkpoint is kept", 130)
+                if procs.n > 1:  # the other processes cannot be told: the last checkpoint is what is kept
+                    raise RunError(f"interrupted at iteration {it}; under torchrun the last checkpoint is kept", 130)
                 print(f"\ninterrupted at iteration {it}; evaluating and saving what was trained "
                       "(Ctrl-C again: save only)")
                 return it - 1, True
@@ -950,12 +996,12 @@ def train(run: Run, start: int) -> tuple[int, bool]:
             if it == start + 1:  # the first measured iteration gives the estimate of the whole run
                 left = (cfg.iters - it) * (time.time() - t_it)
                 left = min(left, max(0.0, 60 * cfg.time_budget - run.train_s)) if cfg.time_budget else left
-                say(f"paw: one iteration took {time.time() - t_it:.0f} s; about {left / 60:.0f} more min of RL")
-            if cfg.save_every and it % cfg.save_every == 0:
-                save_or_warn(run, it)
+                procs.say(f"paw: one iteration took {time.time() - t_it:.0f} s; about {left / 60:.0f} more min of RL")
+            if checkpoint and cfg.save_every and it % cfg.save_every == 0:
+                checkpoint(run, it)
             # every process stops at the same iteration (the slowest one's clock decides)
-            if cfg.time_budget and all_reduce([run.train_s], "max")[0] > 60 * cfg.time_budget:
-                say(f"time budget of {cfg.time_budget} min reached after {it} iterations")
+            if cfg.time_budget and procs.reduce([run.train_s], "max")[0] > 60 * cfg.time_budget:
+                procs.say(f"time budget of {cfg.time_budget} min reached after {it} iterations")
                 break
     return it, False
 
@@ -965,6 +1011,11 @@ def remaining_fraction(it: int, iters: int, train_s: float, budget_min: float) -
     done = max((it - 1) / iters, train_s / (60 * budget_min) if budget_min else 0.0)
     return max(0.0, 1.0 - done)
 
+def strict_json(m: dict) -> tuple[dict, list]:
+    """NaN/inf -> null (metrics.jsonl stays strict JSON) and the names of the metrics that were not finite."""
+    bad = [k for k, v in m.items() if isinstance(v, float) and not math.isfinite(v)]
+    return {k: (None if k in bad else v) for k, v in m.items()}, bad
+
 def report_iteration(run: Run, m: dict, metrics_file, bar, warned: bool) -> bool:
     """One metrics.jsonl line (strict JSON: a non-finite value is written as null, then the run stops), the
     progress bar, and a one-time warning if the policy looks collapsed. -> whether that warning was given."""
@@ -973,39 +1024,26 @@ def report_iteration(run: Run, m: dict, metrics_file, bar, warned: bool) -> bool
         metrics_file.write(json.dumps(m) + "\n")
         metrics_file.flush()
     if bad:
-        fail(f"non-finite {', '.join(bad)} at iteration {m['iter']} (written as null); stopping (metrics kept in "
-             f"{run.run_dir}/metrics.jsonl)", 1)
+        raise RunError(f"non-finite {', '.join(bad)} at iteration {m['iter']} (written as null); stopping (metrics "
+                       f"kept in {run.run_dir}/metrics.jsonl)", 1)
     bar.set_postfix(succ=f"{m['success']:.2f}", **({} if run.fmt.mask else dict(valid=f"{m['valid_ratio']:.2f}")),
                     **({} if m["wm_token_acc"] is None else dict(wm_acc=f"{m['wm_token_acc']:.2f}")),
                     ent=f"{m['action_entropy']:.2f}")
     if not warned and (m["approx_kl"] > 1.0 or (not run.fmt.mask and m["iter"] > 1 and m["valid_ratio"] < 0.05)):
-        say(f"paw: warning: the policy looks collapsed at iteration {m['iter']} (approx KL {m['approx_kl']:.3g},"
-            f" valid ratio {m['valid_ratio']:.2f}); try a smaller --lr")
+        run.procs.say(f"paw: warning: the policy looks collapsed at iteration {m['iter']} (approx KL "
+                      f"{m['approx_kl']:.3g}, valid ratio {m['valid_ratio']:.2f}); try a smaller --lr")
         return True
     return warned
 
-def evaluate(model, tok, env_cls, cfg: Config, n: int, greedy: bool = True, batch: int = 64,
-             fmt: PromptFormat | None = None) -> dict:
-    """episode_stats on held-out seeds (from EVAL_SEED_START on, never used in training)."""
-    rank, n_proc = world()
-    seeds = [paw_envs.EVAL_SEED_START + i for i in range(n)][rank::n_proc]  # under torchrun: split, then gathered
+def evaluate(model, tok, env_cls, fmt: PromptFormat, n: int, greedy: bool = True, procs: Processes = Processes(),
+             batch: int = 64) -> dict:
+    """episode_stats on held-out seeds (from EVAL_SEED_START on, never used in training); under torchrun every
+    process plays its share of the seeds."""
+    seeds = [paw_envs.EVAL_SEED_START + i for i in range(n)][procs.rank::procs.n]
     episodes = []
     for i in range(0, len(seeds), batch):
-        episodes += collect_rollouts(model, tok, env_cls, seeds[i:i + batch], 1, cfg, greedy=greedy, fmt=fmt)
-    return episode_stats([e for part in all_gather(slim(episodes)) for e in part])
-
-def random_policy_success(env_cls, n: int, seed: int = 0) -> dict:
-    """The uniformly random admissible-action policy on the held-out seeds (success, per task type)."""
-    rng = random.Random(seed)
-    env = env_cls()
-    wins, types = [], []
-    for i in range(n):
-        types.append(str(env.reset(paw_envs.EVAL_SEED_START + i)[1].get("task_type", "")))
-        wins.append(paw_envs.random_rollout(env, paw_envs.EVAL_SEED_START + i, rng)[0])
-    out = dict(success=float(np.mean(wins)))
-    for t in sorted(set(types) - {""}):
-        out[f"success/{t}"] = float(np.mean([w for w, u in zip(wins, types) if u == t]))
-    return out
+        episodes += collect_rollouts(model, tok, env_cls, seeds[i:i + batch], 1, fmt, greedy)
+    return episode_stats(procs.episodes(episodes))
 
 def print_eval_table(rows: dict):
     """Policies x metrics, then success per task type (environments that report info["task_type"])."""
@@ -1112,6 +1150,16 @@ def fused_logp_entropy(h, W, targets, chunk: int = 0, backend: str = "off"):
         return z, z, z.bool()
     return FusedLinearLogpEntropy.apply(h, W, targets, chunk or default_chunk(W.shape[0]), backend)
 
+def head_logp_fn(fused_loss: bool, vocab: int, compile: str = "auto", chunk: int = 0):
+    """The logp_fn of action_and_obs_logprobs: None without --fused-loss (the model's own logits), the gathered
+    positions' logits below GATHERED_LOGITS_MAX_VOCAB uncompiled (linear_head_logp), else the fused kernel."""
+    backend = compile if compile != "auto" else ("inductor" if vocab >= 32768 else "off")
+    if not fused_loss:
+        return None
+    if backend == "off" and vocab < GATHERED_LOGITS_MAX_VOCAB:
+        return linear_head_logp  # small vocabulary: plain autograd over these logits beats the chunk loop
+    return functools.partial(fused_logp_entropy, chunk=chunk, backend=backend)
+
 def plain_linear_head(model) -> tuple[bool, str]:
     """Can the fused path reproduce the model's logits? Only if they are exactly hidden @ W^T: no bias,
     no soft-capping, no scaling. Checked by config attributes and numerically on a short input."""
@@ -1141,22 +1189,13 @@ def gather_env_text(env_cls, n_episodes: int = 0, seed: int = 0):
     """Text for the tokenizer from the environment itself: random rollouts on training seeds (10% inadmissible
     actions), plus the env's `vocabulary_text()` if it has one (else unseen words become [UNK]). n_episodes = 0:
     the class's `text_episodes`, else 1000. -> (texts, the admissible action strings seen)."""
-    rng = random.Random(seed)
-    env = env_cls()
+    rng, env = random.Random(seed), env_cls()
     texts, actions = [], set()
-    for i in range(n_episodes or getattr(env_cls, "text_episodes", 1000)):
-        obs, info = env.reset(rng.randrange(paw_envs.EVAL_SEED_START))
-        texts += [obs, info["task"]]
-        for _ in range(env_cls.max_steps):
-            acts = info["admissible_actions"]
-            actions.update(acts)
-            a = "xyzzy" if (rng.random() < 0.1 or not acts) else rng.choice(acts)
-            obs, _, done, info = env.step(a)
-            texts.append(obs)
-            if done:
-                break
-    if hasattr(env, "vocabulary_text"):
-        texts += list(env.vocabulary_text())
+    for _ in range(n_episodes or getattr(env_cls, "text_episodes", 1000)):
+        ep = paw_envs.random_episode(env, rng.randrange(paw_envs.EVAL_SEED_START), rng, invalid_prob=0.1)
+        texts += [ep.observations[0], ep.task] + ep.observations[1:]
+        actions.update(a for acts in ep.offered for a in acts)
+    texts += list(env.vocabulary_text()) if hasattr(env, "vocabulary_text") else []
     texts += [build_prompt("task", [("obs", "act")] * n, "obs", ["a", "b"], 1, layout)  # the prompts' own words
               for layout in ("full", "compact") for n in range(env_cls.max_steps + 1)]
     texts += sorted(actions)
@@ -1175,12 +1214,12 @@ def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
     tok.padding_side = "left"
     return tok
 
-def build_tiny_model(tok, cfg: Config):
+def build_tiny_model(tok, d_model: int = 96, n_layers: int = 3, n_heads: int = 4):
     """A randomly initialised Llama decoder, small enough for a laptop CPU (not Qwen2: transformers 5 reloads
     a qwen2 checkpoint's tokenizer as the byte-level Qwen2Tokenizer, mis-tokenizing our word-level one)."""
     mcfg = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads // 2 if cfg.n_heads % 2 == 0 else cfg.n_heads,
+        vocab_size=len(tok), hidden_size=d_model, intermediate_size=4 * d_model, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_heads // 2 if n_heads % 2 == 0 else n_heads,
         max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True, attention_bias=True)
     return transformers.LlamaForCausalLM(mcfg)
@@ -1202,31 +1241,6 @@ def load_hf_model(name: str, dtype: torch.dtype):
     return tok, model
 
 # ==== A3. The think format for chat models: prompt, chat template, response -> action
-def build_think_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible: list[str], k: int,
-                       step: int) -> str:
-    """h_t for an instruct model: build_prompt's content numbered by step (as verl-agent's prompts), and the
-    response format: reasoning in <think> </think>, then one admissible action in <action> </action>."""
-    lines = [f"Task: {task}."]
-    recent = history[-k:] if k > 0 else []
-    for i, (o, a) in enumerate(recent):
-        lines.append(f"Step {step - len(recent) + i + 1}: {o} Action: {a}")
-    lines.append(f"Step {step + 1} (now): {obs}")
-    lines.append("Admissible actions: " + "; ".join(admissible))
-    lines.append("Reason inside <think> </think>, then give one admissible action inside <action> </action>.")
-    return "\n".join(lines)
-
-@dataclass
-class PromptFormat:
-    """How prompts are rendered and responses turned into actions (decided once per run)."""
-    think: bool             # <think>/<action> responses, projected by project_action
-    chat: bool              # the tokenizer's chat template wraps the prompt
-    prefilled_think: bool   # the template ends the generation prompt with "<think>" (e.g. some reasoning models)
-    stop_ids: list          # generation ends at any of these ids (EOS, end-of-turn)
-    max_new_tokens: int
-    mask: bool = False      # decode only admissible actions (AdmissiblePrefixMask)
-    layout: str = "full"    # build_prompt's layout of the plain prompt
-    history: int = 1        # K, past steps in the prompt
-
 def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
     """think (forced, or auto for a --model with a chat template); stop at every EOS of tokenizer and model."""
     chat = getattr(tok, "chat_template", None) is not None
@@ -1244,7 +1258,8 @@ def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
     mask = cfg.action_mask == "on" or (cfg.action_mask == "auto" and not think)
     if mask and think:
         raise ConfigError("--action-mask on needs --prompt-format plain (a think response is free text)")
-    return PromptFormat(think, chat and think, prefilled, sorted(stop), budget, mask, *agent_interface(cfg)[:2])
+    return PromptFormat(think, chat and think, prefilled, sorted(stop), budget, mask, *agent_interface(cfg)[:2],
+                        cfg.temperature, behaviour_score_limit(cfg.rescore, cfg.dtype))
 
 def agent_interface(cfg: Config, env_cls=None) -> tuple[str, int, str]:
     """-> (prompt layout, K, goal names) with every 'auto' decided. The tiny model learns from scratch, so it gets
@@ -1261,46 +1276,14 @@ def agent_interface(cfg: Config, env_cls=None) -> tuple[str, int, str]:
         names = "abstract" if not cfg.model and callable(getattr(env_cls, "goal_names", None)) else "named"
     return layout, k, names
 
-def project_action(response: str, think: bool, prefilled_think: bool = False) -> tuple[str, bool]:
-    """Response -> (action, format_ok). Plain: the stripped text. Think (verl-agent's projection, strict): exactly
-    `<think> .. </think>` then one non-empty `<action> .. </action>` (a pre-filled "<think>" counts). Malformed:
-    the env gets the raw text, and the step is penalised like an inadmissible one."""
-    if not think:
-        return " ".join(response.split()), True
-    text = ("<think>" + response) if prefilled_think and "<think>" not in response[:20] else response
-    ok = (text.count("<think>") == 1 and text.count("</think>") == 1 and text.count("<action>") == 1
-          and text.count("</action>") == 1)
-    if ok:
-        t0, t1, a0, a1 = (text.index(tag) for tag in ("<think>", "</think>", "<action>", "</action>"))
-        ok = t0 < t1 < a0 < a1 and text[:t0].strip() == ""
-    if not ok:
-        return " ".join(response.split()), False
-    action = " ".join(text[a0 + len("<action>"):a1].split())
-    return action, bool(action)
-
 # ==== A4. The language prior (tiny model only)
-def observation_corpus(env_cls, n: int, rng: random.Random) -> list[str]:
-    """Observations of random-policy episodes on training seeds, each on its own (no action before it)."""
-    env, texts = env_cls(), []
-    while len(texts) < n:
-        obs, info = env.reset(rng.randrange(paw_envs.EVAL_SEED_START))
-        texts.append(obs)
-        for _ in range(env_cls.max_steps):
-            if not info["admissible_actions"] or len(texts) >= n:
-                break
-            obs, _, done, info = env.step(rng.choice(info["admissible_actions"]))
-            texts.append(obs)
-            if done:
-                break
-    return texts
-
-def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random) -> dict:
+def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random, logprobs=action_and_obs_logprobs) -> dict:
     """Next-token training on observations alone (BOS o EOS, no action anywhere): the language of the environment,
     not its dynamics, as a real LLM knows it, so CMAE's gradient p(1-p) (§2.2) is not ~0 at the start."""
     if cfg.prior_steps == 0:
         return {}
     t0 = time.time()
-    texts = observation_corpus(env_cls, cfg.prior_steps * cfg.prior_batch, rng)
+    texts = paw_envs.random_observations(env_cls, cfg.prior_steps * cfg.prior_batch, rng)
     rng.shuffle(texts)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     ids = tok(texts, add_special_tokens=False)["input_ids"]
@@ -1314,7 +1297,7 @@ def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random) -> dict
                       reward=0.0, valid=True, anchor="") for x in batch]
         for g in opt.param_groups:  # a short linear ramp avoids an early blow-up
             g["lr"] = cfg.prior_lr * min(1.0, (step + 1) / 20)
-        obs = action_and_obs_logprobs(model, pack_steps(steps), cfg).obs
+        obs = logprobs(model, pack_steps(steps)).obs
         loss = -obs.logp.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1392,27 +1375,43 @@ def init_distributed(cfg: Config) -> tuple[int, int]:
     torch.distributed.init_process_group(backend)
     return world()
 
-def balanced_share(it: int, batch: Batch) -> Batch:
-    """The update's input re-dealt so every process holds the same number of steps (episode lengths differ)."""
-    rows = list(zip(batch.steps, batch.old_logp, batch.entropy.tolist(), batch.adv.tolist(), batch.selected.tolist(),
-                    batch.lam.tolist(), batch.ref_logp or [None] * len(batch.steps)))
-    rows = [r for part in all_gather(rows) for r in part]
-    random.Random(it).shuffle(rows)  # the same order in every process
-    steps, old_logp, entropy, adv, selected, lam, ref_logp = map(list, zip(*rows[world()[0]::world()[1]]))
-    return Batch(steps, old_logp, torch.tensor(entropy), torch.tensor(adv), torch.tensor(selected), torch.tensor(lam),
-                 ref_logp if ref_logp[0] is not None else [])
+class TorchrunProcesses(Processes):
+    """Processes (part 7) under torchrun: the collectives of torch.distributed."""
 
-def process_mean(d: dict) -> dict:
-    """Each value averaged over the processes (unchanged in one process)."""
-    names = sorted(d)
-    return dict(zip(names, (v / world()[1] for v in all_reduce([d[k] for k in names]))))
+    def __init__(self):
+        self.rank, self.n = world()
 
-def slim(episodes: list[Episode]) -> list[Episode]:
-    """Episodes without prompts, observations or tensors: what episode_stats needs (the loop check reads the
-    state and the action ids), cheap to send between processes."""
-    return [Episode(e.group, e.seed, [Step(prompt_ids=[], action_ids=s.action_ids, obs_ids=[], reward=s.reward,
-                                           valid=s.valid, anchor=s.anchor, format_ok=s.format_ok, decisions=s.decisions)
-                                      for s in e.steps], e.won, e.task_type) for e in episodes]
+    def reduce(self, values: list, op: str = "sum") -> list:
+        return all_reduce(values, op)
+
+    def gather(self, obj) -> list:
+        return all_gather(obj)
+
+    def mean(self, d: dict) -> dict:
+        names = sorted(d)
+        return dict(zip(names, (v / self.n for v in all_reduce([d[k] for k in names]))))
+
+    def episodes(self, episodes: list) -> list:
+        """Without prompts, observations or tensors (what episode_stats reads), cheap to send between processes."""
+        slim = [Episode(e.group, e.seed, [Step(prompt_ids=[], action_ids=s.action_ids, obs_ids=[], reward=s.reward,
+                                               valid=s.valid, anchor=s.anchor, format_ok=s.format_ok,
+                                               decisions=s.decisions) for s in e.steps], e.won, e.task_type)
+                for e in episodes]
+        return [e for part in all_gather(slim) for e in part]
+
+    def share(self, it: int, batch: Batch) -> Batch:
+        """Every process's rows, shuffled the same way everywhere, dealt round-robin (episode lengths differ)."""
+        rows = list(zip(batch.steps, batch.old_logp, batch.entropy.tolist(), batch.adv.tolist(),
+                        batch.selected.tolist(), batch.lam.tolist(), batch.ref_logp or [None] * len(batch.steps)))
+        rows = [r for part in all_gather(rows) for r in part]
+        random.Random(it).shuffle(rows)  # the same order in every process
+        steps, old_logp, entropy, adv, selected, lam, ref_logp = map(list, zip(*rows[self.rank::self.n]))
+        return Batch(steps, old_logp, torch.tensor(entropy), torch.tensor(adv), torch.tensor(selected),
+                     torch.tensor(lam), ref_logp if ref_logp[0] is not None else [])
+
+    def say(self, msg: str):
+        if self.rank == 0:
+            tqdm.write(msg)
 
 # ==== A6. Checkpoints (atomic, the last two kept) and exact resume
 CKPT_NAME = re.compile(r"iter-\d{6}")
@@ -1585,11 +1584,6 @@ def pick_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     return dev
 
-def strict_json(m: dict) -> tuple[dict, list]:
-    """NaN/inf -> null (metrics.jsonl stays strict JSON) and the names of the metrics that were not finite."""
-    bad = [k for k, v in m.items() if isinstance(v, float) and not math.isfinite(v)]
-    return {k: (None if k in bad else v) for k, v in m.items()}, bad
-
 def make_run_dir(cfg: Config) -> str:
     """The run folder, checked writable, never an old run's (under torchrun process 0 makes it)."""
     run_dir, error = cfg.resume.rstrip("/"), None
@@ -1629,17 +1623,6 @@ def decide_defaults(cfg: Config, env_cls, dev: torch.device):
         raise ConfigError(f"--goal-names abstract: {cfg.env} has no goal_names() (see envs.py)")
     return paw_envs.abstract_goal_names(env_cls)  # the task's names as placeholders, mapped back for the game
 
-class RunError(Exception):
-    """The run cannot go on: one line for the user, and the exit code the command line ends with (2 bad input,
-    1 a failure during the run, 130 Ctrl-C). Raised, not exited: a function copied into a notebook keeps it alive."""
-
-    def __init__(self, msg: str, code: int = 2):
-        super().__init__(msg)
-        self.code = code
-
-def fail(msg: str, code: int = 2):
-    raise RunError(msg, code)
-
 def say(*args, **kw):
     """print, from process 0 only (under torchrun every process would print the same line)."""
     if world()[0] == 0:
@@ -1659,7 +1642,7 @@ def load_model(cfg: Config, env_cls, ckpt, dev, run_dir):
         tok, model = load_hf_model(cfg.model, dtype)
     else:
         tok = build_tiny_tokenizer(*gather_env_text(env_cls, seed=cfg.seed))
-        model = build_tiny_model(tok, cfg).to(dtype)
+        model = build_tiny_model(tok, cfg.d_model, cfg.n_layers, cfg.n_heads).to(dtype)
     if world()[0] == 0:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
@@ -1691,11 +1674,11 @@ def before_rl(run: Run):
     if world()[0] == 0:
         open(os.path.join(run.run_dir, "metrics.jsonl"), "w").close()
     try:
-        run.summary["random"] = random_policy_success(run.env_cls, cfg.eval_episodes)
+        run.summary["random"] = paw_envs.random_policy_success(run.env_cls, cfg.eval_episodes)
         if not cfg.model and cfg.prior_steps:  # the language prior (appendix A4)
-            run.summary["prior"] = language_prior(run.model, run.tok, run.env_cls, cfg, run.rng)
+            run.summary["prior"] = language_prior(run.model, run.tok, run.env_cls, cfg, run.rng, run.logprobs)
     except KeyboardInterrupt:
-        fail(f"interrupted before RL; the run folder keeps config.json (rerun it with --resume {run.run_dir})", 130)
+        raise RunError(f"interrupted before RL; the run folder keeps config.json (rerun it with --resume {run.run_dir})", 130)
     run.ref_model = copy.deepcopy(run.model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     run.train_s = time.time() - run.started_at
     if not cfg.model and cfg.prior_steps:  # keep the pre-RL work: --resume starts here
@@ -1706,7 +1689,7 @@ def finish(run: Run, dev, interrupted: bool) -> dict:
     cfg, summary = run.cfg, run.summary
     try:
         for key, greedy in (("final_greedy", True), ("final_sampled", False))[:1 + cfg.eval_sampled]:
-            summary[key] = evaluate(run.model, run.tok, run.env_cls, cfg, cfg.eval_episodes, greedy=greedy, fmt=run.fmt)
+            summary[key] = evaluate(run.model, run.tok, run.env_cls, run.fmt, cfg.eval_episodes, greedy, run.procs)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted during the final evaluation: saving the model and summary without it", file=sys.stderr)
@@ -1722,7 +1705,7 @@ def finish(run: Run, dev, interrupted: bool) -> dict:
         with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
             json.dump(strict_json(summary)[0], f, indent=1)
     except (OSError, RuntimeError) as e:
-        fail(f"could not save the final model to {run.run_dir}: {type(e).__name__}: "
+        raise RunError(f"could not save the final model to {run.run_dir}: {type(e).__name__}: "
              f"{' '.join(str(e).split())[:200]}", 1)
     print(f"\nsaved: {run.run_dir}/ (config.json, metrics.jsonl, summary.json, model/"
           f"{', checkpoints/' if os.path.isdir(os.path.join(run.run_dir, 'checkpoints')) else ''})")
@@ -1738,7 +1721,7 @@ def start_run(cfg: Config):
         ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
         run_dir = make_run_dir(cfg)
     except (paw_envs.EnvError, ConfigError) as e:
-        fail(str(e))
+        raise RunError(str(e)) from None
     if cfg.resume and ckpt is None:
         say(f"paw: {run_dir} has no complete checkpoint yet: starting it again from its saved config")
     if cfg.threads:
@@ -1750,16 +1733,19 @@ def start_run(cfg: Config):
         tok, model, ref_model, state = load_model(cfg, env_cls, ckpt, dev, run_dir)
         fmt = make_prompt_format(tok, model, cfg)
     except ConfigError as e:
-        fail(str(e))
+        raise RunError(str(e)) from None
     except KeyboardInterrupt:
-        fail("interrupted while building the model; nothing to save", 130)
-    if cfg.fused_loss:  # decided once: every later forward pass reads cfg.fused_loss
+        raise RunError("interrupted while building the model; nothing to save", 130)
+    if cfg.fused_loss:  # decided once, recorded in config.json
         ok, why = plain_linear_head(model)
         if not ok:
             warnings.warn(f"fused loss path disabled: {why}; using the naive full-logits path")
             cfg.fused_loss = False
+    logp_fn = head_logp_fn(cfg.fused_loss, model.get_output_embeddings().weight.shape[0], cfg.compile, cfg.loss_chunk)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    run = Run(cfg, env_cls, tok, model, opt, random.Random(cfg.seed), fmt, run_dir, ref_model, started_at=started_at)
+    run = Run(cfg, env_cls, tok, model, opt, random.Random(cfg.seed), fmt, run_dir, ref_model, started_at=started_at,
+              logprobs=functools.partial(action_and_obs_logprobs, temperature=cfg.temperature, logp_fn=logp_fn),
+              procs=TorchrunProcesses() if world()[1] > 1 else Processes())
     print_plan(run, dev, state is not None)
     return run, dev, ckpt, state
 
@@ -1778,7 +1764,7 @@ def main(argv=None):
     if n_proc > 1:  # DDP starts from process 0's weights and all-reduces the gradients of every update
         run.trainer = nn.parallel.DistributedDataParallel(
             DistributedTrunk(run.model), device_ids=[dev.index or 0] if dev.type == "cuda" else None)
-    it, interrupted = train(run, start)
+    it, interrupted = train(run, start, checkpoint=save_or_warn)
     run.summary.update(iters_done=it, train_s=run.train_s)
     summary = finish(run, dev, interrupted)
     if n_proc > 1:  # DDP's reducer holds the process group: free both while Python is whole, then leave together

@@ -1,6 +1,5 @@
 """Tests for paw: every component against an independent reference (hand-computed numbers, naive
 full-logits math), plus end-to-end behaviour. Run: pytest -q test_paw.py"""
-import dataclasses
 import functools
 import json
 import math
@@ -39,8 +38,21 @@ def tiny():
     """A tiny tokenizer + model for textworld-tiny (random weights)."""
     torch.manual_seed(0)
     tok = paw.build_tiny_tokenizer(*paw.gather_env_text(envs.TextWorldTiny, n_episodes=100))
-    model = paw.build_tiny_model(tok, cfg())
+    model = paw.build_tiny_model(tok, 32, 1, 2)
     return tok, model
+
+
+def logprobs_for(c, model):
+    """action_and_obs_logprobs as start_run sets it up for config c: its temperature and loss head."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return functools.partial(paw.action_and_obs_logprobs, temperature=c.temperature,
+                             logp_fn=paw.head_logp_fn(c.fused_loss, vocab, c.compile, c.loss_chunk))
+
+
+def rollouts(model, tok, env_cls, seeds, group_size, c, greedy=False):
+    """collect_rollouts with the prompt format and o_{t+1} truncation config c gives."""
+    return paw.collect_rollouts(model, tok, env_cls, seeds, group_size, paw.make_prompt_format(tok, model, c), greedy,
+                                c.wm_max_tokens)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -65,6 +77,25 @@ def test_paw_py_reads_in_the_papers_order():
     long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(tree)
             if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > 60]
     assert not long, long
+
+
+def test_method_part_calls_no_appendix_name():
+    """Parts 1-8 read on their own: no name defined in the engineering appendix is used by them; what the
+    appendix provides (the fused head, several processes, checkpoints) comes in through an argument."""
+    import ast
+    src = open(os.path.join(HERE, "paw.py")).read()
+    tree = ast.parse(src)
+    split = src.split("\n").index(next(x for x in src.split("\n") if x.startswith("# Appendix: engineering"))) + 1
+    defined = {}
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        defined.update((n, node) for n in names)
+    appendix = {n for n, node in defined.items() if node.lineno > split}
+    assert {"fused_logp_entropy", "TorchrunProcesses", "save_checkpoint", "make_prompt_format"} <= appendix
+    used = {(n, sub.id) for n, node in defined.items() if node.lineno < split
+            for sub in ast.walk(node) if isinstance(sub, ast.Name) and sub.id in appendix}
+    assert not used, sorted(used)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,7 +139,7 @@ def test_invalid_penalty_enters_rl_return_not_lambda():
     eps = [_episode(0, [0.0, 0.0], valid=[False, True]), _episode(0, [0.0, 0.0])]
     adv, _ = paw.compute_advantages(eps, cfg(invalid_penalty=0.1, adv_norm="mean"))
     assert torch.allclose(adv, torch.tensor([-0.05, -0.05, 0.05, 0.05]), atol=1e-6)
-    lam = paw.wm_weights(eps, cfg(), r_max=1.0)
+    lam = paw.wm_weights(eps, r_max=1.0)
     assert torch.allclose(lam, torch.ones(4))  # task return 0 for both: lambda = 1 (§2.3 Decision)
 
 
@@ -203,9 +234,9 @@ def test_adaptive_wm_weight_and_clamp():
 
 def test_wm_weights_per_group_and_constant():
     eps = [_episode(0, [1.0]), _episode(0, [0.0]), _episode(1, [0.0, 0.0]), _episode(1, [0.0])]
-    lam = paw.wm_weights(eps, cfg(), r_max=1.0)
+    lam = paw.wm_weights(eps, r_max=1.0)
     assert lam.tolist() == pytest.approx([0.5, 0.5, 1.0, 1.0, 1.0])
-    lam_c = paw.wm_weights(eps, cfg(wm_lambda="0.3", wm_coef=2.0), r_max=1.0)
+    lam_c = paw.wm_weights(eps, 1.0, "0.3", 2.0)
     assert lam_c.tolist() == pytest.approx([0.6] * 5)
 
 
@@ -291,8 +322,8 @@ def test_causal_action_logp_unchanged_by_appended_observation(tiny, fused):
     steps = _random_steps(tok, 6, seed=3)
     c = cfg(temperature=0.7, fused_loss=fused)
     with torch.no_grad():
-        (a1, e1, _), (o1, _, _), _ = paw.action_and_obs_logprobs(model, paw.pack_steps(steps, True), c)
-        (a2, e2, _), (o2, _, _), _ = paw.action_and_obs_logprobs(model, paw.pack_steps(steps, False), c)
+        (a1, e1, _), (o1, _, _), _ = logprobs_for(c, model)(model, paw.pack_steps(steps, True))
+        (a2, e2, _), (o2, _, _), _ = logprobs_for(c, model)(model, paw.pack_steps(steps, False))
     assert o1.numel() == sum(len(s.obs_ids) for s in steps) and o2.numel() == 0
     assert torch.allclose(a1, a2, atol=1e-5) and torch.allclose(e1, e2, atol=1e-5)
 
@@ -303,7 +334,7 @@ def test_temperature_logprobs_equal_naive(tiny):
     steps = _random_steps(tok, 4, seed=4)
     T = 0.6
     with torch.no_grad():
-        (a, e, _), (o, _, _), _ = paw.action_and_obs_logprobs(model, paw.pack_steps(steps), cfg(temperature=T))
+        (a, e, _), (o, _, _), _ = paw.action_and_obs_logprobs(model, paw.pack_steps(steps), T)
         ref_a, ref_e, ref_o = [], [], []
         for s in steps:  # one unpadded sequence at a time, full logits
             ids = torch.tensor([s.prompt_ids + s.action_ids + s.obs_ids])
@@ -339,16 +370,17 @@ def test_generation_logprobs_equal_scoring_pass(tiny, mask):
     tok, model = tiny
     c = cfg(action_mask=mask, temperature=0.7)
     torch.manual_seed(5)
-    steps = [s for e in paw.collect_rollouts(model, tok, envs.TextWorldTiny, [7, 8], 4, c) for s in e.steps]
-    old, ent, _, _ = paw.score_steps(model, steps, c)
+    steps = [s for e in rollouts(model, tok, envs.TextWorldTiny, [7, 8], 4, c) for s in e.steps]
+    old, ent, _, _ = paw.score_steps(logprobs_for(c, model), model, steps)
     assert torch.allclose(torch.cat(old), torch.cat([s.gen_logp for s in steps]), atol=1e-5)
     gen_ent = torch.tensor([s.gen_entropy.mean().item() for s in steps])
     assert torch.allclose(ent, gen_ent, atol=1e-5)
-    assert paw.behaviour_from_generation(cfg()) and not paw.behaviour_from_generation(cfg(dtype="bfloat16"))
-    assert not paw.behaviour_from_generation(cfg(), 64 * 256 * 151936)  # think responses, a 150k vocabulary
-    assert paw.behaviour_from_generation(cfg(rescore="off"), 64 * 256 * 151936)
+    limit = paw.behaviour_score_limit
+    assert limit("auto", "float32") == 2**26 and limit("auto", "bfloat16") == 0 and limit("on", "float32") == 0
+    assert 64 * 256 * 151936 > limit("auto", "float32")  # think responses, a 150k vocabulary: the scoring pass
+    assert limit("off", "bfloat16") == math.inf
     c_on = cfg(action_mask=mask, rescore="on")
-    steps = [s for e in paw.collect_rollouts(model, tok, envs.TextWorldTiny, [7], 2, c_on) for s in e.steps]
+    steps = [s for e in rollouts(model, tok, envs.TextWorldTiny, [7], 2, c_on) for s in e.steps]
     assert all(s.gen_logp is None for s in steps)  # no scores kept: the scoring pass computes them
 
 
@@ -438,12 +470,12 @@ def test_micro_batch_accumulation_equals_whole_minibatch(tiny, wm):
     tok, _ = tiny
     c = cfg(minibatches=1, wm=wm, wm_alpha=0.5, wm_grad_cap=0.0, kl_coef=0.1, max_grad_norm=1e9, fused_loss=False)
     torch.manual_seed(3)
-    model0 = paw.build_tiny_model(tok, c)
-    steps = [s for e in paw.collect_rollouts(model0, tok, envs.TextWorldTiny, [1, 2], 3, c) for s in e.steps][:13]
+    model0 = paw.build_tiny_model(tok, c.d_model, c.n_layers, c.n_heads)
+    steps = [s for e in rollouts(model0, tok, envs.TextWorldTiny, [1, 2], 3, c) for s in e.steps][:13]
     for i, s in enumerate(steps):  # unequal action and observation lengths (one observation empty)
         s.action_ids, s.obs_ids = s.action_ids[:1 + i % 5], s.obs_ids[:(7 * i) % 23]
         s.allowed = s.allowed[:len(s.action_ids)]
-    old, ent, _, _ = paw.score_steps(model0, steps, c)
+    old, ent, _, _ = paw.score_steps(logprobs_for(c, model0), model0, steps)
     ref = [o + 0.05 for o in old]
     g = torch.Generator().manual_seed(0)
     adv = torch.randn(len(steps), generator=g)
@@ -451,11 +483,12 @@ def test_micro_batch_accumulation_equals_whole_minibatch(tiny, wm):
     lam = torch.rand(len(steps), generator=g)
     results = []
     for micro in (0, 3, 1):
-        model = paw.build_tiny_model(tok, c)
+        model = paw.build_tiny_model(tok, c.d_model, c.n_layers, c.n_heads)
         model.load_state_dict(model0.state_dict())
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         c.micro_batch = micro
-        st = paw.ppo_update(model, opt, paw.Batch(steps, old, ent, adv, selected, lam, ref), c, random.Random(0))
+        st = paw.ppo_update(model, opt, paw.Batch(steps, old, ent, adv, selected, lam, ref), c, random.Random(0),
+                                logprobs_for(c, model))
         results.append((st, [p.detach().clone() for p in model.parameters()]))
     (s0, p0) = results[0]
     for st, p in results[1:]:
@@ -475,23 +508,23 @@ def test_update_skips_observations_without_wm_weight(tiny, cap):
     c = cfg(minibatches=1, micro_batch=0, wm="cmae", wm_rho=0.99, wm_alpha=0.6, wm_grad_cap=cap, max_grad_norm=1e9,
             fused_loss=False)
     torch.manual_seed(5)
-    model0 = paw.build_tiny_model(tok, c)
-    steps = [s for e in paw.collect_rollouts(model0, tok, envs.TextWorldTiny, [3, 4], 3, c) for s in e.steps][:12]
-    old, ent, _, _ = paw.score_steps(model0, steps, c)
+    model0 = paw.build_tiny_model(tok, c.d_model, c.n_layers, c.n_heads)
+    steps = [s for e in rollouts(model0, tok, envs.TextWorldTiny, [3, 4], 3, c) for s in e.steps][:12]
+    old, ent, _, _ = paw.score_steps(logprobs_for(c, model0), model0, steps)
     g = torch.Generator().manual_seed(1)
     adv = torch.randn(len(steps), generator=g)
     selected = paw.select_wm_targets(ent, c.wm_alpha)
     lam = torch.rand(len(steps), generator=g) + 0.1
     lam[selected.nonzero()[::2, 0]] = 0.0  # half of the WM targets carry no weight
     assert (selected & (lam > 0)).any() and (selected & (lam == 0)).any()
-    model = paw.build_tiny_model(tok, c)
+    model = paw.build_tiny_model(tok, c.d_model, c.n_layers, c.n_heads)
     model.load_state_dict(model0.state_dict())
     st = paw.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), paw.Batch(steps, old, ent, adv, selected, lam),
-                        c, random.Random(0))
-    ref = paw.build_tiny_model(tok, c)
+                        c, random.Random(0), logprobs_for(c, model))
+    ref = paw.build_tiny_model(tok, c.d_model, c.n_layers, c.n_heads)
     ref.load_state_dict(model0.state_dict())
     packed = paw.pack_steps(steps, with_obs=True)  # every observation packed
-    (lp, _, _), (olp, _, _), head_input = paw.action_and_obs_logprobs(ref, packed, c, with_head_input=True)
+    (lp, _, _), (olp, _, _), head_input = paw.action_and_obs_logprobs(ref, packed, with_head_input=True)
     a = adv[packed.act_row]
     l_rl = paw.ppo_clip_loss(lp, torch.cat(old), a, c.clip_low, c.clip_high)[0]
     per_t = paw.per_transition_mean(paw.cmae_loss(olp, c.wm_rho), packed.obs_row, len(steps))
@@ -518,11 +551,12 @@ def test_one_iteration_fused_equals_naive(tiny):
     results = []
     for fused in (True, False):
         torch.manual_seed(5)
-        model = paw.build_tiny_model(tok, c)
+        model = paw.build_tiny_model(tok, c.d_model, c.n_layers, c.n_heads)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         torch.manual_seed(6)
         c.fused_loss = fused
-        run = paw.Run(c, envs.TextWorldTiny, tok, model, opt, random.Random(7), paw.make_prompt_format(tok, model, c))
+        run = paw.Run(c, envs.TextWorldTiny, tok, model, opt, random.Random(7), paw.make_prompt_format(tok, model, c),
+                      logprobs=logprobs_for(c, model))
         m = paw.train_iteration(run, 1)
         results.append((m, [p.detach().clone() for p in model.parameters()]))
     (m1, p1), (m2, p2) = results
@@ -588,44 +622,16 @@ def test_admissible_prefix_mask_equals_a_walk_of_each_trie():
         assert torch.equal(mask(ids[:, :P], scores), naive_prefix_mask(tries, P, ids[:, :P], scores))  # reused
 
 
-def test_greedy_action_is_the_mode_of_the_masked_policy(tiny):
-    """--greedy action picks argmax_a log pi(a|h) over whole admissible actions; the reference scores every action
-    with its own forward pass and full logits, masked and renormalised per token."""
-    tok, model = tiny
-    c = cfg(action_mask="on", greedy="action")
-    env, states = envs.TextWorldTiny(), []
-    for seed in range(6):
-        obs, info = env.reset(seed)
-        states.append((info["task"], [], obs, info["admissible_actions"]))
-    fmt = paw.make_prompt_format(tok, model, c)
-    prompts = paw.render_prompts(tok, fmt, states, fmt.history)
-    tries = [paw.action_trie(tok, st[3], tok.eos_token_id, {}) for st in states]
-    got = [ids for ids, _, _ in paw.generate_actions(model, tok, prompts, c, True, fmt, tries)]
-    for p, trie, ids in zip(prompts, tries, got):
-        scored = {}
-        for a in paw.trie_actions(trie):
-            with torch.no_grad():
-                logits = model(torch.tensor([p + a])).logits[0]
-            total, node = 0.0, trie
-            for j, t in enumerate(a):
-                z = torch.full_like(logits[0], float("-inf"))
-                z[list(node)] = logits[len(p) + j - 1, list(node)]
-                total += torch.log_softmax(z, -1)[t].item()
-                node = node[t]
-            scored[tuple(a)] = total
-        assert len(scored) > 1 and tuple(ids) == max(scored, key=scored.get)
-
-
 @pytest.mark.parametrize("greedy", [False, True])
 def test_masked_rollouts_emit_only_admissible_actions(tiny, greedy):
     """Under the mask a random model can only play admissible actions (valid = 1 by construction)."""
     tok, model = tiny
     c = cfg(action_mask="on")
-    eps = paw.collect_rollouts(model, tok, envs.TextWorldTiny, [3, 4, 5], 4, c, greedy=greedy)
+    eps = rollouts(model, tok, envs.TextWorldTiny, [3, 4, 5], 4, c, greedy=greedy)
     steps = [s for e in eps for s in e.steps]
     assert len(steps) > 30 and all(s.valid for s in steps)
     c_off = cfg(action_mask="off")
-    eps = paw.collect_rollouts(model, tok, envs.TextWorldTiny, [3, 4, 5], 4, c_off, greedy=greedy)
+    eps = rollouts(model, tok, envs.TextWorldTiny, [3, 4, 5], 4, c_off, greedy=greedy)
     assert not all(s.valid for e in eps for s in e.steps)  # the same random model without the mask
 
 
@@ -653,7 +659,7 @@ def test_masked_rollouts_play_the_admissible_string_itself(greedy):
     tok = paw.build_tiny_tokenizer(*paw.gather_env_text(cls, n_episodes=5))
     ids = tok("take non-euclidean key", add_special_tokens=False)["input_ids"]
     assert paw.decode_action(tok, ids) != "take non-euclidean key"  # the case the rollout must handle
-    eps = paw.collect_rollouts(paw.build_tiny_model(tok, cfg()), tok, cls, [0, 1, 2], 4, cfg(action_mask="on"), greedy=greedy)
+    eps = rollouts(paw.build_tiny_model(tok, 32, 1, 2), tok, cls, [0, 1, 2], 4, cfg(action_mask="on"), greedy=greedy)
     steps = [s for e in eps for s in e.steps]
     assert len(steps) == 12 * 6 and all(s.valid for s in steps)
 
@@ -661,7 +667,7 @@ def test_masked_rollouts_play_the_admissible_string_itself(greedy):
 def test_garbage_emitting_model_is_handled_by_env(tiny):
     """A random (un-warmed) model emits garbage actions; the env answers them, nothing crashes."""
     tok, model = tiny
-    eps = paw.collect_rollouts(model, tok, envs.TextWorldTiny, [1, 2], 2, cfg(max_action_tokens=4, action_mask="off"))
+    eps = rollouts(model, tok, envs.TextWorldTiny, [1, 2], 2, cfg(max_action_tokens=4, action_mask="off"))
     assert len(eps) == 4 and all(len(e.steps) >= 1 for e in eps)
     assert any(not s.valid for e in eps for s in e.steps)
     for e in eps:
@@ -672,7 +678,7 @@ def test_garbage_emitting_model_is_handled_by_env(tiny):
 
 def test_decision_metrics_logged(tiny):
     tok, model = tiny
-    eps = paw.collect_rollouts(model, tok, envs.TextWorldTiny, [1, 2, 3], 4, cfg())
+    eps = rollouts(model, tok, envs.TextWorldTiny, [1, 2, 3], 4, cfg())
     st = paw.episode_stats(eps)
     assert "decision/move" in st and 0.0 <= st["decision/move"] <= 1.0
     points = [(k, v) for e in eps for s in e.steps for k, v in s.decisions.items()]
@@ -685,18 +691,18 @@ def test_language_prior_teaches_observations_not_transitions(tiny):
     model predict observation tokens: CMAE's band (p <= rho, with a gradient p(1-p) far from 0) fills."""
     tok, _ = tiny
     c = cfg(prior_steps=60, prior_batch=16, d_model=32, n_layers=2)
-    texts = paw.observation_corpus(envs.TextWorldTiny, 200, random.Random(0))
+    texts = envs.random_observations(envs.TextWorldTiny, 200, random.Random(0))
     assert not any("Action:" in x or "Your action" in x for x in texts)
     torch.manual_seed(0)
-    model = paw.build_tiny_model(tok, c)
-    steps = [s for e in paw.collect_rollouts(model, tok, envs.TextWorldTiny, [11, 12], 2, c) for s in e.steps]
+    model = paw.build_tiny_model(tok, c.d_model, c.n_layers, c.n_heads)
+    steps = [s for e in rollouts(model, tok, envs.TextWorldTiny, [11, 12], 2, c) for s in e.steps]
     packed = paw.pack_steps(steps)
 
     def obs_p():
         with torch.no_grad():
-            return paw.action_and_obs_logprobs(model, packed, dataclasses.replace(c, fused_loss=False)).obs.logp.exp()
+            return paw.action_and_obs_logprobs(model, packed).obs.logp.exp()
     p0 = obs_p()
-    st = paw.language_prior(model, tok, envs.TextWorldTiny, c, random.Random(1))
+    st = paw.language_prior(model, tok, envs.TextWorldTiny, c, random.Random(1), logprobs_for(c, model))
     p1 = obs_p()
     assert st["prior_token_acc"] > 0.3
     assert (p1 * (1 - p1)).mean() > 5 * (p0 * (1 - p0)).mean()  # the mean CMAE gradient magnitude grew
@@ -883,7 +889,7 @@ def test_oracle_solves_first_100_eval_seeds(name):
 
 @pytest.mark.parametrize("name", ALL_ENVS)
 def test_random_policy_success_is_low(name):
-    rate = paw.random_policy_success(envs.ENVS[name], 500)
+    rate = envs.random_policy_success(envs.ENVS[name], 500)
     print(f"{name}: random admissible-action policy success on 500 held-out seeds: {rate['success']:.3f}")
     assert rate["success"] < (0.05 if name.endswith("-sparse") else 0.2)
     if name == "textworld-tiny":
@@ -891,7 +897,7 @@ def test_random_policy_success_is_low(name):
 
 
 def test_alfworld_reports_per_task_type_success():
-    rate = paw.random_policy_success(envs.AlfWorldTiny, 300)
+    rate = envs.random_policy_success(envs.AlfWorldTiny, 300)
     types = {k.split("/", 1)[1] for k in rate if k.startswith("success/")}
     assert types == set(envs.ALF_TASK_TYPES)
     eps = []
@@ -1059,7 +1065,8 @@ def test_ends_in_loop_and_loop_share_hand_built():
     eps = [_loop_episode([("a", 1), ("a", 1)]), _loop_episode([("a", 1), ("b", 1)]),
            _loop_episode([("a", 1), ("a", 1)], won=True)]
     assert paw.episode_stats(eps)["loop_share"] == 0.5  # of the two failures, one loops; the win is not counted
-    assert paw.episode_stats(paw.slim(eps))["loop_share"] == 0.5  # what evaluate gathers keeps what it needs
+    slim = paw.TorchrunProcesses().episodes(eps)  # what evaluate gathers under torchrun keeps what it needs
+    assert paw.episode_stats(slim)["loop_share"] == 0.5 and not slim[0].steps[0].prompt_ids
 
 
 def test_reactive_expert_solves_held_out_textworld_tiny():
@@ -1261,7 +1268,7 @@ class SigInt(TextWorldTiny):
         if seed >= 1_000_000:
             SigInt.heldout += 1
             n = SigInt.heldout if mode == "heldout" else -1
-        elif SigInt.heldout >= 4:  # after the random-policy baseline (2 held-out episodes, 2 resets each)
+        elif SigInt.heldout >= 2:  # after the random-policy baseline (2 held-out episodes, one reset each)
             SigInt.train_after += 1
             n = SigInt.train_after if mode == "train" else -1
         if n == int(k):  # Python's own handler, as in a terminal (a shell's background job inherits SIGINT ignored)
@@ -1324,8 +1331,8 @@ def test_env_raising_mid_run_exits_1_with_one_line_and_keeps_metrics(tmp_path):
 
 @pytest.mark.parametrize("phase,trigger,extra", [
     ("prior", "train:3", []),
-    ("rl", "heldout:5", ["--eval-every", "2", "--eval-every-episodes", "1"]),
-    ("final eval", "heldout:5", [])])
+    ("rl", "heldout:3", ["--eval-every", "2", "--eval-every-episodes", "1"]),
+    ("final eval", "heldout:3", [])])
 def test_ctrl_c_keeps_work_and_exits_130(tmp_path, phase, trigger, extra):
     """SIGINT at a controlled point of each phase (the environment sends it from reset: the 3rd training
     episode after the random baseline = the language prior; the first held-out episode after the baseline
@@ -1524,7 +1531,7 @@ def test_think_format_rollout_penalises_format_violations(tmp_path):
     c = cfg(model=str(tmp_path), max_action_tokens=12)
     fmt = paw.make_prompt_format(tok, model, c)
     assert fmt.think and fmt.chat and not fmt.prefilled_think
-    eps = paw.collect_rollouts(model, tok, envs.TextWorldTiny, [3], 2, c, fmt=fmt)
+    eps = paw.collect_rollouts(model, tok, envs.TextWorldTiny, [3], 2, fmt)
     steps = [s for e in eps for s in e.steps]
     for s in steps:
         text = tok.decode(s.prompt_ids)
@@ -1597,9 +1604,10 @@ def _ddp_update_worker(rank, world, folder, c):
     model = AutoModelForCausalLM.from_pretrained(f"{folder}/model")
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     ddp = torch.nn.parallel.DistributedDataParallel(paw.DistributedTrunk(model))
-    st = paw.ppo_update(ddp, opt, d["batch"].rows(mine), c, random.Random(rank))
-    uneven = mine[:len(mine) - 2 * rank]  # balanced_share re-deals uneven shares evenly, losing nothing
-    share = paw.balanced_share(7, d["batch"].rows(uneven))
+    procs = paw.TorchrunProcesses()
+    st = paw.ppo_update(ddp, opt, d["batch"].rows(mine), c, random.Random(rank), logprobs_for(c, model), procs)
+    uneven = mine[:len(mine) - 2 * rank]  # share re-deals uneven shares evenly, losing nothing
+    share = procs.share(7, d["batch"].rows(uneven))
     torch.save(dict(params=[p.detach() for p in model.parameters()], stats=st, share=share), f"{folder}/out{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -1613,9 +1621,9 @@ def test_ddp_update_equals_single_process(tiny, tmp_path, wm, fused, one_sided):
     tok, _ = tiny
     c = cfg(minibatches=1, micro_batch=0, wm=wm, wm_alpha=0.5, wm_grad_cap=0.002, max_grad_norm=0.05, fused_loss=fused)
     torch.manual_seed(5)
-    model0 = paw.build_tiny_model(tok, c)
-    steps = [s for e in paw.collect_rollouts(model0, tok, envs.TextWorldTiny, [3, 4], 3, c) for s in e.steps][:14]
-    old, ent, _, _ = paw.score_steps(model0, steps, c)
+    model0 = paw.build_tiny_model(tok, c.d_model, c.n_layers, c.n_heads)
+    steps = [s for e in rollouts(model0, tok, envs.TextWorldTiny, [3, 4], 3, c) for s in e.steps][:14]
+    old, ent, _, _ = paw.score_steps(logprobs_for(c, model0), model0, steps)
     g = torch.Generator().manual_seed(1)
     adv, lam = torch.randn(len(steps), generator=g), torch.rand(len(steps), generator=g)
     selected = paw.select_wm_targets(ent, c.wm_alpha)
@@ -1626,7 +1634,7 @@ def test_ddp_update_equals_single_process(tiny, tmp_path, wm, fused, one_sided):
     torch.save(dict(batch=batch), tmp_path / "data.pt")
     torch.multiprocessing.spawn(_ddp_update_worker, args=(2, str(tmp_path), c), nprocs=2)
     opt = torch.optim.SGD(model0.parameters(), lr=1.0)
-    ref = paw.ppo_update(model0, opt, batch, c, random.Random(0))
+    ref = paw.ppo_update(model0, opt, batch, c, random.Random(0), logprobs_for(c, model0))
     outs = [torch.load(tmp_path / f"out{r}.pt", weights_only=False) for r in range(2)]
     for o in outs:
         for a, b in zip(model0.parameters(), o["params"]):
