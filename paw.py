@@ -68,9 +68,9 @@ CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= -1": lambda v: v
 
 @dataclass
 class Config:
-    groups: int = arg(8, "tasks per iteration, each a group g of G rollouts from the same initial state",
+    groups: int = arg(16, "tasks per iteration, each a group g of G rollouts from the same initial state",
                       group="rollouts (§2)", check="> 0")
-    group_size: int = arg(8, "G, rollouts per task", check="> 0")
+    group_size: int = arg(4, "G, rollouts per task", check="> 0")
     history: int = arg(-1, "K, past steps in the prompt (-1 = 1 in the full layout, 2 in compact/minimal)", check=">= -1")
     prompt_layout: str = arg("auto", "h_t layout (build_prompt); auto = the env's prompt_layout (else compact) for the "
                              "tiny model, full for --model", choices=["auto", "full", "compact", "minimal"])
