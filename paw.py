@@ -111,7 +111,8 @@ class Config:
     name: str = arg("", "run name; empty = <env>-<algo>-<wm>-s<seed>-<time>")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
     dtype: str = arg("auto", "auto = bfloat16 for a --model on CUDA, else float32", choices=["auto", "float32", "bfloat16"])
-    threads: int = arg(0, "torch CPU threads (0 = torch's default)", check=">= 0")
+    threads: int = arg(0, "torch CPU threads (0 = auto: 1 for the tiny model on CPU, else torch's default)",
+                       check=">= 0")
     grad_checkpointing: bool = arg(False, "recompute activations in backward (less memory for a big --model)")
     save_every: int = arg(0, "checkpoint every N iterations, the last two kept (0 = final model only)", check=">= 0")
     resume: str = arg("", "continue the run in this folder (runs/<name>) from its latest checkpoint")
@@ -1613,6 +1614,8 @@ def decide_defaults(cfg: Config, env_cls, dev: torch.device):
     rate and dtype for the model and device. -> the env class the agent plays (goal names abstracted or not)."""
     cfg.prompt_layout, cfg.history, cfg.goal_names = agent_interface(cfg, env_cls)
     cfg.lr = cfg.lr or (1e-6 if cfg.model else 1e-3)
+    if not cfg.threads and dev.type == "cpu" and not cfg.model:  # its tiny matrix products lose to thread wake-ups
+        cfg.threads = 1
     if cfg.micro_batch < 0:  # a GPU holds a tiny model's whole minibatch; a CPU is faster in cache-sized slices
         cfg.micro_batch = 0 if dev.type == "cuda" and not cfg.model else 16
     if cfg.dtype == "auto":
@@ -1655,12 +1658,13 @@ def load_model(cfg: Config, env_cls, ckpt, dev, run_dir):
 
 def print_plan(run: Run, dev, resuming: bool):
     cfg, fmt = run.cfg, run.fmt
-    n_params = sum(p.numel() for p in run.model.parameters())
+    n_params, n = sum(p.numel() for p in run.model.parameters()), torch.get_num_threads()
+    threads = f" ({n} thread{'s' if n > 1 else ''})" if dev.type == "cpu" else ""
     say(f"paw: {cfg.env} | model {cfg.model or 'tiny Llama'} ({n_params / 1e6:.2f}M params, vocab {len(run.tok)}) "
         f"| {cfg.algo} + WM {cfg.wm} | prompt {'think' if fmt.think else f'plain {fmt.layout}, K={fmt.history}'}"
         f"{', goal names abstracted (OBJ, REC; --goal-names named for the names)' if cfg.goal_names == 'abstract' else ''}"
         f"{' (chat template)' if fmt.chat else ''}{', action mask' if fmt.mask else ''} | {cfg.groups} groups x "
-        f"{cfg.group_size}, lr {cfg.lr:g}{' -> 0 (linear)' if cfg.anneal_lr else ''}, {cfg.dtype} | device {dev}"
+        f"{cfg.group_size}, lr {cfg.lr:g}{' -> 0 (linear)' if cfg.anneal_lr else ''}, {cfg.dtype} | device {dev}{threads}"
         f"{f' x {world()[1]} processes' if world()[1] > 1 else ''} | run dir {run.run_dir}")
     pre = ["random-policy baseline"] + ([f"language prior ({cfg.prior_steps} steps)"]
                                         if not cfg.model and cfg.prior_steps else [])

@@ -1050,6 +1050,21 @@ def test_agent_interface_defaults():
     assert paw.agent_interface(paw.Config(prompt_layout="full", history=3, goal_names="named")) == ("full", 3, "named")
 
 
+def test_defaults_per_model_and_device():
+    """decide_defaults fills every auto into the config: the tiny model on CPU gets one thread, 16-sequence slices,
+    float32, lr 1e-3; on a GPU its whole minibatch; a --model lr 1e-6, bf16 on CUDA, torch's threads."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    c = paw.Config()
+    paw.decide_defaults(c, envs.TextWorldTiny, cpu)
+    assert (c.threads, c.micro_batch, c.dtype, c.lr) == (1, 16, "float32", 1e-3)
+    c = paw.Config(threads=2)
+    paw.decide_defaults(c, envs.TextWorldTiny, cuda)  # decided from the device's type alone: no GPU needed
+    assert (c.threads, c.micro_batch, c.dtype) == (2, 0, "float32")
+    c = paw.Config(model="some/model")
+    paw.decide_defaults(c, envs.TextWorldTiny, cuda)
+    assert (c.threads, c.micro_batch, c.dtype, c.lr) == (0, 16, "bfloat16", 1e-6)
+
+
 def _loop_episode(pairs, won=False):
     e = paw.Episode(group=0, seed=0, won=won)
     e.steps = [paw.Step(prompt_ids=[], action_ids=[a], obs_ids=[], reward=0.0, valid=True, anchor=s) for s, a in pairs]
