@@ -832,6 +832,10 @@ def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random, logpro
     wm_rows = [wm_on and bool(batch.selected[i]) and float(batch.lam[i]) != 0.0 and len(s.obs_ids) > 0
                for i, s in enumerate(steps)]
     seq_len = [len(s.prompt_ids) + len(s.action_ids) + (len(s.obs_ids) if w else 0) for s, w in zip(steps, wm_rows)]
+    # a step with A_t = 0 that is no WM row (and has no KL term) adds exactly 0 to the gradient: it is not packed
+    # (its action tokens still count in the token mean's n_act). Late in a run, most all-success groups.
+    kl_on = bool(batch.ref_logp) and cfg.kl_coef > 0
+    needed = [w or kl_on or float(a) != 0.0 for w, a in zip(wm_rows, batch.adv.tolist())]
     n_mb = int(procs.reduce([min(cfg.minibatches, len(steps))], "min")[0])  # torchrun: a share of each minibatch
     model.train()
     for epoch in range(cfg.ppo_epochs):
@@ -842,6 +846,7 @@ def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random, logpro
             mb = sorted(mb.tolist(), key=lambda i: seq_len[i])
             in_s = [wm_on and bool(batch.selected[i]) and len(steps[i].obs_ids) > 0 for i in mb]
             n_act, n_sel = procs.reduce([sum(len(steps[i].action_ids) for i in mb), sum(in_s)])  # global counts
+            mb = [i for i in mb if needed[i]] or mb[:1]  # one row keeps torchrun's processes in step
             size = cfg.micro_batch if cfg.micro_batch > 0 else len(mb)
             if procs.n > 1:  # every process runs the same number of slices (DDP syncs on the last one)
                 n_parts = int(min(procs.reduce([-(-len(mb) // size)], "max")[0], procs.reduce([len(mb)], "min")[0]))

@@ -502,8 +502,9 @@ def test_micro_batch_accumulation_equals_whole_minibatch(tiny, wm):
 @pytest.mark.parametrize("cap", [0.0, 1.0])
 def test_update_skips_observations_without_wm_weight(tiny, cap):
     """§2.4: a transition outside S or with lambda_g = 0 adds nothing to the WM term, so the update packs its
-    [h ; a] only. The parameters after one SGD(lr=1) step must equal a naive reference that packs every
-    o_{t+1} and computes L_RL + (1/|S|) sum_S lambda L_WM with the §6 scale from the full batch."""
+    [h ; a] only, and not even that when also A_t = 0. The parameters after one SGD(lr=1) step must equal a naive
+    reference that packs every step and o_{t+1} and computes L_RL + (1/|S|) sum_S lambda L_WM (token mean over
+    every action token) with the §6 scale from the full batch."""
     tok, _ = tiny
     c = cfg(minibatches=1, micro_batch=0, wm="cmae", wm_rho=0.99, wm_alpha=0.6, wm_grad_cap=cap, max_grad_norm=1e9,
             fused_loss=False)
@@ -517,6 +518,9 @@ def test_update_skips_observations_without_wm_weight(tiny, cap):
     lam = torch.rand(len(steps), generator=g) + 0.1
     lam[selected.nonzero()[::2, 0]] = 0.0  # half of the WM targets carry no weight
     assert (selected & (lam > 0)).any() and (selected & (lam == 0)).any()
+    adv[:6] = 0.0  # no RL signal: packed only as a WM row (selected, lambda > 0), else not at all
+    wm_row = selected & (lam > 0)
+    assert (wm_row[:6]).any() and (~wm_row[:6]).any()
     model = paw.build_tiny_model(tok, c.d_model, c.n_layers, c.n_heads)
     model.load_state_dict(model0.state_dict())
     st = paw.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), paw.Batch(steps, old, ent, adv, selected, lam),
@@ -540,8 +544,9 @@ def test_update_skips_observations_without_wm_weight(tiny, cap):
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.allclose(p, q, atol=1e-5)
     assert st["wm_loss"] == pytest.approx(l_wm.item(), rel=1e-5)
-    packed_obs = sum(len(s.obs_ids) for s, sel, lm in zip(steps, selected, lam) if sel and lm > 0)
-    assert st["update_tokens"] == sum(len(s.prompt_ids) + len(s.action_ids) for s in steps) + packed_obs
+    packed_obs = sum(len(s.obs_ids) for s, w in zip(steps, wm_row) if w)
+    live = [s for s, w, a in zip(steps, wm_row, adv) if w or a != 0]
+    assert st["update_tokens"] == sum(len(s.prompt_ids) + len(s.action_ids) for s in live) + packed_obs
     assert st["update_tokens"] < int(packed.attention_mask.sum())  # fewer tokens than packing every o_{t+1}
 
 
