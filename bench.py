@@ -31,14 +31,16 @@ from envs import env_slug  # noqa: E402 - envs needs only numpy
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def machine() -> str:
+def machine(threads: int = 0) -> str:
+    """The machine in one line; `threads`: the --threads of the child runs (else this process's torch threads)."""
     import torch
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    s = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    s = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads or torch.get_num_threads()} thread{'s' if (threads or torch.get_num_threads()) > 1 else ''}"
+    s += " per run" if threads else ""
     if torch.cuda.is_available():
         s += f", GPU {torch.cuda.get_device_name()}"
     return s
@@ -1039,11 +1041,11 @@ def report_table(a, root: str):
         if rnd:
             lines.append(f"| {env} | random policy | | {rnd[0]:.3f} | | | | |")
     md = "\n".join(lines)
-    print("\n" + md + f"\n\n{a.budget:g} min per run, {a.eval_episodes} held-out episodes | {machine()}")
+    print("\n" + md + f"\n\n{a.budget:g} min per run, {a.eval_episodes} held-out episodes | {machine(a.threads)}")
     os.makedirs(os.path.join(HERE, "bench_out"), exist_ok=True)
     with open(os.path.join(HERE, "bench_out", "table.md"), "w") as f:
         f.write(md + "\n")
-    write_json("table.json", dict(machine=machine(), args=vars(a), cells={f"{e}|{r}": v for (e, r), v in cells.items()}))
+    write_json("table.json", dict(machine=machine(a.threads), args=vars(a), cells={f"{e}|{r}": v for (e, r), v in cells.items()}))
     plot_table(a, cells, os.path.join(HERE, "bench_out", "table.png"))
 
 
