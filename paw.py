@@ -557,11 +557,13 @@ def action_and_obs_logprobs(model, packed: Packed, temperature: float = 1.0, log
     else:
         hidden = ddp(ids, True, False) if ddp else model.get_decoder()(input_ids=ids).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1])
-        if allowed is None:
-            act = logp_fn(h[act_pos] / temperature, W, act_tgt)  # logits / T == (h / T) W^T
+        if allowed is None:  # one call of the head for both: logits / T == (h / T) W^T
+            both = logp_fn(torch.cat([h[act_pos] / temperature, h[obs_pos]]), W, torch.cat([act_tgt, obs_tgt]))
+            n = len(act_tgt)
+            act, obs = (TokenStats(*(x[part] for x in both)) for part in (slice(0, n), slice(n, None)))
         else:  # masked actions are few tokens: their logits in full
             act = naive_logp_entropy((h[act_pos] @ W.t()) / temperature, act_tgt, allowed)
-        obs = logp_fn(h[obs_pos], W, obs_tgt)
+            obs = logp_fn(h[obs_pos], W, obs_tgt)
     return ForwardOut(act, obs, hidden if with_head_input else None)
 
 def behaviour_score_limit(rescore: str, dtype: str) -> float:

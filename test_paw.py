@@ -328,13 +328,18 @@ def test_causal_action_logp_unchanged_by_appended_observation(tiny, fused):
     assert torch.allclose(a1, a2, atol=1e-5) and torch.allclose(e1, e2, atol=1e-5)
 
 
-def test_temperature_logprobs_equal_naive(tiny):
+@pytest.mark.parametrize("head", ["logits", "linear", "fused"])
+def test_temperature_logprobs_equal_naive(tiny, head):
+    """Every head path (the model's logits; the head on the loss positions; the fused kernel, one call for the
+    actions at 1/T and the observations at 1) against one unpadded sequence at a time with full logits."""
     tok, model = tiny
     model.eval()
     steps = _random_steps(tok, 4, seed=4)
     T = 0.6
+    fn = dict(logits=None, linear=paw.linear_head_logp,
+              fused=functools.partial(paw.fused_logp_entropy, chunk=7, backend="off"))[head]
     with torch.no_grad():
-        (a, e, _), (o, _, _), _ = paw.action_and_obs_logprobs(model, paw.pack_steps(steps), T)
+        (a, e, _), (o, _, _), _ = paw.action_and_obs_logprobs(model, paw.pack_steps(steps), T, fn)
         ref_a, ref_e, ref_o = [], [], []
         for s in steps:  # one unpadded sequence at a time, full logits
             ids = torch.tensor([s.prompt_ids + s.action_ids + s.obs_ids])
