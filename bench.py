@@ -966,6 +966,8 @@ def bench_table(a):
     is reused, an unfinished one started again: run it again to resume. --parallel runs at a time."""
     import shutil
     root = os.path.join(HERE, "bench_out", "table")
+    if a.report:  # only the cells finished so far (another bench table may be running the rest)
+        return report_table(a, root)
     if any(e.startswith("textworld:") for e in a.envs.split(",")):
         spec = next(e for e in a.envs.split(",") if e.startswith("textworld:"))[len("textworld:"):]
         if spec == TW_SET and not os.path.isdir(os.path.join(HERE, TW_SET, "eval")):
@@ -1189,6 +1191,7 @@ def main():
               rows=("grpo,grpo+paw,gigpo,gigpo+paw", f"comma list of {', '.join(TABLE_ROWS)}"),
               ablate_env=("webshop-tiny-sparse", "env of the ablation rows (empty: none)"), seeds=3, budget=10.0,
               parallel=2, threads=1, eval_episodes=200)
+    sub.choices["table"].add_argument("--report", action="store_true", help="report the finished runs, start none")
     gpu = add_flags(sub.add_parser("gpu", help="one GPU in <= 8 minutes: iteration by phase at 8/32/128 groups, the "
                                                "fused-loss table at Qwen's vocabulary, a 0.5B-shaped --model iteration"),
                     device="cuda", iters=2, threads=4)
