@@ -825,7 +825,8 @@ class Processes:
 def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random, logprobs,
                procs: Processes = Processes()) -> dict:
     """PPO-clip epochs over minibatches of steps, one optimizer step per minibatch (§2.4, §3). A minibatch runs
-    in --micro-batch slices whose gradients add up exactly to the whole minibatch's (see slice_backward).
+    in --micro-batch slices whose gradients add up exactly to the whole minibatch's (see slice_backward); the WM
+    gradient cap, when on, is taken per slice (docs/method.md).
     logprobs(model, packed, with_head_input) -> ForwardOut (the run's action_and_obs_logprobs)."""
     params = [p for p in model.parameters() if p.requires_grad]
     steps, logs, counts = batch.steps, [], dict(tokens=0, padded=0, obs_hits=0, obs_tokens=0)
