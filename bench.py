@@ -582,11 +582,11 @@ def bench_bc(a):
                 forward = reactive_expert(right, hist[-1][1] if hist else None)
                 name, right = ("move_on" if len(forward) < len(right) else name), forward  # move_on: not straight back
                 label = rng.choice(right)
-                trie = paw.action_trie(tok, info["admissible_actions"], tok.eos_token_id, cache)
+                (acts,) = paw.admissible_ids(tok, [info["admissible_actions"]], cache)
                 p = paw.render_prompts(tok, fmt, [(info["task"], hist, obs, info["admissible_actions"])], fmt.history)[0]
                 a_ids = cache[label] + [tok.eos_token_id]
                 out.append((paw.Step(prompt_ids=p, action_ids=a_ids, obs_ids=[], reward=0.0, valid=True,
-                                     anchor="", allowed=paw.allowed_along(trie, a_ids)), name, right, trie))
+                                     anchor="", allowed=paw.allowed_along(acts, a_ids)), name, right, acts))
                 act = label if rng.random() < 0.7 else rng.choice(info["admissible_actions"])
                 hist.append((obs, act))
                 obs, _, done, info = env.step(act)
@@ -750,8 +750,8 @@ def bench_engine(a):
 
 # paw.py's own host work in a rollout: tokenization (prompts, actions, o_{t+1}) and the action mask
 HOST_FUNCTIONS = dict(tokenizer=("tokenize_cached", "decode_action"),
-                      mask=("AdmissiblePrefixMask.__init__", "AdmissiblePrefixMask.__call__", "action_tries", "action_trie",
-                            "allowed_along", "trie_depth"))
+                      mask=("AdmissiblePrefixMask.__init__", "AdmissiblePrefixMask.__call__", "admissible_ids",
+                            "allowed_along"))
 
 
 def rollout_host_share(model, tok, env_cls, fmt, groups: int, group_size: int) -> dict:

@@ -68,12 +68,11 @@ CHECKS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= -1": lambda v: v
 
 @dataclass
 class Config:
-    groups: int = arg(16, "tasks per iteration, each a group g of G rollouts from the same initial state",
-                      group="rollouts (§2)", check="> 0")
+    groups: int = arg(16, "tasks per iteration, each a group of G rollouts from one state", group="rollouts", check="> 0")
     group_size: int = arg(4, "G, rollouts per task", check="> 0")
     history: int = arg(-1, "K, past steps in the prompt (-1 = 1 in the full layout, 2 in compact/minimal)", check=">= -1")
-    prompt_layout: str = arg("auto", "h_t layout (build_prompt); auto = the env's prompt_layout (else compact) for the "
-                             "tiny model, full for --model", choices=["auto", "full", "compact", "minimal"])
+    prompt_layout: str = arg("auto", "h_t layout (build_prompt); auto = the env's own for the tiny model, full for "
+                             "--model", choices=["auto", "full", "compact", "minimal"])
     goal_names: str = arg("auto", "abstract: the task's names become OBJ, REC in all the agent reads; auto = abstract "
                           "for the tiny model (envs with goal_names())", choices=["auto", "abstract", "named"])
     temperature: float = arg(1.0, "sampling temperature; log-probs are computed at the same temperature", check="> 0")
@@ -274,98 +273,44 @@ class Episode:
     def task_return(self) -> float:
         return sum(s.reward for s in self.steps)
 
-def action_trie(tok, admissible: list[str], eos_id: int, cache: dict) -> dict:
-    """The admissible actions as a prefix tree of token ids, each action ending in EOS: {id: subtree}.
-    Decoding restricted to this tree can only emit an admissible action (standard action masking)."""
-    trie: dict = {}
-    for ids in tokenize_cached(tok, admissible, cache):
-        node = trie
-        for t in ids + [eos_id]:
-            node = node.setdefault(t, {})
-    return trie
+def admissible_ids(tok, admissible_lists: list[list[str]], cache: dict) -> list[list[list[int]]]:
+    """Per episode, its admissible actions as token ids, each ending in EOS: what the action mask lets decoding emit
+    (the strings not seen before are tokenized in one call)."""
+    ids = iter(tokenize_cached(tok, [a for adm in admissible_lists for a in adm], cache))
+    return [[next(ids) + [tok.eos_token_id] for _ in adm] for adm in admissible_lists]
 
-def action_tries(tok, admissible_lists: list[list[str]], cache: dict) -> list[dict]:
-    """action_trie for each live episode: the strings not seen before tokenized in one call, one trie per distinct
-    list (the G rollouts of a group often share theirs)."""
-    tokenize_cached(tok, [a for adm in admissible_lists for a in adm], cache)
-    same: dict[tuple, dict] = {}
-    for adm in admissible_lists:
-        if tuple(adm) not in same:
-            same[tuple(adm)] = action_trie(tok, adm, tok.eos_token_id, cache)
-    return [same[tuple(adm)] for adm in admissible_lists]
-
-def allowed_along(trie: dict, ids: list[int]) -> list[list[int]]:
-    """For each token of a decoded action, the ids the mask allowed at that position."""
-    out, node = [], trie
-    for t in ids:
-        out.append(sorted(node))
-        node = node.get(t, {})
-    return out
-
-def trie_depth(trie: dict) -> int:
-    return 1 + max(map(trie_depth, trie.values())) if trie else 0
+def allowed_along(actions: list[list[int]], ids: list[int]) -> list[list[int]]:
+    """For each token of a decoded action, the ids the mask allowed there: the next token of every action (token ids,
+    EOS included) that starts with the tokens decoded so far."""
+    return [sorted({a[j] for a in actions if len(a) > j and a[:j] == ids[:j]}) for j in range(len(ids))]
 
 class AdmissiblePrefixMask:
-    """A transformers logits processor: row r may only continue a prefix of one of its admissible actions
-    (scores of every other token -> -inf, so sampling and argmax renormalise over the allowed ones). A row
-    that has finished its action is left alone (generate pads it). The tries are numbered once into a sorted
-    edge table (node, token) -> child; at every token all rows walk it at once, as tensor work."""
+    """A transformers logits processor, the action mask (paw's addition): row r may only continue a prefix of one
+    of its admissible actions (scores of every other token -> -inf, so sampling and argmax renormalise over the
+    allowed ones). A row off its actions (finished, or with none) is left alone. All rows at once, as tensor work
+    on a [rows, actions, tokens] table of the actions' ids (-1 past an action's end)."""
 
-    def __init__(self, tries: list[dict], prompt_len: int):
-        numbered: dict[int, tuple] = {}  # id(trie) -> (its node count, its edges numbered from 0): shared tries once
-        roots, parts, n = [], [], 0
-        for trie in tries:
-            if id(trie) not in numbered:
-                edges, todo, size = [], [(trie, 0)], 1
-                while todo:
-                    node, nid = todo.pop()
-                    for t, sub in node.items():
-                        edges.append((nid, t, size))
-                        todo.append((sub, size))
-                        size += 1
-                numbered[id(trie)] = (size, np.array(edges, dtype=np.int64).reshape(-1, 3))
-            size, edges = numbered[id(trie)]
-            roots.append(n)
-            parts.append(edges)
-            n += size
-        offset = np.repeat(np.array(roots, dtype=np.int64), [len(p) for p in parts])[:, None] * np.array([1, 0, 1])
-        e = torch.from_numpy(np.concatenate(parts) + offset if parts else np.zeros((0, 3), dtype=np.int64))
-        e = e[torch.argsort(e[:, 0] * 2**32 + e[:, 1])]  # by (node, token): each node's children are one run
-        self.prompt_len, self.roots, self.token, self.child = prompt_len, torch.tensor(roots), e[:, 1], e[:, 2]
-        self.key = e[:, 0] * 2**32 + e[:, 1]
-        self.first = torch.searchsorted(e[:, 0].contiguous(), torch.arange(n + 1))  # node's children: first[n]..first[n+1]
-        self.node, self.walked = self.roots, 0  # where each row is, after `walked` generated tokens
+    def __init__(self, actions: list[list[list[int]]], prompt_len: int):
+        M = max(map(len, actions), default=0) or 1
+        T = max((len(a) for acts in actions for a in acts), default=1)
+        flat = [a + [-1] * (T - len(a)) for acts in actions for a in acts + [[]] * (M - len(acts))]
+        self.table, self.prompt_len = torch.tensor(flat, dtype=torch.long).view(len(actions), M, T), prompt_len
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if not len(self.key):  # no row has an admissible action: nothing to mask
+        j, V = input_ids.shape[1] - self.prompt_len, scores.shape[1]
+        if j >= self.table.shape[2]:  # past the longest action: nothing left to mask
             return scores
-        dev = scores.device
-        if self.key.device != dev:  # the tables go to the GPU once, not at every token
-            self.key, self.token, self.child, self.first, self.roots, self.node = (
-                x.to(dev) for x in (self.key, self.token, self.child, self.first, self.roots, self.node))
-        key, token, child, first = self.key, self.token, self.child, self.first
-        if input_ids.shape[1] - self.prompt_len < self.walked:  # a new generation with this mask: from the roots
-            self.node, self.walked = self.roots, 0
-        node = self.node
-        for j in range(self.prompt_len + self.walked, input_ids.shape[1]):  # -1: off the tree (left alone)
-            k = node.clamp(min=0) * 2**32 + input_ids[:, j]
-            at = torch.searchsorted(key, k).clamp(max=len(key) - 1)
-            node = torch.where((node >= 0) & (key[at] == k), child[at], -1)
-        self.node, self.walked = node, input_ids.shape[1] - self.prompt_len
-        live = node >= 0
-        start = torch.where(live, first[node.clamp(min=0)], 0)
-        count = torch.where(live, first[node.clamp(min=0) + 1] - start, 0)
-        rows = torch.repeat_interleave(torch.arange(len(node), device=dev), count)
-        offset = torch.arange(len(rows), device=dev) - torch.repeat_interleave(count.cumsum(0) - count, count)
-        block = (count > 0)[:, None].expand_as(scores).clone()
-        block[rows, token[torch.repeat_interleave(start, count) + offset]] = False
-        return scores.masked_fill(block, float("-inf"))
+        table = self.table = self.table.to(scores.device)  # to the GPU once, not at every token
+        alive = (table[:, :, :j] == input_ids[:, None, self.prompt_len:]).all(-1) & (table[:, :, j] >= 0)
+        allow = torch.zeros(len(table), V + 1, dtype=torch.bool, device=scores.device)
+        allow = allow.scatter(1, torch.where(alive, table[:, :, j], V), True)[:, :V]  # column V: not alive
+        return scores.masked_fill(~allow & allow.any(1, keepdim=True), float("-inf"))
 
 @torch.no_grad()
 def generate_actions(model, tok, prompts: list[list[int]], fmt: PromptFormat, greedy: bool = False,
-                     tries: list[dict] | None = None) -> list[tuple]:
+                     actions: list[list[list[int]]] | None = None) -> list[tuple]:
     """Batched, KV-cached generation -> per prompt: the ids as sampled, up to the first stop id, with the log-prob and
-    entropy of the distribution each was drawn from (temperature T, after the action mask `tries`, if any), or None
+    entropy of the distribution each was drawn from (temperature T, after the action mask to `actions`, if any), or None
     for both when there are more than fmt.score_limit scores to keep (the scoring pass then gives them)."""
     dev = next(model.parameters()).device
     rows = [torch.tensor(p, dtype=torch.long) for p in prompts]  # left padding: all prompts end where generation starts
@@ -373,9 +318,9 @@ def generate_actions(model, tok, prompts: list[list[int]], fmt: PromptFormat, gr
     mask = nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
     gen_kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=fmt.temperature, top_k=0, top_p=1.0)
     budget = fmt.max_new_tokens
-    if tries is not None:
-        gen_kw["logits_processor"] = transformers.LogitsProcessorList([AdmissiblePrefixMask(tries, ids.shape[1])])
-        budget = max(map(trie_depth, {id(t): t for t in tries}.values())) or 1  # the longest admissible action + EOS
+    if actions is not None:  # per prompt: its admissible actions' ids (admissible_ids)
+        gen_kw["logits_processor"] = transformers.LogitsProcessorList([AdmissiblePrefixMask(actions, ids.shape[1])])
+        budget = max((len(a) for acts in actions for a in acts), default=1)  # the longest admissible action + EOS
     keep = len(prompts) * budget * model.get_output_embeddings().weight.shape[0] <= fmt.score_limit
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=budget,
                          eos_token_id=fmt.stop_ids, pad_token_id=tok.pad_token_id, repetition_penalty=1.0,
@@ -424,14 +369,14 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, fmt
             break
         prompts = render_prompts(tok, fmt, [(slots[i].info["task"], slots[i].history, slots[i].obs,
                                              slots[i].info["admissible_actions"]) for i in active], fmt.history, ids_of)
-        tries = action_tries(tok, [slots[i].info["admissible_actions"] for i in active], ids_of) if fmt.mask else None
-        generated = generate_actions(model, tok, prompts, fmt, greedy, tries)
+        masked = admissible_ids(tok, [slots[i].info["admissible_actions"] for i in active], ids_of) if fmt.mask else None
+        generated = generate_actions(model, tok, prompts, fmt, greedy, masked)
         played, eos = [], tok.eos_token_id
         for i, (ids, _, _) in zip(active, generated):
             slot = slots[i]
             # masked: the ids spell one admissible action; play its own string, since decoding may not give it
             # back ("non-euclidean" is three word-level tokens, joined by spaces)
-            text = next((x for x in slot.info["admissible_actions"] if ids_of[x] + [eos] == ids), None) if tries else None
+            text = next((x for x in slot.info["admissible_actions"] if ids_of[x] + [eos] == ids), None) if masked else None
             text, format_ok = (text, True) if text is not None else project_action(
                 decode_action(tok, ids, fmt.stop_ids), fmt.think, fmt.prefilled_think)
             points = slot.env.decision_points() if hasattr(slot.env, "decision_points") else {}
@@ -443,7 +388,7 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, fmt
             ep.steps.append(Step(
                 prompt_ids=prompt, action_ids=ids, obs_ids=obs_ids[n][:max_obs_tokens], reward=float(reward),
                 anchor=slot.obs, valid=bool(info.get("valid", True)) and format_ok, format_ok=format_ok,
-                allowed=allowed_along(tries[n], ids) if tries is not None else None,
+                allowed=allowed_along(masked[n], ids) if masked is not None else None,
                 decisions={k: text in right for k, right in points.items()}, gen_logp=logp, gen_entropy=entropy))
             slot.history.append((slot.obs, text if format_ok else text[:200]))  # a rambling violation stays short
             slot.obs, slot.info = obs, info

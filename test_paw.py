@@ -579,57 +579,49 @@ def test_one_iteration_fused_equals_naive(tiny):
 # ------------------------------------------------------------------------------------------------
 # Rollouts: the action mask, decision metrics; the language prior
 # ------------------------------------------------------------------------------------------------
-def test_action_trie_and_allowed_positions(tiny):
+def test_admissible_ids_and_allowed_positions(tiny):
     tok, _ = tiny
     eos = tok.eos_token_id
     ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    trie = paw.action_trie(tok, ["go north", "go south", "take apple"], eos, {})
-    assert set(trie) == {ids("go")[0], ids("take")[0]}
+    (acts,) = paw.admissible_ids(tok, [["go north", "go south", "take apple"]], {})
+    assert acts == [ids("go north") + [eos], ids("go south") + [eos], ids("take apple") + [eos]]
     a = ids("go south") + [eos]
-    allowed = paw.allowed_along(trie, a)
+    allowed = paw.allowed_along(acts, a)
     assert allowed[0] == sorted({ids("go")[0], ids("take")[0]})
     assert allowed[1] == sorted({ids("north")[0], ids("south")[0]}) and allowed[2] == [eos]
-    assert paw.trie_depth(trie) == 3
+    assert paw.allowed_along([[5, 0], [5, 6, 0]], [5, 0]) == [[5], [0, 6]]  # an action that is a prefix of another
 
 
-def naive_prefix_mask(tries, prompt_len, input_ids, scores):
-    """The mask by its definition: walk each row's trie along its generated tokens, one row at a time."""
+def naive_prefix_mask(actions, prompt_len, input_ids, scores):
+    """The mask by its definition, one row at a time: the allowed next tokens are those of the row's actions that
+    start with what it generated; a row with none is left alone."""
     block = torch.zeros_like(scores, dtype=torch.bool)
-    for r, node in enumerate(tries):
-        for t in input_ids[r, prompt_len:].tolist():
-            node = node.get(t) if node else None
-        if node:
+    for r, acts in enumerate(actions):
+        gen = input_ids[r, prompt_len:].tolist()
+        nxt = {a[len(gen)] for a in acts if len(a) > len(gen) and a[:len(gen)] == gen}
+        if nxt:
             block[r] = True
-            block[r, list(node)] = False
+            block[r, sorted(nxt)] = False
     return scores.masked_fill(block, float("-inf"))
 
 
-def test_admissible_prefix_mask_equals_a_walk_of_each_trie():
-    """The tensor mask (edge table, all rows at once) against the per-row walk: random tries (empty ones too),
-    generated tokens on, off and past the end of the tree."""
+def test_admissible_prefix_mask_equals_the_per_row_definition():
+    """The tensor mask (all rows at once) against the per-row definition: random action sets (empty ones, and
+    actions that are prefixes of others, too), generated tokens on, off and past the end of every action."""
     rng = random.Random(0)
     for _ in range(300):
         V, B = 12, rng.randint(1, 6)
-        tries = []
-        for _ in range(B):
-            trie = {}
-            for _ in range(rng.randint(0, 4)):
-                node = trie
-                for t in [rng.randrange(1, V) for _ in range(rng.randint(1, 3))] + [0]:
-                    node = node.setdefault(t, {})
-            tries.append(trie)
+        actions = [[[rng.randrange(1, V) for _ in range(rng.randint(1, 3))] + [0] for _ in range(rng.randint(0, 4))]
+                   for _ in range(B)]
         P, L = rng.randint(1, 3), rng.randint(0, 4)
         ids = torch.randint(0, V, (B, P + L), generator=torch.Generator().manual_seed(rng.randrange(99)))
-        for r in range(B):  # mostly follow the tree
-            node = tries[r]
-            for j in range(P, P + L):
-                if node and rng.random() < 0.8:
-                    ids[r, j] = rng.choice(list(node))
-                node = node.get(int(ids[r, j])) if node else None
-        scores, mask = torch.randn(B, V), paw.AdmissiblePrefixMask(tries, P)
-        for n in range(P, P + L + 1):  # as generate calls it: one more token each time (the walk is incremental)
-            assert torch.equal(mask(ids[:, :n], scores), naive_prefix_mask(tries, P, ids[:, :n], scores))
-        assert torch.equal(mask(ids[:, :P], scores), naive_prefix_mask(tries, P, ids[:, :P], scores))  # reused
+        for r in range(B):  # mostly follow one of the row's actions
+            if actions[r] and rng.random() < 0.8:
+                a = rng.choice(actions[r])
+                ids[r, P:P + min(L, len(a))] = torch.tensor(a[:L])
+        scores, mask = torch.randn(B, V), paw.AdmissiblePrefixMask(actions, P)
+        for n in range(P, P + L + 1):  # as generate calls it: one more token each time
+            assert torch.equal(mask(ids[:, :n], scores), naive_prefix_mask(actions, P, ids[:, :n], scores))
 
 
 @pytest.mark.parametrize("greedy", [False, True])
