@@ -1266,7 +1266,6 @@ def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random, logprob
 class DistributedTrunk(nn.Module):
     """What DDP wraps: the LM, with the forward action_and_obs_logprobs needs (the fused head is applied outside)."""
 
-
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
@@ -1280,24 +1279,6 @@ def world() -> tuple[int, int]:
     """(rank, number of processes): (0, 1) unless started by torchrun."""
     d = torch.distributed
     return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
-
-def all_reduce(values: list, op: str = "sum") -> list[float]:
-    """The sum (or max, min) of each value over the processes; the values themselves in one process."""
-    if world()[1] == 1:
-        return list(values)
-    d = torch.distributed
-    dev = torch.device("cuda", torch.cuda.current_device()) if d.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
-    d.all_reduce(t, op=dict(sum=d.ReduceOp.SUM, max=d.ReduceOp.MAX, min=d.ReduceOp.MIN)[op])
-    return t.tolist()
-
-def all_gather(obj) -> list:
-    """Every process's `obj`, in rank order ([obj] in one process)."""
-    if world()[1] == 1:
-        return [obj]
-    out = [None] * world()[1]
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 def distributed_backend(device: str, procs_per_node: int, n_gpus: int) -> str:
     """The process-group backend under torchrun: NCCL with one GPU per process, else Gloo on CPU. More processes per
@@ -1330,20 +1311,29 @@ def init_distributed(cfg: Config) -> tuple[int, int]:
     return world()
 
 class TorchrunProcesses(Processes):
-    """Processes (part 7) under torchrun: the collectives of torch.distributed."""
+    """Processes (part 7) under torchrun: the collectives of torch.distributed (the identity in a single process)."""
 
     def __init__(self):
         self.rank, self.n = world()
 
     def reduce(self, values: list, op: str = "sum") -> list:
-        return all_reduce(values, op)
+        d = torch.distributed
+        if self.n == 1:
+            return list(values)
+        dev = torch.device("cuda", torch.cuda.current_device()) if d.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)  # NCCL reduces on the GPU
+        d.all_reduce(t, op=dict(sum=d.ReduceOp.SUM, max=d.ReduceOp.MAX, min=d.ReduceOp.MIN)[op])
+        return t.tolist()
 
     def gather(self, obj) -> list:
-        return all_gather(obj)
+        out = [obj] * self.n
+        if self.n > 1:
+            torch.distributed.all_gather_object(out, obj)
+        return out
 
     def mean(self, d: dict) -> dict:
         names = sorted(d)
-        return dict(zip(names, (v / self.n for v in all_reduce([d[k] for k in names]))))
+        return dict(zip(names, (v / self.n for v in self.reduce([d[k] for k in names]))))
 
     def episodes(self, episodes: list) -> list:
         """Without prompts, observations or tensors (what episode_stats reads), cheap to send between processes."""
@@ -1351,13 +1341,13 @@ class TorchrunProcesses(Processes):
                                                valid=s.valid, anchor=s.anchor, format_ok=s.format_ok,
                                                decisions=s.decisions) for s in e.steps], e.won, e.task_type)
                 for e in episodes]
-        return [e for part in all_gather(slim) for e in part]
+        return [e for part in self.gather(slim) for e in part]
 
     def share(self, it: int, batch: Batch) -> Batch:
         """Every process's rows, shuffled the same way everywhere, dealt round-robin (episode lengths differ)."""
         rows = list(zip(batch.steps, batch.old_logp, batch.entropy.tolist(), batch.adv.tolist(),
                         batch.selected.tolist(), batch.lam.tolist(), batch.ref_logp or [None] * len(batch.steps)))
-        rows = [r for part in all_gather(rows) for r in part]
+        rows = [r for part in self.gather(rows) for r in part]
         random.Random(it).shuffle(rows)  # the same order in every process
         steps, old_logp, entropy, adv, selected, lam, ref_logp = map(list, zip(*rows[self.rank::self.n]))
         return Batch(steps, old_logp, torch.tensor(entropy), torch.tensor(adv), torch.tensor(selected),
@@ -1379,10 +1369,10 @@ def publish(tmp: str, final: str):
 def save_checkpoint(run: Run, it: int, keep: int = 2) -> str:
     """checkpoints/iter-N: model + tokenizer, optimizer, every process's RNG states, the iteration; written by
     process 0 and published atomically; the newest `keep` are kept."""
-    ranks = all_gather(dict(rng=run.rng.getstate(), py_random=random.getstate(), numpy=np.random.get_state(),
-                            torch=torch.get_rng_state(),
-                            cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
-    if world()[0] != 0:
+    ranks = run.procs.gather(dict(rng=run.rng.getstate(), py_random=random.getstate(), numpy=np.random.get_state(),
+                                  torch=torch.get_rng_state(),
+                                  cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+    if run.procs.rank != 0:
         return ""
     root = os.path.join(run.run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
@@ -1440,7 +1430,7 @@ def resume_run(run: Run, state: dict, ckpt: str) -> int:
     """Continue exactly: optimizer, this process's RNG streams, summary and clock, metrics.jsonl cut back to the
     checkpoint's iteration (a torn last line is dropped). -> the checkpoint's iteration."""
     run.opt.load_state_dict(state["optimizer"])
-    rngs = state["ranks"][world()[0]]
+    rngs = state["ranks"][run.procs.rank]
     run.rng.setstate(rngs["rng"])
     random.setstate(rngs["py_random"])
     np.random.set_state(rngs["numpy"])
@@ -1449,7 +1439,7 @@ def resume_run(run: Run, state: dict, ckpt: str) -> int:
         torch.cuda.set_rng_state_all(rngs["cuda"])
     run.summary, run.train_s, start = state["summary"], state["train_s"], state["iteration"]
     metrics_path = os.path.join(run.run_dir, "metrics.jsonl")
-    if world()[0] == 0 and os.path.exists(metrics_path):
+    if run.procs.rank == 0 and os.path.exists(metrics_path):
         kept = []
         for line in open(metrics_path):
             try:
@@ -1459,7 +1449,7 @@ def resume_run(run: Run, state: dict, ckpt: str) -> int:
                 print(f"paw: dropped a torn line of {metrics_path}")
         with open(metrics_path, "w") as f:
             f.writelines(kept)
-    say(f"resuming from {ckpt} (iteration {start})")
+    run.procs.say(f"resuming from {ckpt} (iteration {start})")
     return start
 
 def save_final(run: Run):
@@ -1538,10 +1528,10 @@ def pick_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     return dev
 
-def make_run_dir(cfg: Config) -> str:
+def make_run_dir(cfg: Config, procs: Processes) -> str:
     """The run folder, checked writable, never an old run's (under torchrun process 0 makes it)."""
     run_dir, error = cfg.resume.rstrip("/"), None
-    if world()[0] == 0:
+    if procs.rank == 0:
         if not cfg.resume:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             name = cfg.name or f"{paw_envs.env_slug(cfg.env)}-{cfg.algo}-{cfg.wm}-s{cfg.seed}-{stamp}"
@@ -1557,7 +1547,7 @@ def make_run_dir(cfg: Config) -> str:
                 os.remove(os.path.join(run_dir, ".write-test"))
         except OSError as e:
             error = f"cannot write the run folder {run_dir}: {e.strerror}"
-    run_dir, error = all_gather((run_dir, error))[0]
+    run_dir, error = procs.gather((run_dir, error))[0]
     if error:
         raise ConfigError(error)
     return run_dir
@@ -1579,27 +1569,22 @@ def decide_defaults(cfg: Config, env_cls, dev: torch.device):
         raise ConfigError(f"--goal-names abstract: {cfg.env} has no goal_names() (see envs.py)")
     return paw_envs.abstract_goal_names(env_cls)  # the task's names as placeholders, mapped back for the game
 
-def say(*args, **kw):
-    """print, from process 0 only (under torchrun every process would print the same line)."""
-    if world()[0] == 0:
-        tqdm.write(" ".join(map(str, args)), **kw)
-
-def load_model(cfg: Config, env_cls, ckpt, dev, run_dir):
+def load_model(cfg: Config, env_cls, ckpt, dev, run_dir, procs: Processes):
     """-> (tokenizer, model, reference model, checkpoint state) from a checkpoint, --model or the tiny model."""
     dtype = getattr(torch, cfg.dtype)
     ref_model, state = None, None
     if ckpt:
         tok, model, ref_model, state = load_checkpoint(ckpt, dtype)
         saved_world = len(state["ranks"])
-        if saved_world != world()[1]:
+        if saved_world != procs.n:
             raise ConfigError(f"this run was trained with {saved_world} process(es); resume it with the same number "
-                              f"(torchrun --nproc_per_node {saved_world}), not {world()[1]}")
+                              f"(torchrun --nproc_per_node {saved_world}), not {procs.n}")
     elif cfg.model:
         tok, model = load_hf_model(cfg.model, dtype)
     else:
         tok = build_tiny_tokenizer(*gather_env_text(env_cls, seed=cfg.seed))
         model = build_tiny_model(tok, cfg.d_model, cfg.n_layers, cfg.n_heads).to(dtype)
-    if world()[0] == 0:
+    if procs.rank == 0:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     model.to(dev)
@@ -1613,22 +1598,22 @@ def print_plan(run: Run, dev, resuming: bool):
     cfg, fmt = run.cfg, run.fmt
     n_params, n = sum(p.numel() for p in run.model.parameters()), torch.get_num_threads()
     threads = f" ({n} thread{'s' if n > 1 else ''})" if dev.type == "cpu" else ""
-    say(f"paw: {cfg.env} | model {cfg.model or 'tiny Llama'} ({n_params / 1e6:.2f}M params, vocab {len(run.tok)}) "
+    run.procs.say(f"paw: {cfg.env} | model {cfg.model or 'tiny Llama'} ({n_params / 1e6:.2f}M params, vocab {len(run.tok)}) "
         f"| {cfg.algo} + WM {cfg.wm} | prompt {'think' if fmt.think else f'plain {fmt.layout}, K={fmt.history}'}"
         f"{', goal names abstracted (OBJ, REC; --goal-names named for the names)' if cfg.goal_names == 'abstract' else ''}"
         f"{' (chat template)' if fmt.chat else ''}{', action mask' if fmt.mask else ''} | {cfg.groups} groups x "
         f"{cfg.group_size}, lr {cfg.lr:g}{' -> 0 (linear)' if cfg.anneal_lr else ''}, {cfg.dtype} | device {dev}{threads}"
-        f"{f' x {world()[1]} processes' if world()[1] > 1 else ''} | run dir {run.run_dir}")
+        f"{f' x {run.procs.n} processes' if run.procs.n > 1 else ''} | run dir {run.run_dir}")
     pre = ["random-policy baseline"] + ([f"language prior ({cfg.prior_steps} steps)"]
                                         if not cfg.model and cfg.prior_steps else [])
-    say(f"paw: plan: {' -> '.join(['resume'] if resuming else pre)} -> RL, {cfg.iters} iterations"
+    run.procs.say(f"paw: plan: {' -> '.join(['resume'] if resuming else pre)} -> RL, {cfg.iters} iterations"
         f"{f' or {cfg.time_budget:g} min' if cfg.time_budget else ''} -> final evaluation ({cfg.eval_episodes} "
         f"held-out episodes). Ctrl-C stops early and keeps what was trained.")
 
 def before_rl(run: Run):
     """A fresh run: the random baseline and the language prior, saved as iteration 0 (resume never repeats them)."""
     cfg = run.cfg
-    if world()[0] == 0:
+    if run.procs.rank == 0:
         open(os.path.join(run.run_dir, "metrics.jsonl"), "w").close()
     try:
         run.summary["random"] = paw_envs.random_policy_success(run.env_cls, cfg.eval_episodes)
@@ -1653,7 +1638,7 @@ def finish(run: Run, dev, interrupted: bool) -> dict:
     summary["peak_rss_mb"] = peak_rss_mb()
     if dev.type == "cuda":
         summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-    if world()[0] != 0:
+    if run.procs.rank != 0:
         return summary
     print_eval_table({"random (admissible)": summary["random"], **{name: summary[k] for k, name in (
         ("final_greedy", "trained (greedy)"), ("final_sampled", "trained (sampled)")) if k in summary}})
@@ -1672,22 +1657,22 @@ def finish(run: Run, dev, interrupted: bool) -> dict:
 def start_run(cfg: Config):
     """Everything before training, fastest failures first. -> (run, device, checkpoint folder, its state)."""
     try:
-        init_distributed(cfg)
+        procs = TorchrunProcesses() if init_distributed(cfg)[1] > 1 else Processes()
         env_cls, dev = paw_envs.load_env_class(cfg.env), pick_device(cfg.device)
         env_cls = decide_defaults(cfg, env_cls, dev)
         ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
-        run_dir = make_run_dir(cfg)
+        run_dir = make_run_dir(cfg, procs)
     except (paw_envs.EnvError, ConfigError) as e:
         raise RunError(str(e)) from None
     if cfg.resume and ckpt is None:
-        say(f"paw: {run_dir} has no complete checkpoint yet: starting it again from its saved config")
+        procs.say(f"paw: {run_dir} has no complete checkpoint yet: starting it again from its saved config")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would break the training bar's line
     transformers.set_seed(cfg.seed)  # python, numpy and torch
     started_at = time.time()
     try:
-        tok, model, ref_model, state = load_model(cfg, env_cls, ckpt, dev, run_dir)
+        tok, model, ref_model, state = load_model(cfg, env_cls, ckpt, dev, run_dir, procs)
         fmt = make_prompt_format(tok, model, cfg)
     except ConfigError as e:
         raise RunError(str(e)) from None
@@ -1702,14 +1687,14 @@ def start_run(cfg: Config):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     run = Run(cfg, env_cls, tok, model, opt, random.Random(cfg.seed), fmt, run_dir, ref_model, started_at=started_at,
               logprobs=functools.partial(action_and_obs_logprobs, temperature=cfg.temperature, logp_fn=logp_fn),
-              procs=TorchrunProcesses() if world()[1] > 1 else Processes())
+              procs=procs)
     print_plan(run, dev, state is not None)
     return run, dev, ckpt, state
 
 def main(argv=None):
     cfg = parse_config(argv)
     run, dev, ckpt, state = start_run(cfg)
-    rank, n_proc = world()
+    rank, n_proc = run.procs.rank, run.procs.n
     if state is not None:  # exact resume: optimizer, every RNG, the metrics written up to the checkpoint
         start = resume_run(run, state, ckpt)
     else:
