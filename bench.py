@@ -259,7 +259,7 @@ def make_chat_model(folder, template=CHATML, hidden: int = 32, layers: int = 1, 
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
     texts, _ = paw.gather_env_text(envs.TextWorldTiny, n_episodes=50)
     texts += ["<think> I should act. </think> <action> go north </action>",
-              paw.build_think_prompt("t", [("o", "a")], "o", ["a"], 1, 1)]
+              paw.build_prompt("t", [("o", "a")], "o", ["a"], 1, "think")]
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()

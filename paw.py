@@ -147,12 +147,8 @@ class Config:
             v, flag, check = getattr(self, f.name), "--" + f.name.replace("_", "-"), f.metadata.get("check")
             need(not isinstance(v, float) or math.isfinite(v), f"{flag} must be a finite number (got {v})")
             need(not check or CHECKS[check](v), f"{flag} must be {check} (got {v})")
-        if self.wm_lambda != "adaptive":
-            try:
-                lam = float(self.wm_lambda)
-            except ValueError:
-                raise ConfigError(f"--wm-lambda must be 'adaptive' or a number (got {self.wm_lambda!r})") from None
-            need(lam >= 0 and math.isfinite(lam), f"--wm-lambda must be >= 0 (got {self.wm_lambda})")
+        need(self.wm_lambda == "adaptive" or re.fullmatch(r"(\d+\.?\d*|\.\d+)(e-?\d+)?", self.wm_lambda) is not None,
+             f"--wm-lambda must be 'adaptive' or a number >= 0 (got {self.wm_lambda!r})")
         need(0 <= self.seed < 2**32, f"--seed must be in [0, 2^32) (got {self.seed})")
         need(not self.d_model % self.n_heads and not (self.d_model // self.n_heads) % 2,
              f"--d-model ({self.d_model}) must be --n-heads ({self.n_heads}) x an even head size (rotary "
@@ -169,9 +165,16 @@ def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible
     K (observation, action) pairs, the current observation, the admissible actions. compact: the task, the step
     number and the last K actions instead of past observations (a deterministic policy can then tell a step
     from the one two steps back, so greedy decoding need not loop), the observation, the actions. minimal:
-    compact without the observation, for envs whose admissible actions say all a decision needs."""
+    compact without the observation, for envs whose admissible actions say all a decision needs. think (an
+    instruct model): full's content numbered by step, and the response format (reasoning in <think> </think>,
+    then one admissible action in <action> </action>), as verl-agent's prompts."""
     lines = [f"Task: {task}."]
     recent = history[-k:] if k > 0 else []
+    if layout == "think":
+        lines += [f"Step {len(history) - len(recent) + i + 1}: {o} Action: {a}" for i, (o, a) in enumerate(recent)]
+        lines += [f"Step {len(history) + 1} (now): {obs}", "Admissible actions: " + "; ".join(admissible),
+                  "Reason inside <think> </think>, then give one admissible action inside <action> </action>."]
+        return "\n".join(lines)
     if layout == "full":
         lines += [f"Before: {o} Action: {a}" for o, a in recent]
     else:  # newest first: the last action always sits right after "Last:"
@@ -180,19 +183,6 @@ def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible
         lines.append(f"Now: {obs}")
     lines.append("Actions: " + " ; ".join(admissible))
     lines.append("Your action:")
-    return "\n".join(lines)
-
-def build_think_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible: list[str], k: int,
-                       step: int) -> str:
-    """h_t for an instruct model: build_prompt's content numbered by step (as verl-agent's prompts), and the
-    response format: reasoning in <think> </think>, then one admissible action in <action> </action>."""
-    lines = [f"Task: {task}."]
-    recent = history[-k:] if k > 0 else []
-    for i, (o, a) in enumerate(recent):
-        lines.append(f"Step {step - len(recent) + i + 1}: {o} Action: {a}")
-    lines.append(f"Step {step + 1} (now): {obs}")
-    lines.append("Admissible actions: " + "; ".join(admissible))
-    lines.append("Reason inside <think> </think>, then give one admissible action inside <action> </action>.")
     return "\n".join(lines)
 
 @dataclass
@@ -216,24 +206,17 @@ def project_action(response: str, think: bool, prefilled_think: bool = False) ->
     if not think:
         return " ".join(response.split()), True
     text = ("<think>" + response) if prefilled_think and "<think>" not in response[:20] else response
-    ok = (text.count("<think>") == 1 and text.count("</think>") == 1 and text.count("<action>") == 1
-          and text.count("</action>") == 1)
-    if ok:
-        t0, t1, a0, a1 = (text.index(tag) for tag in ("<think>", "</think>", "<action>", "</action>"))
-        ok = t0 < t1 < a0 < a1 and text[:t0].strip() == ""
-    if not ok:
+    once = all(text.count(tag) == 1 for tag in ("<think>", "</think>", "<action>", "</action>"))
+    m = re.match(r"\s*<think>.*</think>.*<action>(.*)</action>", text, re.S) if once else None  # in this order
+    if not m:
         return " ".join(response.split()), False
-    action = " ".join(text[a0 + len("<action>"):a1].split())
-    return action, bool(action)
+    return " ".join(m.group(1).split()), bool(m.group(1).strip())
 
 def render_prompts(tok, fmt: PromptFormat, states: list[tuple], k: int, cache: dict | None = None) -> list[list[int]]:
     """Prompt texts -> token ids, one tokenizer call for all live episodes (tokenize_cached). states: (task, history,
-    observation, admissible actions) per episode; the plain prompt (tiny model) or the think prompt in the chat
-    template."""
-    if not fmt.think:
-        texts = [build_prompt(*st, k, fmt.layout) for st in states]
-    else:
-        texts = [build_think_prompt(*st, k, len(st[1])) for st in states]
+    observation, admissible actions) per episode; the plain prompt, or the think prompt (in the chat template)."""
+    texts = [build_prompt(*st, k, "think" if fmt.think else fmt.layout) for st in states]
+    if fmt.think:
         texts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
                  for t in texts] if fmt.chat else [t + "\n" for t in texts]
     bos = [tok.bos_token_id] if tok.bos_token_id is not None and not fmt.chat else []  # a template has its own
@@ -330,11 +313,11 @@ def generate_actions(model, tok, prompts: list[list[int]], fmt: PromptFormat, gr
         logp_all = torch.log_softmax(torch.stack(out.scores, 1).float(), dim=-1)  # [B, new tokens, V]
         tok_logp = logp_all.gather(2, new[:, :, None]).squeeze(2).cpu()
         tok_ent = -(logp_all.exp() * logp_all.clamp(min=torch.finfo(logp_all.dtype).min)).sum(-1).cpu()
-    stop, actions = set(fmt.stop_ids), []
+    stop, out = set(fmt.stop_ids), []
     for r, row in enumerate(new.tolist()):
         n = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))
-        actions.append((row[:n], tok_logp[r, :n] if keep else None, tok_ent[r, :n] if keep else None))
-    return actions
+        out.append((row[:n], tok_logp[r, :n] if keep else None, tok_ent[r, :n] if keep else None))
+    return out
 
 def decode_action(tok, ids: list[int], stop_ids=()) -> str:
     stop = set(stop_ids) | {tok.eos_token_id}
@@ -515,9 +498,7 @@ def behaviour_score_limit(rescore: str, dtype: str) -> float:
     """How many scores (batch x new tokens x vocab) generation may keep so that its own log-probs and H(a_t|h_t)
     serve as the behaviour policy's, saving the scoring pass: --rescore off = always, on = never, auto = up to 2^26
     (256 MB) in float32, where both agree (tested), and never in bf16, where they do not."""
-    if rescore == "auto":
-        return 2.0**26 if dtype in ("float32", "auto") else 0.0
-    return math.inf if rescore == "off" else 0.0
+    return dict(off=math.inf, on=0.0).get(rescore, 2.0**26 if dtype in ("float32", "auto") else 0.0)
 
 @torch.no_grad()
 def score_steps(logprobs, model, steps: list[Step], batch_size: int = 64, ref_model=None, policy: bool = True):
@@ -564,11 +545,9 @@ def rloo_advantages(returns: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """§3 RLOO: A_i = R_i - mean_{j != i} R_j within each group (0 for a group of size 1)."""
     adv = torch.zeros_like(returns, dtype=torch.float64)
     for g in group.unique():
-        m = group == g
-        r = returns[m].double()
-        n = r.numel()
-        if n > 1:
-            adv[m] = r - (r.sum() - r) / (n - 1)
+        r = returns[group == g].double()
+        if r.numel() > 1:
+            adv[group == g] = r - (r.sum() - r) / (r.numel() - 1)
     return adv.to(returns.dtype)
 
 def discounted_returns(rewards: list[float], gamma: float) -> list[float]:
@@ -743,28 +722,22 @@ class Processes:
     torchrun, TorchrunProcesses (appendix A5) sums, gathers and re-deals across all of them."""
     rank, n = 0, 1
 
-    def reduce(self, values: list, op: str = "sum") -> list:
-        """Each value summed (or max, min) over the processes."""
+    def reduce(self, values: list, op: str = "sum") -> list:  # each value summed (or max, min) over the processes
         return list(values)
 
-    def gather(self, obj) -> list:
-        """Every process's `obj`, in rank order."""
+    def gather(self, obj) -> list:  # every process's `obj`, in rank order
         return [obj]
 
-    def mean(self, d: dict) -> dict:
-        """Each value of `d` averaged over the processes."""
+    def mean(self, d: dict) -> dict:  # each value of `d` averaged over the processes
         return dict(sorted(d.items()))
 
-    def episodes(self, episodes: list) -> list:
-        """Every process's episodes (what episode_stats reads)."""
+    def episodes(self, episodes: list) -> list:  # every process's episodes (what episode_stats reads)
         return episodes
 
-    def share(self, it: int, batch: Batch) -> Batch:
-        """The update's input re-dealt so that every process holds an equal share of all the steps."""
+    def share(self, it: int, batch: Batch) -> Batch:  # re-dealt: every process holds an equal share of all steps
         return batch
 
-    def say(self, msg: str):
-        """One line for the user (from process 0 only), above the progress bar."""
+    def say(self, msg: str):  # one line for the user (from process 0 only), above the progress bar
         tqdm.write(msg)
 
 def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random, logprobs,
@@ -943,14 +916,13 @@ def train(run: Run, start: int, checkpoint=None) -> tuple[int, bool]:
                       "(Ctrl-C again: save only)")
                 return it - 1, True
             warned = report_iteration(run, m, metrics_file, bar, warned)
+            per_it = (run.train_s - train_s0) / (it - start)
             if cfg.time_budget:  # the bar's total and ETA follow whichever of --iters / --time-budget ends first
-                per_it = (run.train_s - train_s0) / (it - start)
                 bar.total = min(cfg.iters, it + math.ceil(max(0.0, 60 * cfg.time_budget - run.train_s) / per_it))
                 bar.refresh()
-            if it == start + 1:  # the first measured iteration gives the estimate of the whole run
-                left = (cfg.iters - it) * (time.time() - t_it)
-                left = min(left, max(0.0, 60 * cfg.time_budget - run.train_s)) if cfg.time_budget else left
-                procs.say(f"paw: one iteration took {time.time() - t_it:.0f} s; about {left / 60:.0f} more min of RL")
+            if it == start + 1:  # the first iteration gives the estimate of the whole run
+                procs.say(f"paw: one iteration took {per_it:.0f} s; about {(bar.total - it) * per_it / 60:.0f} more "
+                          "min of RL")
             if checkpoint and cfg.save_every and it % cfg.save_every == 0:
                 checkpoint(run, it)
             # every process stops at the same iteration (the slowest one's clock decides)
@@ -994,9 +966,8 @@ def evaluate(model, tok, env_cls, fmt: PromptFormat, n: int, greedy: bool = True
     """episode_stats on held-out seeds (from EVAL_SEED_START on, never used in training); under torchrun every
     process plays its share of the seeds."""
     seeds = [paw_envs.EVAL_SEED_START + i for i in range(n)][procs.rank::procs.n]
-    episodes = []
-    for i in range(0, len(seeds), batch):
-        episodes += collect_rollouts(model, tok, env_cls, seeds[i:i + batch], 1, fmt, greedy)
+    episodes = [e for i in range(0, len(seeds), batch)
+                for e in collect_rollouts(model, tok, env_cls, seeds[i:i + batch], 1, fmt, greedy)]
     return episode_stats(procs.episodes(episodes))
 
 def print_eval_table(rows: dict):
@@ -1065,10 +1036,8 @@ class FusedLinearLogpEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, W, targets, chunk: int, backend: str):
-        N = h.shape[0]
-        n_pad = (-N) % chunk
-        hp = F.pad(h, (0, 0, 0, n_pad))
-        tp = F.pad(targets, (0, n_pad))
+        N, n_pad = h.shape[0], (-h.shape[0]) % chunk  # the last chunk padded: static shapes for torch.compile
+        hp, tp = F.pad(h, (0, 0, 0, n_pad)), F.pad(targets, (0, n_pad))
         fwd = _kernel("fwd", backend)
         outs = [fwd(hp[i:i + chunk], W, tp[i:i + chunk]) for i in range(0, N + n_pad, chunk)]
         logp, ent, lse, is_argmax = (torch.cat(x)[:N] for x in zip(*outs))
@@ -1081,11 +1050,10 @@ class FusedLinearLogpEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent, _g_hit):
         h, W, targets, lse, ent = ctx.saved_tensors
-        N, chunk = h.shape[0], ctx.chunk
+        N, chunk, n_pad = h.shape[0], ctx.chunk, (-h.shape[0]) % ctx.chunk
         with_entropy = g_ent is not None  # the entropy term only when entropy needs a gradient
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(lse.dtype)
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(lse.dtype)
-        n_pad = (-N) % chunk
         hp, tp = F.pad(h, (0, 0, 0, n_pad)), F.pad(targets, (0, n_pad))
         lp, ep, gl, ge = (F.pad(x, (0, n_pad)) for x in (lse, ent, g_logp, g_ent))
         bwd = _kernel("bwd", ctx.backend)
@@ -1126,12 +1094,10 @@ def plain_linear_head(model) -> tuple[bool, str]:
         v = getattr(model.config, attr, None)
         if v not in (None, 0, 1, 0.0, 1.0):
             return False, f"config.{attr} = {v} changes the logits"
-    dev = head.weight.device
-    ids = torch.arange(min(8, model.config.vocab_size), device=dev)[None]
+    ids = torch.arange(min(8, model.config.vocab_size), device=head.weight.device)[None]
     with torch.no_grad():
         out = model(input_ids=ids, output_hidden_states=True)
-        ref = out.logits[0].float()
-        mine = (out.hidden_states[-1][0] @ head.weight.t()).float()
+    ref, mine = out.logits[0].float(), (out.hidden_states[-1][0] @ head.weight.t()).float()
     if not torch.allclose(ref, mine, atol=1e-3 * (1 + ref.abs().max().item()), rtol=1e-3):
         return False, "the logits differ from last_hidden_state @ W^T (a scaled or wrapped head)"
     return True, ""
@@ -1199,15 +1165,10 @@ def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
     """think (forced, or auto for a --model with a chat template); stop at every EOS of tokenizer and model."""
     chat = getattr(tok, "chat_template", None) is not None
     think = cfg.prompt_format == "think" or (cfg.prompt_format == "auto" and bool(cfg.model) and chat)
-    prefilled = False
-    if think and chat:
-        rendered = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
-                                           tokenize=False)
-        prefilled = rendered.rstrip().endswith("<think>")
-    stop = {tok.eos_token_id}
+    prefilled = think and chat and tok.apply_chat_template(
+        [{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False).rstrip().endswith("<think>")
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stop.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-    stop.discard(None)
+    stop = {tok.eos_token_id, *(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])} - {None}
     budget = cfg.max_action_tokens or (256 if think else 8)
     mask = cfg.action_mask == "on" or (cfg.action_mask == "auto" and not think)
     if mask and think:
@@ -1337,10 +1298,8 @@ class TorchrunProcesses(Processes):
 
     def episodes(self, episodes: list) -> list:
         """Without prompts, observations or tensors (what episode_stats reads), cheap to send between processes."""
-        slim = [Episode(e.group, e.seed, [Step(prompt_ids=[], action_ids=s.action_ids, obs_ids=[], reward=s.reward,
-                                               valid=s.valid, anchor=s.anchor, format_ok=s.format_ok,
-                                               decisions=s.decisions) for s in e.steps], e.won, e.task_type)
-                for e in episodes]
+        strip = dict(prompt_ids=[], obs_ids=[], allowed=None, gen_logp=None, gen_entropy=None)
+        slim = [dataclasses.replace(e, steps=[dataclasses.replace(s, **strip) for s in e.steps]) for e in episodes]
         return [e for part in self.gather(slim) for e in part]
 
     def share(self, it: int, batch: Batch) -> Batch:
@@ -1380,8 +1339,8 @@ def save_checkpoint(run: Run, it: int, keep: int = 2) -> str:
         if d.startswith(".tmp-"):
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     tmp, final = os.path.join(root, f".tmp-iter-{it:06d}"), os.path.join(root, f"iter-{it:06d}")
-    run.model.save_pretrained(os.path.join(tmp, "model"))
-    run.tok.save_pretrained(os.path.join(tmp, "model"))
+    for part in (run.model, run.tok):
+        part.save_pretrained(os.path.join(tmp, "model"))
     if run.ref_model is not None:
         run.ref_model.save_pretrained(os.path.join(tmp, "ref_model"))
     torch.save(dict(iteration=it, optimizer=run.opt.state_dict(), ranks=ranks, summary=run.summary,
@@ -1475,11 +1434,9 @@ def parse_config(argv=None) -> Config:
     """argparse from the Config fields; with --resume the run's config.json gives the defaults (then e.g. --iters)."""
     p = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                            epilog="built-in environments: " + ", ".join(sorted(paw_envs.ENVS)) + ", or module:Class")
-    groups = {}
-    for f in dataclasses.fields(Config):
-        g = f.metadata.get("group") or groups.get("last", "run")
-        groups["last"] = g
-        target = groups.setdefault(g, p.add_argument_group(g))
+    target = None
+    for f in dataclasses.fields(Config):  # a field with a `group` starts a --help section
+        target = p.add_argument_group(f.metadata["group"]) if "group" in f.metadata or not target else target
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             target.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
@@ -1569,36 +1526,11 @@ def decide_defaults(cfg: Config, env_cls, dev: torch.device):
         raise ConfigError(f"--goal-names abstract: {cfg.env} has no goal_names() (see envs.py)")
     return paw_envs.abstract_goal_names(env_cls)  # the task's names as placeholders, mapped back for the game
 
-def load_model(cfg: Config, env_cls, ckpt, dev, run_dir, procs: Processes):
-    """-> (tokenizer, model, reference model, checkpoint state) from a checkpoint, --model or the tiny model."""
-    dtype = getattr(torch, cfg.dtype)
-    ref_model, state = None, None
-    if ckpt:
-        tok, model, ref_model, state = load_checkpoint(ckpt, dtype)
-        saved_world = len(state["ranks"])
-        if saved_world != procs.n:
-            raise ConfigError(f"this run was trained with {saved_world} process(es); resume it with the same number "
-                              f"(torchrun --nproc_per_node {saved_world}), not {procs.n}")
-    elif cfg.model:
-        tok, model = load_hf_model(cfg.model, dtype)
-    else:
-        tok = build_tiny_tokenizer(*gather_env_text(env_cls, seed=cfg.seed))
-        model = build_tiny_model(tok, cfg.d_model, cfg.n_layers, cfg.n_heads).to(dtype)
-    if procs.rank == 0:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-    model.to(dev)
-    if ref_model is not None:
-        ref_model.to(dev).eval().requires_grad_(False)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
-    return tok, model, ref_model, state
-
 def print_plan(run: Run, dev, resuming: bool):
-    cfg, fmt = run.cfg, run.fmt
+    cfg, fmt, say = run.cfg, run.fmt, run.procs.say
     n_params, n = sum(p.numel() for p in run.model.parameters()), torch.get_num_threads()
     threads = f" ({n} thread{'s' if n > 1 else ''})" if dev.type == "cpu" else ""
-    run.procs.say(f"paw: {cfg.env} | model {cfg.model or 'tiny Llama'} ({n_params / 1e6:.2f}M params, vocab {len(run.tok)}) "
+    say(f"paw: {cfg.env} | model {cfg.model or 'tiny Llama'} ({n_params / 1e6:.2f}M params, vocab {len(run.tok)}) "
         f"| {cfg.algo} + WM {cfg.wm} | prompt {'think' if fmt.think else f'plain {fmt.layout}, K={fmt.history}'}"
         f"{', goal names abstracted (OBJ, REC; --goal-names named for the names)' if cfg.goal_names == 'abstract' else ''}"
         f"{' (chat template)' if fmt.chat else ''}{', action mask' if fmt.mask else ''} | {cfg.groups} groups x "
@@ -1606,12 +1538,13 @@ def print_plan(run: Run, dev, resuming: bool):
         f"{f' x {run.procs.n} processes' if run.procs.n > 1 else ''} | run dir {run.run_dir}")
     pre = ["random-policy baseline"] + ([f"language prior ({cfg.prior_steps} steps)"]
                                         if not cfg.model and cfg.prior_steps else [])
-    run.procs.say(f"paw: plan: {' -> '.join(['resume'] if resuming else pre)} -> RL, {cfg.iters} iterations"
+    say(f"paw: plan: {' -> '.join(['resume'] if resuming else pre)} -> RL, {cfg.iters} iterations"
         f"{f' or {cfg.time_budget:g} min' if cfg.time_budget else ''} -> final evaluation ({cfg.eval_episodes} "
         f"held-out episodes). Ctrl-C stops early and keeps what was trained.")
 
-def before_rl(run: Run):
-    """A fresh run: the random baseline and the language prior, saved as iteration 0 (resume never repeats them)."""
+def before_rl(run: Run) -> int:
+    """A fresh run: the random baseline and the language prior, saved as iteration 0 (resume never repeats them);
+    then every process its own random streams, as each rolls out its own episodes. -> 0, the iteration done."""
     cfg = run.cfg
     if run.procs.rank == 0:
         open(os.path.join(run.run_dir, "metrics.jsonl"), "w").close()
@@ -1625,6 +1558,10 @@ def before_rl(run: Run):
     run.train_s = time.time() - run.started_at
     if not cfg.model and cfg.prior_steps:  # keep the pre-RL work: --resume starts here
         save_or_warn(run, 0)
+    if run.procs.rank:
+        run.rng.seed(f"{cfg.seed}-{run.procs.rank}")
+        torch.manual_seed(cfg.seed + 1000003 * run.procs.rank)
+    return 0
 
 def finish(run: Run, dev, interrupted: bool) -> dict:
     """The final held-out evaluation next to the random policy, the model (save_pretrained) and summary.json."""
@@ -1655,54 +1592,58 @@ def finish(run: Run, dev, interrupted: bool) -> dict:
     return summary
 
 def start_run(cfg: Config):
-    """Everything before training, fastest failures first. -> (run, device, checkpoint folder, its state)."""
-    try:
-        procs = TorchrunProcesses() if init_distributed(cfg)[1] > 1 else Processes()
-        env_cls, dev = paw_envs.load_env_class(cfg.env), pick_device(cfg.device)
-        env_cls = decide_defaults(cfg, env_cls, dev)
-        ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
-        run_dir = make_run_dir(cfg, procs)
-    except (paw_envs.EnvError, ConfigError) as e:
-        raise RunError(str(e)) from None
+    """Everything before training, fastest failures first: flags, env, device, run folder, then the model (from a
+    checkpoint, --model, or the tiny model built here) and its prompt format. -> (run, device, checkpoint, state)."""
+    procs = TorchrunProcesses() if init_distributed(cfg)[1] > 1 else Processes()
+    env_cls, dev = paw_envs.load_env_class(cfg.env), pick_device(cfg.device)
+    env_cls = decide_defaults(cfg, env_cls, dev)
+    ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
+    run_dir = make_run_dir(cfg, procs)
     if cfg.resume and ckpt is None:
         procs.say(f"paw: {run_dir} has no complete checkpoint yet: starting it again from its saved config")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would break the training bar's line
     transformers.set_seed(cfg.seed)  # python, numpy and torch
-    started_at = time.time()
+    started_at, dtype, ref_model, state = time.time(), getattr(torch, cfg.dtype), None, None
     try:
-        tok, model, ref_model, state = load_model(cfg, env_cls, ckpt, dev, run_dir, procs)
+        if ckpt:
+            tok, model, ref_model, state = load_checkpoint(ckpt, dtype)
+            if len(state["ranks"]) != procs.n:
+                raise ConfigError(f"this run was trained with {len(state['ranks'])} process(es); resume it with the "
+                                  f"same number (torchrun --nproc_per_node {len(state['ranks'])}), not {procs.n}")
+        elif cfg.model:
+            tok, model = load_hf_model(cfg.model, dtype)
+        else:
+            tok = build_tiny_tokenizer(*gather_env_text(env_cls, seed=cfg.seed))
+            model = build_tiny_model(tok, cfg.d_model, cfg.n_layers, cfg.n_heads).to(dtype)
         fmt = make_prompt_format(tok, model, cfg)
-    except ConfigError as e:
-        raise RunError(str(e)) from None
     except KeyboardInterrupt:
         raise RunError("interrupted while building the model; nothing to save", 130)
-    if cfg.fused_loss:  # decided once, recorded in config.json
-        ok, why = plain_linear_head(model)
-        if not ok:
-            warnings.warn(f"fused loss path disabled: {why}; using the naive full-logits path")
-            cfg.fused_loss = False
+    model.to(dev)
+    if ref_model is not None:
+        ref_model.to(dev).eval().requires_grad_(False)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+    if cfg.fused_loss and (why := plain_linear_head(model)[1]):  # decided once, recorded in config.json
+        warnings.warn(f"fused loss path disabled: {why}; using the naive full-logits path")
+        cfg.fused_loss = False
+    if procs.rank == 0:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
     logp_fn = head_logp_fn(cfg.fused_loss, model.get_output_embeddings().weight.shape[0], cfg.compile, cfg.loss_chunk)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    run = Run(cfg, env_cls, tok, model, opt, random.Random(cfg.seed), fmt, run_dir, ref_model, started_at=started_at,
-              logprobs=functools.partial(action_and_obs_logprobs, temperature=cfg.temperature, logp_fn=logp_fn),
-              procs=procs)
+    run = Run(cfg, env_cls, tok, model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0),
+              random.Random(cfg.seed), fmt, run_dir, ref_model, started_at=started_at, procs=procs,
+              logprobs=functools.partial(action_and_obs_logprobs, temperature=cfg.temperature, logp_fn=logp_fn))
     print_plan(run, dev, state is not None)
     return run, dev, ckpt, state
 
 def main(argv=None):
     cfg = parse_config(argv)
     run, dev, ckpt, state = start_run(cfg)
-    rank, n_proc = run.procs.rank, run.procs.n
-    if state is not None:  # exact resume: optimizer, every RNG, the metrics written up to the checkpoint
-        start = resume_run(run, state, ckpt)
-    else:
-        before_rl(run)
-        start = 0
-        if rank:  # every process rolls out its own episodes: its own random streams from here on
-            run.rng.seed(f"{cfg.seed}-{rank}")
-            torch.manual_seed(cfg.seed + 1000003 * rank)
+    # exact resume: optimizer, every RNG, the metrics written up to the checkpoint
+    start = resume_run(run, state, ckpt) if state is not None else before_rl(run)
+    n_proc = run.procs.n
     if n_proc > 1:  # DDP starts from process 0's weights and all-reduces the gradients of every update
         run.trainer = nn.parallel.DistributedDataParallel(
             DistributedTrunk(run.model), device_ids=[dev.index or 0] if dev.type == "cuda" else None)
@@ -1719,9 +1660,9 @@ def main(argv=None):
 if __name__ == "__main__":  # the only place that exits: every error below is one line and an exit code
     try:
         sys.exit(130 if main().get("interrupted") else 0)
-    except RunError as e:
-        print(f"\npaw: {e}" if e.code == 130 else f"paw.py: error: {e}", file=sys.stderr)
-        sys.exit(e.code)
+    except (RunError, ConfigError, paw_envs.EnvError) as e:  # a bad flag or input: 2, a failure: 1, Ctrl-C: 130
+        print(f"\npaw: {e}" if getattr(e, "code", 2) == 130 else f"paw.py: error: {e}", file=sys.stderr)
+        sys.exit(getattr(e, "code", 2))
     except paw_envs.EnvFailure as e:  # a bug in the environment: one line; config and metrics stay on disk
         print(f"paw.py: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1371,10 +1371,14 @@ def test_ctrl_c_keeps_work_and_exits_130(tmp_path, phase, trigger, extra):
 
 
 def test_library_functions_raise_and_only_the_command_line_exits(tmp_path):
-    """start_run on a bad --env raises RunError (code 2) instead of ending the interpreter (a notebook survives)."""
-    with pytest.raises(paw.RunError) as e:
+    """start_run on a bad --env or --device raises (EnvError, ConfigError) instead of ending the interpreter (a
+    notebook survives); the command line turns either into one line and exit code 2."""
+    with pytest.raises(envs.EnvError, match="no_such_module"):
         paw.start_run(cfg(env="no_such_module:Env", out=str(tmp_path)))
-    assert e.value.code == 2 and "no_such_module" in str(e.value)
+    with pytest.raises(paw.ConfigError, match="not a device"):
+        paw.start_run(cfg(device="gpu7", out=str(tmp_path)))
+    r = run_paw(["--env", "no_such_module:Env", "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().startswith("paw.py: error:") and "no_such_module" in r.stderr
 
 
 def test_strict_json_names_non_finite_metrics():
