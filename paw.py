@@ -99,8 +99,7 @@ class Config:
     wm_lambda: str = arg("adaptive", "§2.3: 'adaptive' (1 - mean_return/R_max per group) or a constant")
     wm_coef: float = arg(1.0, "§2.3: global coefficient multiplying lambda", check=">= 0")
     wm_max_tokens: int = arg(48, "§2: the next observation o_{t+1} is truncated to this many tokens", check="> 0")
-    wm_grad_cap: float = arg(1.0, "paw's WM gradient cap: WM grad norm <= cap x RL grad norm (0 = the literal §2.4)",
-                             check=">= 0")
+    wm_grad_cap: float = arg(1.0, "paw's cap: WM grad norm <= cap x RL grad norm (0 = the literal §2.4)", check=">= 0")
     env: str = arg("textworld-tiny", "built-in environment, or module:Class of your own (see envs.py)", group="run")
     model: str = arg("", "Hugging Face causal LM (hub id or local folder); empty = the tiny model, built here")
     seed: int = arg(1, "random seed (python, numpy, torch, task sampling)")
@@ -110,8 +109,7 @@ class Config:
     name: str = arg("", "run name; empty = <env>-<algo>-<wm>-s<seed>-<time>")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
     dtype: str = arg("auto", "auto = bfloat16 for a --model on CUDA, else float32", choices=["auto", "float32", "bfloat16"])
-    threads: int = arg(0, "torch CPU threads (0 = auto: 1 for the tiny model on CPU, else torch's default)",
-                       check=">= 0")
+    threads: int = arg(0, "torch CPU threads (0 = 1 for the tiny model on CPU, else torch's default)", check=">= 0")
     grad_checkpointing: bool = arg(False, "recompute activations in backward (less memory for a big --model)")
     save_every: int = arg(0, "checkpoint every N iterations, the last two kept (0 = final model only)", check=">= 0")
     resume: str = arg("", "continue the run in this folder (runs/<name>) from its latest checkpoint")
@@ -123,8 +121,7 @@ class Config:
     prior_steps: int = arg(150, "language prior: next-token steps on observation text alone (0 = none)", check=">= 0")
     prior_batch: int = arg(32, "observations per language-prior step", check="> 0")
     prior_lr: float = arg(2e-3, "language-prior learning rate", check="> 0")
-    fused_loss: bool = arg(True, "apply the head to the loss positions only, chunked (never the full logits)",
-                           group="loss path")
+    fused_loss: bool = arg(True, "the head on the loss positions only, chunked (no full logits)", group="loss path")
     compile: str = arg("auto", "torch.compile backend of the loss kernels; auto = inductor from a 32k vocabulary",
                        choices=["auto", "inductor", "aot_eager", "off"])
     loss_chunk: int = arg(0, "tokens per fused-loss chunk (0 = a logits tile of ~2^26 values)", check=">= 0")
@@ -343,9 +340,8 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, fmt
     for g, seed in enumerate(seeds):
         for _ in range(group_size):
             env = env_cls()
-            obs, info = env.reset(seed)
-            episodes.append(Episode(group=g, seed=seed, task_type=str(info.get("task_type", ""))))
-            slots.append(Slot(env, obs, info))
+            slots.append(Slot(env, *env.reset(seed)))
+            episodes.append(Episode(group=g, seed=seed, task_type=str(slots[-1].info.get("task_type", ""))))
     for _ in range(env_cls.max_steps):
         active = [i for i, slot in enumerate(slots) if not slot.done]
         if not active:
@@ -570,8 +566,7 @@ def gigpo_step_advantages(step_returns: list[float], anchors: list[str], group: 
     size = torch.zeros(len(step_returns), dtype=torch.long)
     R = torch.tensor(step_returns, dtype=torch.float64)
     for idx in clusters.values():
-        size[idx] = len(idx)
-        adv[idx] = normalized_in_group(R[idx], norm, eps)
+        size[idx], adv[idx] = len(idx), normalized_in_group(R[idx], norm, eps)
     return adv, size
 
 def rl_returns(ep: Episode, invalid_penalty: float) -> float:
@@ -581,8 +576,7 @@ def rl_returns(ep: Episode, invalid_penalty: float) -> float:
 def compute_advantages(episodes: list[Episode], cfg: Config):
     """Per-step advantage (broadcast to every action token of the step) for --algo, plus log stats."""
     R = torch.tensor([rl_returns(e, cfg.invalid_penalty) for e in episodes], dtype=torch.float64)
-    grp = torch.tensor([e.group for e in episodes])
-    stats = {}
+    grp, stats = torch.tensor([e.group for e in episodes]), {}
     ep_adv = rloo_advantages(R, grp) if cfg.algo == "rloo" else grpo_advantages(R, grp, cfg.adv_norm)
     step_adv = torch.cat([ep_adv[i].repeat(len(e.steps)) for i, e in enumerate(episodes)])
     if cfg.algo == "gigpo":
@@ -663,8 +657,7 @@ def ppo_clip_loss(logp, old_logp, adv, clip_low: float, clip_high: float):
     logp/old_logp/adv are per action token. Returns (loss, clip fraction, approx KL k3 to old policy)."""
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    pg1, pg2 = -adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     loss = torch.maximum(pg1, pg2).mean()
     with torch.no_grad():
         clipfrac = (pg2 > pg1).float().mean()
@@ -1130,9 +1123,7 @@ def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
     tk.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
     trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIALS.values()), show_progress=False)
     tk.train_from_iterator(list(texts) + list(actions), trainer)
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, **SPECIALS)
-    tok.padding_side = "left"
-    return tok
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, padding_side="left", **SPECIALS)
 
 def build_tiny_model(tok, d_model: int = 96, n_layers: int = 3, n_heads: int = 4):
     """A randomly initialised Llama decoder, small enough for a laptop CPU (not Qwen2: transformers 5 reloads
@@ -1182,14 +1173,11 @@ def agent_interface(cfg: Config, env_cls=None) -> tuple[str, int, str]:
     minimal) or compact, and abstracted goal names where the env has goal_names(); a --model reads the full,
     named text, as the paper's agents do. start_run writes the decided values into the run's config."""
     env_cls = env_cls or paw_envs.ENVS.get(cfg.env)
-    layout = cfg.prompt_layout
-    if layout == "auto":
-        layout = "full" if cfg.model else getattr(env_cls, "prompt_layout", "compact")
-    k = cfg.history if cfg.history >= 0 else (1 if layout == "full" else 2)
-    names = cfg.goal_names
-    if names == "auto":
-        names = "abstract" if not cfg.model and callable(getattr(env_cls, "goal_names", None)) else "named"
-    return layout, k, names
+    layout = cfg.prompt_layout if cfg.prompt_layout != "auto" else (
+        "full" if cfg.model else getattr(env_cls, "prompt_layout", "compact"))
+    names = cfg.goal_names if cfg.goal_names != "auto" else (
+        "abstract" if not cfg.model and callable(getattr(env_cls, "goal_names", None)) else "named")
+    return layout, cfg.history if cfg.history >= 0 else (1 if layout == "full" else 2), names
 
 # ==== A4. The language prior (tiny model only)
 def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random, logprobs=action_and_obs_logprobs) -> dict:
@@ -1304,13 +1292,11 @@ class TorchrunProcesses(Processes):
 
     def share(self, it: int, batch: Batch) -> Batch:
         """Every process's rows, shuffled the same way everywhere, dealt round-robin (episode lengths differ)."""
-        rows = list(zip(batch.steps, batch.old_logp, batch.entropy.tolist(), batch.adv.tolist(),
-                        batch.selected.tolist(), batch.lam.tolist(), batch.ref_logp or [None] * len(batch.steps)))
-        rows = [r for part in self.gather(rows) for r in part]
-        random.Random(it).shuffle(rows)  # the same order in every process
-        steps, old_logp, entropy, adv, selected, lam, ref_logp = map(list, zip(*rows[self.rank::self.n]))
-        return Batch(steps, old_logp, torch.tensor(entropy), torch.tensor(adv), torch.tensor(selected),
-                     torch.tensor(lam), ref_logp if ref_logp[0] is not None else [])
+        cols = zip(*[[getattr(b, f.name) for f in dataclasses.fields(Batch)] for b in self.gather(batch)])
+        every = Batch(*[torch.cat(c) if torch.is_tensor(c[0]) else [x for part in c for x in part] for c in cols])
+        order = list(range(len(every.steps)))
+        random.Random(it).shuffle(order)  # the same order in every process
+        return every.rows(order[self.rank::self.n])
 
     def say(self, msg: str):
         if self.rank == 0:
@@ -1410,14 +1396,6 @@ def resume_run(run: Run, state: dict, ckpt: str) -> int:
             f.writelines(kept)
     run.procs.say(f"resuming from {ckpt} (iteration {start})")
     return start
-
-def save_final(run: Run):
-    """The final model + tokenizer in <run>/model, loadable with AutoModelForCausalLM (published atomically)."""
-    tmp = os.path.join(run.run_dir, ".tmp-model")
-    shutil.rmtree(tmp, ignore_errors=True)
-    run.model.save_pretrained(tmp)
-    run.tok.save_pretrained(tmp)
-    publish(tmp, os.path.join(run.run_dir, "model"))
 
 # ==== A7. Command line and main
 # flags a --resume may change: budget, evaluation, logging, and how (not what) is computed
@@ -1564,7 +1542,7 @@ def before_rl(run: Run) -> int:
     return 0
 
 def finish(run: Run, dev, interrupted: bool) -> dict:
-    """The final held-out evaluation next to the random policy, the model (save_pretrained) and summary.json."""
+    """The final held-out evaluation next to the random policy; <run>/model (published atomically), summary.json."""
     cfg, summary = run.cfg, run.summary
     try:
         for key, greedy in (("final_greedy", True), ("final_sampled", False))[:1 + cfg.eval_sampled]:
@@ -1580,7 +1558,11 @@ def finish(run: Run, dev, interrupted: bool) -> dict:
     print_eval_table({"random (admissible)": summary["random"], **{name: summary[k] for k, name in (
         ("final_greedy", "trained (greedy)"), ("final_sampled", "trained (sampled)")) if k in summary}})
     try:
-        save_final(run)
+        tmp = os.path.join(run.run_dir, ".tmp-model")  # the final model + tokenizer, for AutoModelForCausalLM
+        shutil.rmtree(tmp, ignore_errors=True)
+        for part in (run.model, run.tok):
+            part.save_pretrained(tmp)
+        publish(tmp, os.path.join(run.run_dir, "model"))
         with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
             json.dump(strict_json(summary)[0], f, indent=1)
     except (OSError, RuntimeError) as e:
@@ -1643,14 +1625,13 @@ def main(argv=None):
     run, dev, ckpt, state = start_run(cfg)
     # exact resume: optimizer, every RNG, the metrics written up to the checkpoint
     start = resume_run(run, state, ckpt) if state is not None else before_rl(run)
-    n_proc = run.procs.n
-    if n_proc > 1:  # DDP starts from process 0's weights and all-reduces the gradients of every update
+    if run.procs.n > 1:  # DDP starts from process 0's weights and all-reduces the gradients of every update
         run.trainer = nn.parallel.DistributedDataParallel(
             DistributedTrunk(run.model), device_ids=[dev.index or 0] if dev.type == "cuda" else None)
     it, interrupted = train(run, start, checkpoint=save_or_warn)
     run.summary.update(iters_done=it, train_s=run.train_s)
     summary = finish(run, dev, interrupted)
-    if n_proc > 1:  # DDP's reducer holds the process group: free both while Python is whole, then leave together
+    if run.procs.n > 1:  # DDP's reducer holds the process group: free both while Python is whole, then leave together
         run.trainer = None
         gc.collect()
         torch.distributed.barrier()
