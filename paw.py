@@ -9,10 +9,8 @@ comments name their sections (§1 idea ... §3 RL algorithms, §6 risks); what p
     python paw.py --env textworld-tiny            # trains PaW, evaluates, saves to runs/<name>/
     python paw.py --env textworld-tiny --wm off   # the plain GRPO baseline
 
-Parts 1-8 are the method in the paper's order (config, rollouts, the one forward pass over [h ; a ; o'],
-advantages, WM targets, losses and the objective, the update, the training loop and evaluation). The appendix
-after them, A1-A7, is engineering to skip on a first read: the fused loss kernel, the tiny model and Hugging
-Face loading, the think/chat format, the language prior, several processes, checkpoints, the command line.
+Parts 1-8 are the method in the paper's order; the appendix A1-A7 after them is engineering to skip on a first
+read (fused loss kernel, models, think format, language prior, several processes, checkpoints, command line).
 """
 from __future__ import annotations
 
@@ -331,9 +329,8 @@ class Slot:
 
 def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, fmt: PromptFormat, greedy: bool = False,
                      max_obs_tokens: int = 48) -> list[Episode]:
-    """§2: run len(seeds) x group_size episodes in lock-step (all G rollouts of a group share the seed,
-    so they start from the same state); one batched generate call per environment step. o_{t+1} is kept as token
-    ids, truncated to `max_obs_tokens` (--wm-max-tokens)."""
+    """§2: len(seeds) x group_size episodes in lock-step (the G rollouts of a group share the seed: the same start),
+    one batched generate call per environment step; o_{t+1} kept as token ids, truncated to `max_obs_tokens`."""
     was_training = model.training
     model.eval()
     episodes, slots, ids_of = [], [], {}  # ids_of: text -> its token ids (prompts, actions, observations)
@@ -442,15 +439,6 @@ def naive_logp_entropy(logits, targets, allowed: torch.Tensor | None = None) -> 
     is_argmax = z.gather(1, targets[:, None]).squeeze(1) >= z.max(-1).values
     return TokenStats(logp, ent, is_argmax)
 
-def allowed_matrix(packed: Packed, n_act: int, vocab: int, device) -> torch.Tensor | None:
-    """The action mask of a packed batch as a dense [action tokens, vocab] bool matrix (None: no mask)."""
-    if packed.act_allowed is None:
-        return None
-    m = torch.zeros(n_act, vocab, dtype=torch.bool, device=device)
-    m[packed.act_allowed[0].to(device), packed.act_allowed[1].to(device)] = True
-    m[~m.any(1)] = True  # no admissible action there: generation was not masked either
-    return m
-
 def linear_head_logp(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor) -> TokenStats:
     """The linear head W on the hidden states of the loss positions only: their logits h W^T [N, V], then the
     reference math. The fused kernel of appendix A1 gives the same per token without the [N, V] logits."""
@@ -459,19 +447,20 @@ def linear_head_logp(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor) ->
 def action_and_obs_logprobs(model, packed: Packed, temperature: float = 1.0, logp_fn=None,
                             with_head_input: bool = False) -> ForwardOut:
     """One forward pass over packed sequences -> per-token (log-prob, entropy, is-argmax) of the action tokens (at
-    temperature T, renormalised under the action mask) and of the observation tokens (temperature 1); with
-    `with_head_input`, also the last hidden state. logp_fn(h, W, targets) -> TokenStats applies the head to the loss
-    positions only (linear_head_logp, or fused_logp_entropy of appendix A1); None: the model's own logits (any head).
-    `model` is the LM, or under torchrun DistributedDataParallel around it (called, so gradients are synchronised)."""
+    temperature T, renormalised under the action mask) and the observation tokens (temperature 1), and with
+    `with_head_input` the last hidden state. logp_fn(h, W, targets) -> TokenStats: the head on the loss positions only
+    (linear_head_logp, or fused_logp_entropy of appendix A1); None: the model's own logits. `model`: the LM, or DDP."""
     ddp, model = (model, model.module.lm) if isinstance(model, nn.parallel.DistributedDataParallel) else (None, model)
     dev = next(model.parameters()).device
     # Right padding + causal attention: no real token ever attends to a pad, so no mask is needed and
     # attention takes its fast causal path. Positions 0..T-1 match generation's (left pad + mask).
-    ids = packed.input_ids.to(dev)
-    act_pos, obs_pos = packed.act_pos.to(dev), packed.obs_pos.to(dev)
-    act_tgt, obs_tgt = packed.act_tgt.to(dev), packed.obs_tgt.to(dev)
-    W = model.get_output_embeddings().weight
-    allowed = allowed_matrix(packed, act_pos.numel(), W.shape[0], dev)
+    ids, act_pos, obs_pos, act_tgt, obs_tgt = (x.to(dev) for x in (packed.input_ids, packed.act_pos, packed.obs_pos,
+                                                                    packed.act_tgt, packed.obs_tgt))
+    W, allowed = model.get_output_embeddings().weight, None
+    if packed.act_allowed is not None:  # the action mask as a dense [action tokens, vocab] bool matrix
+        allowed = torch.zeros(len(act_tgt), W.shape[0], dtype=torch.bool, device=dev)
+        allowed[packed.act_allowed[0].to(dev), packed.act_allowed[1].to(dev)] = True
+        allowed[~allowed.any(1)] = True  # no admissible action there: generation was not masked either
     if logp_fn is None:
         out = ddp(ids, False, with_head_input) if ddp else model(input_ids=ids, output_hidden_states=with_head_input)
         hidden = out.hidden_states[-1] if with_head_input else None
@@ -498,10 +487,9 @@ def behaviour_score_limit(rescore: str, dtype: str) -> float:
 
 @torch.no_grad()
 def score_steps(logprobs, model, steps: list[Step], batch_size: int = 64, ref_model=None, policy: bool = True):
-    """The no-grad scoring pass (§2.1): with the weights that generated the rollouts, the behaviour log-probs of
-    each action token (sampling temperature), H(a_t|h_t), the WM token accuracy, and with `ref_model` its log-probs
-    (policy=False: only those). logprobs(model, packed) -> ForwardOut (action_and_obs_logprobs with the run's
-    temperature and head). -> (old log-probs per step, H(a_t|h_t), ref log-probs per step, WM accuracy)."""
+    """The no-grad scoring pass (§2.1) with the weights that generated the rollouts. logprobs(model, packed) ->
+    ForwardOut (the run's action_and_obs_logprobs). -> (behaviour log-probs per step, H(a_t|h_t), log-probs of
+    `ref_model` per step (policy=False: only those), WM token accuracy)."""
     was_training = model.training
     model.eval()
     old, ent_mean, ref, hits, n_obs = [], [], [], 0, 0
@@ -606,8 +594,8 @@ def select_wm_targets(action_entropy: torch.Tensor, alpha: float) -> torch.Tenso
     return mask
 
 def adaptive_wm_weight(group_mean_return: torch.Tensor, r_max: float, coef: float = 1.0) -> torch.Tensor:
-    """§2.3 reward-adaptive balancing: lambda_g = clamp(1 - mean_return(g) / R_max, 0, 1), times a global
-    coefficient. mean_return is the task return (no penalties): all-fail groups, which get zero GRPO advantage, get lambda = 1."""
+    """§2.3 reward-adaptive balancing: lambda_g = clamp(1 - mean_return(g) / R_max, 0, 1) x a global coefficient.
+    mean_return is the task return (no penalties): all-fail groups (zero GRPO advantage) get lambda = 1."""
     return coef * (1.0 - group_mean_return / r_max).clamp(0.0, 1.0)
 
 def wm_weights(episodes: list[Episode], r_max: float, lam: str = "adaptive", coef: float = 1.0) -> torch.Tensor:
@@ -639,8 +627,8 @@ class Batch:
                      self.selected[idx], self.lam[idx], [self.ref_logp[i] for i in idx] if self.ref_logp else [])
 
 def cmae_loss(logp: torch.Tensor, rho: float) -> torch.Tensor:
-    """§2.2 noise-tolerant WM loss, per-token clipped MAE (CMAE): l = 1[p <= rho] * (1 - p), the indicator on
-    detached p. For a one-hot target MAE = 1 - p; its gradient w.r.t. the target logit is -p(1-p) in the band and 0 outside."""
+    """§2.2 noise-tolerant WM loss, per-token clipped MAE (CMAE): l = 1[p <= rho] * (1 - p), the indicator on detached
+    p. For a one-hot target MAE = 1 - p; its gradient w.r.t. the target logit: -p(1-p) in the band, 0 outside."""
     p = logp.exp()
     return (p.detach() <= rho).to(p.dtype) * (1.0 - p)
 
@@ -679,9 +667,8 @@ def wm_term(obs_logp, obs_rows, n_rows, selected, lam, loss: str = "cmae", rho: 
     return (lam[in_s] * per_t[in_s]).sum() / in_s.sum()
 
 def combined_objective(fwd: ForwardOut, packed: Packed, part: Batch, cfg: Config):
-    """§2.4 combined objective: L(theta) = L_RL(theta) + (1/|S|) sum_{t in S} lambda_{g(t)} L_WM(t), on the steps of `part`
-    packed as `packed` and scored as `fwd`. Each loss is averaged over its own tokens/transitions.
-    Returns (L_RL, WM term, stats)."""
+    """§2.4 combined objective: L(theta) = L_RL(theta) + (1/|S|) sum_{t in S} lambda_{g(t)} L_WM(t), on the steps of
+    `part` packed as `packed` and scored as `fwd`, each loss averaged over its own tokens. -> (L_RL, WM term, stats)."""
     dev = fwd.action.logp.device
     old_logp = torch.cat(part.old_logp).to(dev)
     adv = part.adv.to(dev)[packed.act_row.to(dev)]  # the step's advantage on every one of its action tokens
@@ -693,11 +680,10 @@ def combined_objective(fwd: ForwardOut, packed: Packed, part: Batch, cfg: Config
     return l_rl, l_wm, dict(clipfrac=clipfrac.item(), approx_kl=approx_kl.item())
 
 def backward_with_wm_cap(l_rl, l_wm, head_input: torch.Tensor, cap: float, reduce=None) -> dict:
-    """The WM gradient cap (paw's addition, docs/method.md; against §6's collapse): backward of L = L_RL + s * WM,
-    s = min(1, cap ||dL_RL/dh|| / ||dWM/dh||), h = `head_input` (the
-    last hidden state): the WM gradient into the trunk is at most `cap` x the RL one, and 0 without RL signal (all
-    groups failed, L_RL = 0, lambda_g = 1: WM alone would collapse the policy). cap = 0: the literal §2.4.
-    reduce: sums a list of numbers over the processes (Processes.reduce under torchrun; None: one process)."""
+    """The WM gradient cap (paw's addition, docs/method.md; against §6's collapse): backward of L_RL + s * WM with
+    s = min(1, cap ||dL_RL/dh|| / ||dWM/dh||), h = `head_input` (the last hidden state): the WM gradient into the
+    trunk is at most `cap` x the RL one, and 0 without RL signal (all groups failed, L_RL = 0, lambda_g = 1: WM alone
+    would collapse the policy). cap = 0: the literal §2.4. reduce: sums numbers over processes (None: one process)."""
     if cap <= 0:
         (l_rl + l_wm).backward()
         return dict(wm_scale=1.0)
@@ -735,9 +721,8 @@ class Processes:
 
 def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random, logprobs,
                procs: Processes = Processes()) -> dict:
-    """PPO-clip epochs over minibatches of steps, one optimizer step per minibatch (§2.4, §3). A minibatch runs
-    in --micro-batch slices whose gradients add up exactly to the whole minibatch's (see slice_backward); the WM
-    gradient cap, when on, is taken per slice (docs/method.md).
+    """PPO-clip epochs over minibatches of steps, one optimizer step per minibatch (§2.4, §3), in --micro-batch
+    slices whose gradients add up exactly to the minibatch's (slice_backward; the WM gradient cap is per slice).
     logprobs(model, packed, with_head_input) -> ForwardOut (the run's action_and_obs_logprobs)."""
     params = [p for p in model.parameters() if p.requires_grad]
     steps, logs, counts = batch.steps, [], dict(tokens=0, padded=0, obs_hits=0, obs_tokens=0)
@@ -1102,8 +1087,7 @@ def gather_env_text(env_cls, n_episodes: int = 0, seed: int = 0):
     """Text for the tokenizer from the environment itself: random rollouts on training seeds (10% inadmissible
     actions), plus the env's `vocabulary_text()` if it has one (else unseen words become [UNK]). n_episodes = 0:
     the class's `text_episodes`, else 1000. -> (texts, the admissible action strings seen)."""
-    rng, env = random.Random(seed), env_cls()
-    texts, actions = [], set()
+    rng, env, texts, actions = random.Random(seed), env_cls(), [], set()
     for _ in range(n_episodes or getattr(env_cls, "text_episodes", 1000)):
         ep = paw_envs.random_episode(env, rng.randrange(paw_envs.EVAL_SEED_START), rng, invalid_prob=0.1)
         texts += [ep.observations[0], ep.task] + ep.observations[1:]
@@ -1168,10 +1152,9 @@ def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
                         cfg.temperature, behaviour_score_limit(cfg.rescore, cfg.dtype))
 
 def agent_interface(cfg: Config, env_cls=None) -> tuple[str, int, str]:
-    """-> (prompt layout, K, goal names) with every 'auto' decided. The tiny model learns from scratch, so it gets
-    the interface it learns fastest (docs/method.md, "Agent interface"): the env's own `prompt_layout` (textworld-tiny:
-    minimal) or compact, and abstracted goal names where the env has goal_names(); a --model reads the full,
-    named text, as the paper's agents do. start_run writes the decided values into the run's config."""
+    """-> (prompt layout, K, goal names), 'auto' decided. The tiny model learns from scratch, so it gets the interface
+    it learns fastest (docs/method.md, "Agent interface"): the env's `prompt_layout` (else compact) and abstracted
+    goal names where the env has goal_names(); a --model reads the full, named text, as the paper's agents do."""
     env_cls = env_cls or paw_envs.ENVS.get(cfg.env)
     layout = cfg.prompt_layout if cfg.prompt_layout != "auto" else (
         "full" if cfg.model else getattr(env_cls, "prompt_layout", "compact"))
@@ -1192,7 +1175,7 @@ def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random, logprob
     ids = tok(texts, add_special_tokens=False)["input_ids"]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.prior_lr, weight_decay=0.0)
     model.train()
-    losses, accs = [], []
+    log = []  # (loss, token accuracy) per step
     for step in tqdm(range(cfg.prior_steps), desc="language prior", leave=False, dynamic_ncols=True,
                      disable=world()[0] != 0):
         batch = ids[step * cfg.prior_batch:(step + 1) * cfg.prior_batch]
@@ -1206,10 +1189,9 @@ def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random, logprob
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
-        accs.append(obs.is_argmax.float().mean().item())
-    return dict(prior_loss=float(np.mean(losses[-20:])), prior_token_acc=float(np.mean(accs[-20:])),
-                prior_s=time.time() - t0)
+        log.append((loss.item(), obs.is_argmax.float().mean().item()))
+    loss, acc = (float(np.mean(x)) for x in zip(*log[-20:]))
+    return dict(prior_loss=loss, prior_token_acc=acc, prior_s=time.time() - t0)
 
 # ==== A5. Several processes (torchrun, DistributedDataParallel)
 class DistributedTrunk(nn.Module):
@@ -1248,7 +1230,7 @@ def init_distributed(cfg: Config) -> tuple[int, int]:
         return 0, 1
     if cfg.groups % n:
         raise ConfigError(f"--groups {cfg.groups} must be a multiple of the {n} processes (a group never spans two)")
-    n_gpus, local = torch.cuda.device_count() if torch.cuda.is_available() else 0, int(os.environ.get("LOCAL_RANK", "0"))
+    n_gpus, local = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", "0"))  # 0 GPUs without CUDA
     backend = distributed_backend(cfg.device, int(os.environ.get("LOCAL_WORLD_SIZE", n)), n_gpus)
     if backend == "nccl":
         torch.cuda.set_device(local)
@@ -1260,15 +1242,13 @@ def init_distributed(cfg: Config) -> tuple[int, int]:
     return world()
 
 class TorchrunProcesses(Processes):
-    """Processes (part 7) under torchrun: the collectives of torch.distributed (the identity in a single process)."""
+    """Processes (part 7) under torchrun: the collectives of torch.distributed."""
 
     def __init__(self):
         self.rank, self.n = world()
 
     def reduce(self, values: list, op: str = "sum") -> list:
         d = torch.distributed
-        if self.n == 1:
-            return list(values)
         dev = torch.device("cuda", torch.cuda.current_device()) if d.get_backend() == "nccl" else torch.device("cpu")
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)  # NCCL reduces on the GPU
         d.all_reduce(t, op=dict(sum=d.ReduceOp.SUM, max=d.ReduceOp.MAX, min=d.ReduceOp.MIN)[op])
@@ -1429,8 +1409,7 @@ def parse_config(argv=None) -> Config:
             with open(path) as f:
                 saved = json.load(f)
         except (OSError, ValueError) as e:
-            print(f"paw.py: error: --resume {args.resume}: cannot read {path} ({type(e).__name__})", file=sys.stderr)
-            sys.exit(2)
+            p.error(f"--resume {args.resume}: cannot read {path} ({type(e).__name__})")
         known = {f.name for f in dataclasses.fields(Config)}
         saved = {**dict(prompt_layout="full", goal_names="named"), **saved}  # runs saved before these flags existed
         p.set_defaults(**{k: v for k, v in saved.items() if k in known and k != "resume"})
@@ -1531,7 +1510,7 @@ def before_rl(run: Run) -> int:
         if not cfg.model and cfg.prior_steps:  # the language prior (appendix A4)
             run.summary["prior"] = language_prior(run.model, run.tok, run.env_cls, cfg, run.rng, run.logprobs)
     except KeyboardInterrupt:
-        raise RunError(f"interrupted before RL; the run folder keeps config.json (rerun it with --resume {run.run_dir})", 130)
+        raise RunError(f"interrupted before RL; the run folder keeps config.json (rerun: --resume {run.run_dir})", 130)
     run.ref_model = copy.deepcopy(run.model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     run.train_s = time.time() - run.started_at
     if not cfg.model and cfg.prior_steps:  # keep the pre-RL work: --resume starts here
