@@ -1308,6 +1308,18 @@ def random_policy_success(env_cls, n: int, seed: int = 0) -> dict:
     return out
 
 
+def env_text(env_cls, n_episodes: int = 0, seed: int = 0) -> tuple[list[str], list[str]]:
+    """What an agent reads in this environment, for a tokenizer: random rollouts on training seeds (10% inadmissible
+    actions), plus the env's `vocabulary_text()` if it has one (else unseen words become [UNK]). n_episodes = 0:
+    the class's `text_episodes`, else 1000. -> (texts, the admissible action strings seen, sorted)."""
+    rng, env, texts, actions = random.Random(seed), env_cls(), [], set()
+    for _ in range(n_episodes or getattr(env_cls, "text_episodes", 1000)):
+        ep = random_episode(env, rng.randrange(EVAL_SEED_START), rng, invalid_prob=0.1)
+        texts += [ep.observations[0], ep.task] + ep.observations[1:]
+        actions.update(a for acts in ep.offered for a in acts)
+    return texts + (list(env.vocabulary_text()) if hasattr(env, "vocabulary_text") else []), sorted(actions)
+
+
 def random_observations(env_cls, n: int, rng: random.Random) -> list[str]:
     """n observations of random-policy episodes on training seeds, each a text of its own."""
     env, texts = env_cls(), []

@@ -1,10 +1,10 @@
 """paw.py: PaW, Policy and World Modeling Co-Training for Language Agents (arXiv 2606.02388), in one file.
 
-An LLM agent is trained with RL (GRPO / GiGPO / RLOO + PPO-clip) on a multi-turn text environment and,
-from the same rollouts and the same forward pass, with an auxiliary world-modeling (WM) loss that
-predicts the next observation. Read it alongside the method notes in docs/method.md: the
-comments name their sections (§1 idea ... §3 RL algorithms, §6 risks); what paw adds to the paper
-(the WM gradient cap, the action mask, the language prior) is marked "paw's addition" and has its own heading there.
+An LLM agent is trained with RL (GRPO / GiGPO / RLOO + PPO-clip) on a multi-turn text environment and, from the
+same rollouts and the same forward pass, with an auxiliary world-modeling (WM) loss that predicts the next
+observation. Read it alongside the method notes in docs/method.md: the comments name their sections (§1 idea ...
+§3 RL algorithms, §6 risks); what paw adds to the paper (the WM gradient cap, the action mask, the language prior)
+is marked "paw's addition" and has its own heading there.
 
     python paw.py --env textworld-tiny            # trains PaW, evaluates, saves to runs/<name>/
     python paw.py --env textworld-tiny --wm off   # the plain GRPO baseline
@@ -146,8 +146,7 @@ class Config:
              f"--wm-lambda must be 'adaptive' or a number >= 0 (got {self.wm_lambda!r})")
         need(0 <= self.seed < 2**32, f"--seed must be in [0, 2^32) (got {self.seed})")
         need(not self.d_model % self.n_heads and not (self.d_model // self.n_heads) % 2,
-             f"--d-model ({self.d_model}) must be --n-heads ({self.n_heads}) x an even head size (rotary "
-             "embeddings rotate pairs of dimensions)")
+             f"--d-model ({self.d_model}) must be --n-heads ({self.n_heads}) x an even head size (rotary pairs)")
         need(not self.name or (os.path.basename(self.name) == self.name and self.name not in (".", "..")),
              f"--name {self.name!r} must be a plain folder name (no '/' or '..'): runs go under --out")
         need(self.prompt_format != "think" or bool(self.model) or bool(self.resume), "--prompt-format think needs an "
@@ -599,7 +598,7 @@ def adaptive_wm_weight(group_mean_return: torch.Tensor, r_max: float, coef: floa
     return coef * (1.0 - group_mean_return / r_max).clamp(0.0, 1.0)
 
 def wm_weights(episodes: list[Episode], r_max: float, lam: str = "adaptive", coef: float = 1.0) -> torch.Tensor:
-    """lambda_{g(t)} for every step: adaptive (§2.3), or the constant `lam` (--wm-lambda, an ablation), times `coef`."""
+    """lambda_{g(t)} for every step: adaptive (§2.3) or the constant `lam` (--wm-lambda, an ablation), x `coef`."""
     n_groups = max(e.group for e in episodes) + 1
     if lam == "adaptive":
         R = torch.tensor([e.task_return for e in episodes], dtype=torch.float64)
@@ -697,8 +696,7 @@ def backward_with_wm_cap(l_rl, l_wm, head_input: torch.Tensor, cap: float, reduc
 
 # ==== 7. The update and one training iteration
 class Processes:
-    """The processes an iteration is split over. This is one process, where every call is the identity; under
-    torchrun, TorchrunProcesses (appendix A5) sums, gathers and re-deals across all of them."""
+    """The processes an iteration is split over: one here (each method the identity); under torchrun see A5."""
     rank, n = 0, 1
 
     def reduce(self, values: list, op: str = "sum") -> list:  # each value summed (or max, min) over the processes
@@ -708,7 +706,7 @@ class Processes:
         return [obj]
 
     def mean(self, d: dict) -> dict:  # each value of `d` averaged over the processes
-        return dict(sorted(d.items()))
+        return {k: v / self.n for k, v in zip(sorted(d), self.reduce([d[k] for k in sorted(d)]))}
 
     def episodes(self, episodes: list) -> list:  # every process's episodes (what episode_stats reads)
         return episodes
@@ -717,7 +715,8 @@ class Processes:
         return batch
 
     def say(self, msg: str):  # one line for the user (from process 0 only), above the progress bar
-        tqdm.write(msg)
+        if self.rank == 0:
+            tqdm.write(msg)
 
 def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random, logprobs,
                procs: Processes = Processes()) -> dict:
@@ -890,8 +889,7 @@ def train(run: Run, start: int, checkpoint=None) -> tuple[int, bool]:
             except KeyboardInterrupt:  # keep what was learned: evaluate and save after the loop
                 if procs.n > 1:  # the other processes cannot be told: the last checkpoint is what is kept
                     raise RunError(f"interrupted at iteration {it}; under torchrun the last checkpoint is kept", 130)
-                print(f"\ninterrupted at iteration {it}; evaluating and saving what was trained "
-                      "(Ctrl-C again: save only)")
+                print(f"\ninterrupted at iteration {it}; evaluating and saving the model (Ctrl-C again: save only)")
                 return it - 1, True
             warned = report_iteration(run, m, metrics_file, bar, warned)
             per_it = (run.train_s - train_s0) / (it - start)
@@ -899,8 +897,7 @@ def train(run: Run, start: int, checkpoint=None) -> tuple[int, bool]:
                 bar.total = min(cfg.iters, it + math.ceil(max(0.0, 60 * cfg.time_budget - run.train_s) / per_it))
                 bar.refresh()
             if it == start + 1:  # the first iteration gives the estimate of the whole run
-                procs.say(f"paw: one iteration took {per_it:.0f} s; about {(bar.total - it) * per_it / 60:.0f} more "
-                          "min of RL")
+                procs.say(f"paw: one iteration took {per_it:.0f} s, {(bar.total - it) * per_it / 60:.0f} min of RL left")
             if checkpoint and cfg.save_every and it % cfg.save_every == 0:
                 checkpoint(run, it)
             # every process stops at the same iteration (the slowest one's clock decides)
@@ -912,8 +909,7 @@ def train(run: Run, start: int, checkpoint=None) -> tuple[int, bool]:
 def remaining_fraction(it: int, iters: int, train_s: float, budget_min: float) -> float:
     """The share of the run still ahead at the start of iteration `it` (1-based), by iterations or by the time
     budget, whichever is further along: the learning-rate factor of --anneal-lr."""
-    done = max((it - 1) / iters, train_s / (60 * budget_min) if budget_min else 0.0)
-    return max(0.0, 1.0 - done)
+    return max(0.0, 1.0 - max((it - 1) / iters, train_s / (60 * budget_min) if budget_min else 0.0))
 
 def strict_json(m: dict) -> tuple[dict, list]:
     """NaN/inf -> null (metrics.jsonl stays strict JSON) and the names of the metrics that were not finite."""
@@ -925,8 +921,7 @@ def report_iteration(run: Run, m: dict, metrics_file, bar, warned: bool) -> bool
     progress bar, and a one-time warning if the policy looks collapsed. -> whether that warning was given."""
     m, bad = strict_json(m)
     if metrics_file:
-        metrics_file.write(json.dumps(m) + "\n")
-        metrics_file.flush()
+        print(json.dumps(m), file=metrics_file, flush=True)
     if bad:
         raise RunError(f"non-finite {', '.join(bad)} at iteration {m['iter']} (written as null); stopping (metrics "
                        f"kept in {run.run_dir}/metrics.jsonl)", 1)
@@ -986,8 +981,7 @@ def _chunk_backward(h, W, t, lse, ent, g_logp, g_ent, with_entropy: bool):
     """Recompute the chunk's logits; dZ = g_logp (onehot - p) - g_H p (z - lse + H); return (dh, dW)."""
     z = _upcast(h @ W.t())
     p = torch.exp(z - lse[:, None])
-    dz = -g_logp[:, None] * p
-    dz = dz.scatter_add(1, t[:, None], g_logp[:, None])
+    dz = (-g_logp[:, None] * p).scatter_add(1, t[:, None], g_logp[:, None])
     if with_entropy:
         dz = dz - g_ent[:, None] * p * (z - lse[:, None] + ent[:, None])
     dz = dz.to(h.dtype)
@@ -1084,19 +1078,12 @@ def plain_linear_head(model) -> tuple[bool, str]:
 SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
 
 def gather_env_text(env_cls, n_episodes: int = 0, seed: int = 0):
-    """Text for the tokenizer from the environment itself: random rollouts on training seeds (10% inadmissible
-    actions), plus the env's `vocabulary_text()` if it has one (else unseen words become [UNK]). n_episodes = 0:
-    the class's `text_episodes`, else 1000. -> (texts, the admissible action strings seen)."""
-    rng, env, texts, actions = random.Random(seed), env_cls(), [], set()
-    for _ in range(n_episodes or getattr(env_cls, "text_episodes", 1000)):
-        ep = paw_envs.random_episode(env, rng.randrange(paw_envs.EVAL_SEED_START), rng, invalid_prob=0.1)
-        texts += [ep.observations[0], ep.task] + ep.observations[1:]
-        actions.update(a for acts in ep.offered for a in acts)
-    texts += list(env.vocabulary_text()) if hasattr(env, "vocabulary_text") else []
-    texts += [build_prompt("task", [("obs", "act")] * n, "obs", ["a", "b"], 1, layout)  # the prompts' own words
+    """Text for the tokenizer: the environment's own (envs.env_text: random rollouts, its vocabulary), the prompts'
+    words (build_prompt's layouts up to the env's max_steps) and the admissible actions seen. -> (texts, actions)."""
+    texts, actions = paw_envs.env_text(env_cls, n_episodes, seed)
+    texts += [build_prompt("task", [("obs", "act")] * n, "obs", ["a", "b"], 1, layout)
               for layout in ("full", "compact") for n in range(env_cls.max_steps + 1)]
-    texts += sorted(actions)
-    return texts, sorted(actions)
+    return texts + actions, actions
 
 def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
     """Word-level tokenizer trained with `tokenizers` on environment text; loadable with AutoTokenizer. Actions
@@ -1128,8 +1115,7 @@ def load_hf_model(name: str, dtype: torch.dtype):
         model = transformers.AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype)
     except Exception as e:  # noqa: BLE001 - report any loading failure as one line
         what = " ".join(str(e).split())[:300]
-        raise ConfigError(f"cannot load --model {name!r} as a causal LM with its tokenizer: "
-                          f"{type(e).__name__}: {what}") from None
+        raise ConfigError(f"cannot load --model {name!r} (causal LM + tokenizer): {type(e).__name__}: {what}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -1260,10 +1246,6 @@ class TorchrunProcesses(Processes):
             torch.distributed.all_gather_object(out, obj)
         return out
 
-    def mean(self, d: dict) -> dict:
-        names = sorted(d)
-        return dict(zip(names, (v / self.n for v in self.reduce([d[k] for k in names]))))
-
     def episodes(self, episodes: list) -> list:
         """Without prompts, observations or tensors (what episode_stats reads), cheap to send between processes."""
         strip = dict(prompt_ids=[], obs_ids=[], allowed=None, gen_logp=None, gen_entropy=None)
@@ -1277,10 +1259,6 @@ class TorchrunProcesses(Processes):
         order = list(range(len(every.steps)))
         random.Random(it).shuffle(order)  # the same order in every process
         return every.rows(order[self.rank::self.n])
-
-    def say(self, msg: str):
-        if self.rank == 0:
-            tqdm.write(msg)
 
 # ==== A6. Checkpoints (atomic, the last two kept) and exact resume
 CKPT_NAME = re.compile(r"iter-\d{6}")
@@ -1395,13 +1373,9 @@ def parse_config(argv=None) -> Config:
     target = None
     for f in dataclasses.fields(Config):  # a field with a `group` starts a --help section
         target = p.add_argument_group(f.metadata["group"]) if "group" in f.metadata or not target else target
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            target.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            target.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"],
-                                choices=f.metadata.get("choices"))
+        kw = (dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else  # annotations are strings here
+              dict(type={"int": int, "float": float, "str": str}[f.type], choices=f.metadata.get("choices")))
+        target.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kw)
     args = p.parse_args(argv)
     if args.resume:
         path = os.path.join(args.resume, "config.json")
@@ -1428,8 +1402,7 @@ def parse_config(argv=None) -> Config:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux/macOS), in MiB."""
     import resource
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 2**20 if sys.platform == "darwin" else r / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 def pick_device(name: str) -> torch.device:
     try:
@@ -1600,10 +1573,9 @@ def start_run(cfg: Config):
     return run, dev, ckpt, state
 
 def main(argv=None):
-    cfg = parse_config(argv)
-    run, dev, ckpt, state = start_run(cfg)
-    # exact resume: optimizer, every RNG, the metrics written up to the checkpoint
-    start = resume_run(run, state, ckpt) if state is not None else before_rl(run)
+    run, dev, ckpt, state = start_run(parse_config(argv))
+    # a fresh run: random baseline and language prior; exact resume: optimizer, every RNG, metrics up to the checkpoint
+    start = before_rl(run) if state is None else resume_run(run, state, ckpt)
     if run.procs.n > 1:  # DDP starts from process 0's weights and all-reduces the gradients of every update
         run.trainer = nn.parallel.DistributedDataParallel(
             DistributedTrunk(run.model), device_ids=[dev.index or 0] if dev.type == "cuda" else None)
