@@ -106,7 +106,7 @@ class Config:
     out: str = arg("runs", "parent folder of the run folder <out>/<name>/")
     name: str = arg("", "run name; empty = <env>-<algo>-<wm>-s<seed>-<time>")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
-    dtype: str = arg("auto", "auto = bfloat16 for a --model on CUDA, else float32", choices=["auto", "float32", "bfloat16"])
+    dtype: str = arg("auto", "auto = bfloat16 for --model on CUDA, else float32", choices=["auto", "float32", "bfloat16"])
     threads: int = arg(0, "torch CPU threads (0 = 1 for the tiny model on CPU, else torch's default)", check=">= 0")
     grad_checkpointing: bool = arg(False, "recompute activations in backward (less memory for a big --model)")
     save_every: int = arg(0, "checkpoint every N iterations, the last two kept (0 = final model only)", check=">= 0")
@@ -897,7 +897,7 @@ def train(run: Run, start: int, checkpoint=None) -> tuple[int, bool]:
                 bar.total = min(cfg.iters, it + math.ceil(max(0.0, 60 * cfg.time_budget - run.train_s) / per_it))
                 bar.refresh()
             if it == start + 1:  # the first iteration gives the estimate of the whole run
-                procs.say(f"paw: one iteration took {per_it:.0f} s, {(bar.total - it) * per_it / 60:.0f} min of RL left")
+                procs.say(f"paw: an iteration took {per_it:.0f} s, {(bar.total - it) * per_it / 60:.0f} min of RL left")
             if checkpoint and cfg.save_every and it % cfg.save_every == 0:
                 checkpoint(run, it)
             # every process stops at the same iteration (the slowest one's clock decides)
@@ -1010,8 +1010,7 @@ class FusedLinearLogpEntropy(torch.autograd.Function):
     def forward(ctx, h, W, targets, chunk: int, backend: str):
         N, n_pad = h.shape[0], (-h.shape[0]) % chunk  # the last chunk padded: static shapes for torch.compile
         hp, tp = F.pad(h, (0, 0, 0, n_pad)), F.pad(targets, (0, n_pad))
-        fwd = _kernel("fwd", backend)
-        outs = [fwd(hp[i:i + chunk], W, tp[i:i + chunk]) for i in range(0, N + n_pad, chunk)]
+        outs = [_kernel("fwd", backend)(hp[i:i + chunk], W, tp[i:i + chunk]) for i in range(0, N + n_pad, chunk)]
         logp, ent, lse, is_argmax = (torch.cat(x)[:N] for x in zip(*outs))
         ctx.save_for_backward(h, W, targets, lse, ent)
         ctx.chunk, ctx.backend = chunk, backend
@@ -1028,12 +1027,11 @@ class FusedLinearLogpEntropy(torch.autograd.Function):
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(lse.dtype)
         hp, tp = F.pad(h, (0, 0, 0, n_pad)), F.pad(targets, (0, n_pad))
         lp, ep, gl, ge = (F.pad(x, (0, n_pad)) for x in (lse, ent, g_logp, g_ent))
-        bwd = _kernel("bwd", ctx.backend)
         dh = torch.empty_like(hp)
         dW = torch.zeros(W.shape, dtype=_upcast(W[:1]).dtype, device=W.device)  # accumulate in >= fp32
         for i in range(0, N + n_pad, chunk):
             c = slice(i, i + chunk)
-            dh[c], dW_c = bwd(hp[c], W, tp[c], lp[c], ep[c], gl[c], ge[c], with_entropy)
+            dh[c], dW_c = _kernel("bwd", ctx.backend)(hp[c], W, tp[c], lp[c], ep[c], gl[c], ge[c], with_entropy)
             dW += dW_c
         return dh[:N], dW.to(W.dtype), None, None, None
 
@@ -1519,7 +1517,7 @@ def finish(run: Run, dev, interrupted: bool) -> dict:
             json.dump(strict_json(summary)[0], f, indent=1)
     except (OSError, RuntimeError) as e:
         raise RunError(f"could not save the final model to {run.run_dir}: {type(e).__name__}: "
-             f"{' '.join(str(e).split())[:200]}", 1)
+                       f"{' '.join(str(e).split())[:200]}", 1)
     print(f"\nsaved: {run.run_dir}/ (config.json, metrics.jsonl, summary.json, model/"
           f"{', checkpoints/' if os.path.isdir(os.path.join(run.run_dir, 'checkpoints')) else ''})")
     summary["interrupted"] = interrupted  # main's caller exits 130, the convention for Ctrl-C; all above is saved
@@ -1592,9 +1590,7 @@ def main(argv=None):
 if __name__ == "__main__":  # the only place that exits: every error below is one line and an exit code
     try:
         sys.exit(130 if main().get("interrupted") else 0)
-    except (RunError, ConfigError, paw_envs.EnvError) as e:  # a bad flag or input: 2, a failure: 1, Ctrl-C: 130
-        print(f"\npaw: {e}" if getattr(e, "code", 2) == 130 else f"paw.py: error: {e}", file=sys.stderr)
-        sys.exit(getattr(e, "code", 2))
-    except paw_envs.EnvFailure as e:  # a bug in the environment: one line; config and metrics stay on disk
-        print(f"paw.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (RunError, ConfigError, paw_envs.EnvError, paw_envs.EnvFailure) as e:  # config and metrics stay on disk
+        code = getattr(e, "code", 1 if isinstance(e, paw_envs.EnvFailure) else 2)  # 1: a bug in the environment
+        print(f"\npaw: {e}" if code == 130 else f"paw.py: error: {e}", file=sys.stderr)
+        sys.exit(code)
