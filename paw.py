@@ -1146,7 +1146,7 @@ def agent_interface(cfg: Config, env_cls=None) -> tuple[str, int, str]:
         "abstract" if not cfg.model and callable(getattr(env_cls, "goal_names", None)) else "named")
     return layout, cfg.history if cfg.history >= 0 else (1 if layout == "full" else 2), names
 
-# ==== A4. The language prior (tiny model only)
+# ==== A4. The language prior (paw's addition, tiny model only; docs/method.md, "Language prior")
 def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random, logprobs=action_and_obs_logprobs) -> dict:
     """Next-token training on observations alone (BOS o EOS, no action anywhere): the language of the environment,
     not its dynamics, as a real LLM knows it, so CMAE's gradient p(1-p) (§2.2) is not ~0 at the start."""
