@@ -346,12 +346,13 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, fmt
                                              slots[i].info["admissible_actions"]) for i in active], fmt.history, ids_of)
         masked = admissible_ids(tok, [slots[i].info["admissible_actions"] for i in active], ids_of) if fmt.mask else None
         generated = generate_actions(model, tok, prompts, fmt, greedy, masked)
-        played, eos = [], tok.eos_token_id
-        for i, (ids, _, _) in zip(active, generated):
+        played = []
+        for n, (i, (ids, _, _)) in enumerate(zip(active, generated)):
             slot = slots[i]
             # masked: the ids spell one admissible action; play its own string, since decoding may not give it
             # back ("non-euclidean" is three word-level tokens, joined by spaces)
-            text = next((x for x in slot.info["admissible_actions"] if ids_of[x] + [eos] == ids), None) if masked else None
+            acts = zip(slot.info["admissible_actions"], masked[n]) if masked else []
+            text = next((x for x, a in acts if a == ids), None)
             text, format_ok = (text, True) if text is not None else project_action(
                 decode_action(tok, ids, fmt.stop_ids), fmt.think, fmt.prefilled_think)
             points = slot.env.decision_points() if hasattr(slot.env, "decision_points") else {}
