@@ -1075,8 +1075,8 @@ def plot_table(a, cells: dict, png: str):
             if xs:
                 ax.bar(xs, ms, w * 0.9, yerr=ss, color=f"C{j}", alpha=1.0 if k == 0 else 0.45, capsize=2,
                        hatch=None if k == 0 else "//", label=row if k == 0 else None)
-    ax.set_xticks(range(len(envs_)), [f"TextWorld games ({e.split('/')[-1]})" if e.startswith("textworld:") else e
-                                       for e in envs_], fontsize=8)
+    names = [f"TextWorld games ({e.rstrip('/').split('/')[-1]})" if e.startswith("textworld:") else e for e in envs_]
+    ax.set_xticks(range(len(envs_)), names, fontsize=8)
     ax.set_ylabel("held-out success (solid: sampled, hatched: greedy)", fontsize=8)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, ncol=2)
