@@ -939,14 +939,12 @@ def report_iteration(run: Run, m: dict, metrics_file, bar, warned: bool) -> bool
     if metrics_file:
         print(json.dumps(m), file=metrics_file, flush=True)
     if bad:
-        raise RunError(f"non-finite {', '.join(bad)} at iteration {m['iter']} (written as null); stopping (metrics "
-                       f"kept in {run.run_dir}/metrics.jsonl)", 1)
+        raise RunError(f"non-finite {', '.join(bad)} at iteration {m['iter']} (written as null in metrics.jsonl)", 1)
     bar.set_postfix(succ=f"{m['success']:.2f}", **({} if run.fmt.mask else dict(valid=f"{m['valid_ratio']:.2f}")),
                     **({} if m["wm_token_acc"] is None else dict(wm_acc=f"{m['wm_token_acc']:.2f}")),
                     **({} if "action_entropy" not in m else dict(ent=f"{m['action_entropy']:.2f}")))
     if not warned and (m["approx_kl"] > 1.0 or (not run.fmt.mask and m["iter"] > 1 and m["valid_ratio"] < 0.05)):
-        run.procs.say(f"paw: warning: the policy looks collapsed at iteration {m['iter']} (approx KL "
-                      f"{m['approx_kl']:.3g}, valid ratio {m['valid_ratio']:.2f}); try a smaller --lr")
+        run.procs.say(f"paw: warning: collapse? approx KL {m['approx_kl']:.3g}, valid {m['valid_ratio']:.2f}; lower --lr")
         return True
     return warned
 
@@ -1069,10 +1067,8 @@ def plain_linear_head(model) -> tuple[bool, str]:
     """Can the fused path reproduce the model's logits? Only if they are exactly hidden @ W^T: no bias,
     no soft-capping, no scaling. Checked by config attributes and numerically on a short input."""
     head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        return False, f"the output head is {type(head).__name__}, not nn.Linear"
-    if head.bias is not None:
-        return False, "the output head has a bias"
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        return False, f"the output head ({type(head).__name__}) is not an nn.Linear without bias"
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
         v = getattr(model.config, attr, None)
         if v not in (None, 0, 1, 0.0, 1.0):
@@ -1137,11 +1133,8 @@ def load_hf_model(name: str, with_tokenizer: bool = True):
     except Exception as e:  # noqa: BLE001 - report any loading failure as one line
         what = " ".join(str(e).split())[:300]
         raise ConfigError(f"cannot load --model {name!r} (causal LM + tokenizer): {type(e).__name__}: {what}") from None
-    if not with_tokenizer:
-        return None, model
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
+    if tok is not None:
+        tok.pad_token, tok.padding_side = tok.pad_token or tok.eos_token, "left"
     return tok, model
 
 def disable_dropout(model):
@@ -1327,8 +1320,7 @@ def save_or_warn(run: Run, it: int):
     try:
         save_checkpoint(run, it)
     except (OSError, RuntimeError) as e:
-        tqdm.write(f"paw: warning: checkpoint of iteration {it} not written: {type(e).__name__}: "
-                   f"{' '.join(str(e).split())[:160]}")
+        tqdm.write(f"paw: warning: checkpoint of iteration {it} not written: {' '.join(str(e).split())[:150]}")
         shutil.rmtree(os.path.join(run.run_dir, "checkpoints", f".tmp-iter-{it:06d}"), ignore_errors=True)
 
 def find_checkpoint(path: str) -> str | None:
@@ -1353,8 +1345,7 @@ def load_checkpoint(ckpt: str):
         ref = load_hf_model(os.path.join(ckpt, "ref_model"), with_tokenizer=False)[1] if has_ref else None
     except Exception as e:  # noqa: BLE001 - any damage (missing/truncated file) is reported in one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ConfigError(f"cannot resume from {ckpt}: the checkpoint is damaged or incomplete "
-                          f"({type(e).__name__}: {msg[:200]})") from None
+        raise ConfigError(f"cannot resume from {ckpt}: damaged or incomplete ({type(e).__name__}: {msg[:200]})") from None
     return tok, model, ref, state
 
 def resume_run(run: Run, state: dict, ckpt: str) -> int:
@@ -1552,8 +1543,7 @@ def finish(run: Run, dev, interrupted: bool) -> dict:
         with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
             json.dump(strict_json(summary)[0], f, indent=1)
     except (OSError, RuntimeError) as e:
-        raise RunError(f"could not save the final model to {run.run_dir}: {type(e).__name__}: "
-                       f"{' '.join(str(e).split())[:200]}", 1)
+        raise RunError(f"could not save the final model to {run.run_dir}: {' '.join(str(e).split())[:200]}", 1)
     print(f"\nsaved: {run.run_dir}/ (config.json, metrics.jsonl, summary.json, model/"
           f"{', checkpoints/' if os.path.isdir(os.path.join(run.run_dir, 'checkpoints')) else ''})")
     summary["interrupted"] = interrupted  # main's caller exits 130, the convention for Ctrl-C; all above is saved
@@ -1577,8 +1567,7 @@ def start_run(cfg: Config):
         if ckpt:
             tok, model, ref_model, state = load_checkpoint(ckpt)
             if len(state["ranks"]) != procs.n:
-                raise ConfigError(f"this run was trained with {len(state['ranks'])} process(es); resume it with the "
-                                  f"same number (torchrun --nproc_per_node {len(state['ranks'])}), not {procs.n}")
+                raise ConfigError(f"trained with {len(state['ranks'])} process(es): resume with as many, not {procs.n}")
         elif cfg.model:
             tok, model = load_hf_model(cfg.model)
         else:
