@@ -329,8 +329,7 @@ class Slot:
 def collect_rollouts(model, tok, env_cls, seeds: list[int], group_size: int, fmt: PromptFormat, greedy: bool = False,
                      max_obs_tokens: int = 48, progress=lambda text: None) -> list[Episode]:
     """§2: len(seeds) x group_size episodes in lock-step (the G rollouts of a group share the seed: the same start),
-    one batched generate call per environment step; o_{t+1} kept as token ids, truncated to `max_obs_tokens`.
-    progress(text), if given, hears of every step (a real LM's iteration takes minutes)."""
+    one batched generate call per environment step (told to `progress`); o_{t+1} as ids, cut to `max_obs_tokens`."""
     was_training = model.training
     model.eval()
     episodes, slots, ids_of = [], [], {}  # ids_of: text -> its token ids (prompts, actions, observations)
@@ -501,8 +500,7 @@ def score_steps(logprobs, model, steps: list[Step], batch_size: int = 64, ref_mo
             old += list(torch.split(fwd.action.logp.float().cpu(), counts))
             ent_mean += [x.mean().item() if x.numel() else 0.0  # H(a_t|h_t), the mean over a_t's tokens (§2.1)
                          for x in torch.split(fwd.action.entropy.float().cpu(), counts)]
-            hits += int(fwd.obs.is_argmax.sum())
-            n_obs += fwd.obs.is_argmax.numel()
+            hits, n_obs = hits + int(fwd.obs.is_argmax.sum()), n_obs + fwd.obs.is_argmax.numel()
         if ref_model is not None:
             ref += list(torch.split(logprobs(ref_model, packed).action.logp.float().cpu(), counts))
     model.train(was_training)
@@ -778,8 +776,7 @@ def ppo_update(model, opt, batch: Batch, cfg: Config, rng: random.Random, logpro
     return out
 
 def slice_has_signal(batch: Batch, part: list[int], wm_rows: list[bool], cfg: Config, kl_on: bool) -> bool:
-    """Can this slice move the weights? Not when every advantage in it is 0 and there is no KL term: L_RL's gradient
-    is 0, and so is the WM term's once the cap (cap > 0) scales it by 0 x the RL norm. Skipping it is exact."""
+    """False (skipping it is exact) if all its advantages are 0, no KL: L_RL's gradient is 0, the cap scales WM's by 0."""
     return kl_on or any(float(batch.adv[i]) != 0.0 for i in part) or (
         cfg.wm_grad_cap <= 0 and any(wm_rows[i] for i in part))
 
@@ -857,14 +854,12 @@ def train_iteration(run: Run, it: int) -> dict:
                 rollout_s=t1 - t0, update_s=t2 - t1, tokens_per_s=upd["update_tokens"] / max(1e-9, t2 - t1))
 
 def ends_in_loop(ep: Episode) -> bool:
-    """The episode ends in a cycle of period <= 2: its last one or two (state, action) steps repeat the ones
-    before them (A A, or A B A B), which is how a deterministic policy wastes its remaining steps."""
+    """It ends in a cycle of period <= 2 (A A, or A B A B of (state, action)): a deterministic policy's waste."""
     seq = [(s.anchor, tuple(s.action_ids)) for s in ep.steps]
     return any(len(seq) >= 2 * p and seq[-2 * p:-p] == seq[-p:] for p in (1, 2))
 
 def episode_stats(episodes: list[Episode], prefix: str = "") -> dict:
-    """Success, return, length, valid and format-valid ratios, the share of failures that end in a loop; per
-    task type and decision when reported."""
+    """Success, return, length, valid ratios, failures ending in a loop; per task type and decision if reported."""
     steps, failed = [s for e in episodes for s in e.steps], [e for e in episodes if not e.won]
     out = {prefix + "success": float(np.mean([e.won for e in episodes])),
            prefix + "return": float(np.mean([e.task_return for e in episodes])),
@@ -880,8 +875,7 @@ def episode_stats(episodes: list[Episode], prefix: str = "") -> dict:
 
 # ==== 8. The training loop and evaluation on held-out seeds
 def train(run: Run, start: int, checkpoint=None) -> tuple[int, bool]:
-    """RL iterations after `start`, with evaluation, metrics, the time budget, and checkpoint(run, it) every
-    --save-every iterations. -> (the last iteration done, whether Ctrl-C stopped the run)"""
+    """RL iterations after `start`: evaluation, metrics, budget, checkpoint(run, it). -> (last iteration, Ctrl-C?)"""
     cfg, procs, it, warned, train_s0 = run.cfg, run.procs, start, False, run.train_s
     bar = tqdm(range(start + 1, cfg.iters + 1), desc="PaW", dynamic_ncols=True, initial=start, total=cfg.iters,
                disable=procs.rank != 0)
@@ -922,8 +916,7 @@ def train(run: Run, start: int, checkpoint=None) -> tuple[int, bool]:
     return it, False
 
 def remaining_fraction(it: int, iters: int, train_s: float, budget_min: float) -> float:
-    """The share of the run still ahead at the start of iteration `it` (1-based), by iterations or by the time
-    budget, whichever is further along: the learning-rate factor of --anneal-lr."""
+    """--anneal-lr's factor: the share of the run ahead at iteration `it` (1-based), by iterations or by the clock."""
     return max(0.0, 1.0 - max((it - 1) / iters, train_s / (60 * budget_min) if budget_min else 0.0))
 
 def strict_json(m: dict) -> tuple[dict, list]:
@@ -932,8 +925,7 @@ def strict_json(m: dict) -> tuple[dict, list]:
     return {k: (None if k in bad else v) for k, v in m.items()}, bad
 
 def report_iteration(run: Run, m: dict, metrics_file, bar, warned: bool) -> bool:
-    """One metrics.jsonl line (strict JSON: a non-finite value is written as null, then the run stops), the
-    progress bar, and a one-time warning if the policy looks collapsed. -> whether that warning was given."""
+    """A metrics.jsonl line (non-finite: null, then stop), the bar, a collapse warning once. -> warned yet?"""
     m, bad = strict_json(m)
     bar.set_description_str("PaW")
     if metrics_file:
@@ -950,8 +942,7 @@ def report_iteration(run: Run, m: dict, metrics_file, bar, warned: bool) -> bool
 
 def evaluate(model, tok, env_cls, fmt: PromptFormat, n: int, greedy: bool = True, procs: Processes = Processes(),
              batch: int = 64) -> dict:
-    """episode_stats on held-out seeds (from EVAL_SEED_START on, never used in training); under torchrun every
-    process plays its share of the seeds."""
+    """episode_stats on held-out seeds (EVAL_SEED_START on; under torchrun each process plays its share)."""
     seeds = [paw_envs.EVAL_SEED_START + i for i in range(n)][procs.rank::procs.n]
     episodes = [e for i in range(0, len(seeds), batch)
                 for e in collect_rollouts(model, tok, env_cls, seeds[i:i + batch], 1, fmt, greedy)]
@@ -1054,8 +1045,7 @@ def fused_logp_entropy(h, W, targets, chunk: int = 0, backend: str = "off"):
     return TokenStats(*FusedLinearLogpEntropy.apply(h, W, targets, chunk or default_chunk(W.shape[0]), backend))
 
 def head_logp_fn(fused_loss: bool, vocab: int, compile: str = "auto", chunk: int = 0):
-    """The logp_fn of action_and_obs_logprobs: None without --fused-loss (the model's own logits), the gathered
-    positions' logits below GATHERED_LOGITS_MAX_VOCAB uncompiled (linear_head_logp), else the fused kernel."""
+    """action_and_obs_logprobs' logp_fn: None (no --fused-loss), linear_head_logp (small vocabulary), or the kernel."""
     backend = compile if compile != "auto" else ("inductor" if vocab >= 32768 else "off")
     if not fused_loss:
         return None
@@ -1064,8 +1054,7 @@ def head_logp_fn(fused_loss: bool, vocab: int, compile: str = "auto", chunk: int
     return functools.partial(fused_logp_entropy, chunk=chunk, backend=backend)
 
 def plain_linear_head(model) -> tuple[bool, str]:
-    """Can the fused path reproduce the model's logits? Only if they are exactly hidden @ W^T: no bias,
-    no soft-capping, no scaling. Checked by config attributes and numerically on a short input."""
+    """Are the logits exactly hidden @ W^T (no bias, soft-capping or scaling)? By config and numerically."""
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear) or head.bias is not None:
         return False, f"the output head ({type(head).__name__}) is not an nn.Linear without bias"
@@ -1085,16 +1074,14 @@ def plain_linear_head(model) -> tuple[bool, str]:
 SPECIALS = dict(pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
 
 def gather_env_text(env_cls, n_episodes: int = 0, seed: int = 0):
-    """Text for the tokenizer: the environment's own (envs.env_text: random rollouts, its vocabulary), the prompts'
-    words (build_prompt's layouts up to the env's max_steps) and the admissible actions seen. -> (texts, actions)."""
+    """-> (texts, actions) for the tokenizer: envs.env_text (random play, vocabulary), the prompts' own words."""
     texts, actions = paw_envs.env_text(env_cls, n_episodes, seed)
     texts += [build_prompt("task", [("obs", "act")] * n, "obs", ["a", "b"], 1, layout)
               for layout in ("full", "compact") for n in range(env_cls.max_steps + 1)]
     return texts + actions, actions
 
 def build_tiny_tokenizer(texts: list[str], actions: list[str] = ()):
-    """Word-level tokenizer trained with `tokenizers` on environment text; loadable with AutoTokenizer. Actions
-    are plain words ("take apple" = take + apple + EOS), the same tokens as in the task and the observation."""
+    """A word-level tokenizer of the environment's text (actions are words + EOS), loadable with AutoTokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tk = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk_token"]))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -1138,8 +1125,7 @@ def load_hf_model(name: str, with_tokenizer: bool = True):
     return tok, model
 
 def disable_dropout(model):
-    """Dropout off for good (TRL does the same): the update's log-probs must equal the rollout's (eval mode) on
-    unchanged weights, or the PPO ratio starts away from 1. nn.Dropout modules and float `*dropout*` attributes."""
+    """Dropout off for good, as TRL does: with it, the update's log-probs (train mode) differ from the rollout's."""
     for m in model.modules():
         for k, v in list(vars(m).items()):
             if (k == "p" and isinstance(m, nn.Dropout)) or ("dropout" in k and isinstance(v, float)):
@@ -1163,9 +1149,8 @@ def make_prompt_format(tok, model, cfg: Config) -> PromptFormat:
                         cfg.temperature, behaviour_score_limit(cfg.rescore, cfg.dtype), cfg.dtype)
 
 def agent_interface(cfg: Config, env_cls=None) -> tuple[str, int, str]:
-    """-> (prompt layout, K, goal names), 'auto' decided. The tiny model learns from scratch, so it gets the interface
-    it learns fastest (docs/method.md, "Agent interface"): the env's `prompt_layout` (else compact) and abstracted
-    goal names where the env has goal_names(); a --model reads the full, named text, as the paper's agents do."""
+    """-> (prompt layout, K, goal names), 'auto' decided: the tiny model gets what it learns fastest (docs/method.md,
+    "Agent interface"), the env's layout and abstract names; a --model reads the full, named text, as in the paper."""
     env_cls = env_cls or paw_envs.ENVS.get(cfg.env)
     layout = cfg.prompt_layout if cfg.prompt_layout != "auto" else (
         "full" if cfg.model else getattr(env_cls, "prompt_layout", "compact"))
@@ -1221,8 +1206,7 @@ def world() -> tuple[int, int]:
     return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
 
 def distributed_backend(device: str, procs_per_node: int, n_gpus: int) -> str:
-    """The process-group backend under torchrun: NCCL with one GPU per process, else Gloo on CPU. More processes per
-    node than visible GPUs: Gloo on CPU for --device auto, one clear error for an explicit cuda device."""
+    """NCCL with one GPU per process, else Gloo on CPU (more processes than GPUs: an error for an explicit cuda)."""
     if device in ("cpu", "mps") or n_gpus == 0 or (procs_per_node > n_gpus and device == "auto"):
         return "gloo"
     if procs_per_node > n_gpus:
@@ -1291,8 +1275,7 @@ def publish(tmp: str, final: str):
     os.rename(tmp, final)
 
 def save_checkpoint(run: Run, it: int, keep: int = 2) -> str:
-    """checkpoints/iter-N: model + tokenizer, optimizer, every process's RNG states, the iteration; written by
-    process 0 and published atomically; the newest `keep` are kept."""
+    """checkpoints/iter-N (model, tokenizer, optimizer, every process's RNGs), published atomically; `keep` kept."""
     ranks = run.procs.gather(dict(rng=run.rng.getstate(), py_random=random.getstate(), numpy=np.random.get_state(),
                                   torch=torch.get_rng_state(),
                                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
@@ -1349,8 +1332,7 @@ def load_checkpoint(ckpt: str):
     return tok, model, ref, state
 
 def resume_run(run: Run, state: dict, ckpt: str) -> int:
-    """Continue exactly: optimizer, this process's RNG streams, summary and clock, metrics.jsonl cut back to the
-    checkpoint's iteration (a torn last line is dropped). -> the checkpoint's iteration."""
+    """Continue exactly: optimizer, RNG streams, summary, clock, metrics.jsonl cut back. -> the checkpoint's iteration."""
     run.opt.load_state_dict(state["optimizer"])
     rngs = state["ranks"][run.procs.rank]
     run.rng.setstate(rngs["rng"])
@@ -1464,8 +1446,7 @@ def make_run_dir(cfg: Config, procs: Processes) -> str:
     return run_dir
 
 def decide_defaults(cfg: Config, env_cls, dev: torch.device):
-    """Every 'auto' of the run decided, in cfg (so config.json records what ran): the agent interface, the learning
-    rate and dtype for the model and device. -> the env class the agent plays (goal names abstracted or not)."""
+    """Every 'auto' decided, in cfg (config.json records what ran). -> the env class the agent plays."""
     cfg.prompt_layout, cfg.history, cfg.goal_names = agent_interface(cfg, env_cls)
     cfg.lr = cfg.lr or (1e-6 if cfg.model else 1e-3)
     if not cfg.threads and dev.type == "cpu" and not cfg.model:  # its tiny matrix products lose to thread wake-ups
@@ -1497,8 +1478,7 @@ def print_plan(run: Run, dev, resuming: bool):
         f"held-out episodes). Ctrl-C stops early and keeps what was trained.")
 
 def before_rl(run: Run) -> int:
-    """A fresh run: the random baseline and the language prior, saved as iteration 0 (resume never repeats them);
-    then every process its own random streams, as each rolls out its own episodes. -> 0, the iteration done."""
+    """A fresh run: random baseline, language prior, saved as iteration 0; per-process random streams. -> 0."""
     cfg = run.cfg
     if run.procs.rank == 0:
         open(os.path.join(run.run_dir, "metrics.jsonl"), "w").close()
@@ -1550,8 +1530,7 @@ def finish(run: Run, dev, interrupted: bool) -> dict:
     return summary
 
 def start_run(cfg: Config):
-    """Everything before training, fastest failures first: flags, env, device, run folder, then the model (from a
-    checkpoint, --model, or the tiny model built here) and its prompt format. -> (run, device, checkpoint, state)."""
+    """Everything before training, fastest failures first. -> (run, device, checkpoint, trainer state or None)."""
     procs = TorchrunProcesses() if init_distributed(cfg)[1] > 1 else Processes()
     env_cls, dev = paw_envs.load_env_class(cfg.env), pick_device(cfg.device)
     env_cls, ckpt = decide_defaults(cfg, env_cls, dev), find_checkpoint(cfg.resume) if cfg.resume else None
