@@ -2089,3 +2089,19 @@ def test_real_model_bf16_step_at_lr_1e6_moves_the_weights(real_model):
     assert st["stepped"] == 1.0 and all(p.dtype == torch.float32 for p in layers)
     moved = sum(int((p != b).sum()) for p, b in zip(layers, before))
     assert moved / sum(p.numel() for p in layers) >= 0.99
+
+
+def test_progress_hears_every_rollout_step_and_minibatch(tiny):
+    """A real LM's iteration takes minutes: the bar is told each rollout step and each minibatch (it showed 0/1000)."""
+    tok, model = tiny
+    c = cfg(minibatches=3)
+    heard = []
+    eps = paw.collect_rollouts(model, tok, envs.TextWorldTiny, [1], 2, paw.make_prompt_format(tok, model, c),
+                               progress=heard.append)
+    assert heard == [f"rollout step {t + 1}, {n} episodes" for t, n in
+                     enumerate(sum(len(e.steps) > t for e in eps) for t in range(max(len(e.steps) for e in eps)))]
+    batch = _update_batch(tok, model, c, lambda n: torch.ones(n))
+    heard.clear()
+    paw.ppo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, c, random.Random(0),
+                   logprobs_for(c, model), progress=heard.append)
+    assert heard == ["update 1/3", "update 2/3", "update 3/3"]
