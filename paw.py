@@ -485,26 +485,25 @@ def behaviour_score_limit(rescore: str, dtype: str) -> float:
 
 @torch.no_grad()
 def score_steps(logprobs, model, steps: list[Step], batch_size: int = 64, ref_model=None, policy: bool = True):
-    """The no-grad scoring pass (§2.1) with the weights that generated the rollouts. logprobs(model, packed) ->
-    ForwardOut (the run's action_and_obs_logprobs). -> (behaviour log-probs per step, H(a_t|h_t), log-probs of
-    `ref_model` per step (policy=False: only those), WM token accuracy)."""
+    """The no-grad scoring pass (§2.1) over [h_t ; a_t] with the weights that generated the rollouts. logprobs(model,
+    packed) -> ForwardOut (the run's action_and_obs_logprobs). -> (behaviour log-probs per step, H(a_t|h_t), log-probs
+    of `ref_model` per step (policy=False: only those))."""
     was_training = model.training
     model.eval()
-    old, ent_mean, ref, hits, n_obs = [], [], [], 0, 0
+    old, ent_mean, ref = [], [], []
     for i in range(0, len(steps), batch_size):
         chunk = steps[i:i + batch_size]
-        packed = pack_steps(chunk, with_obs=policy)
+        packed = pack_steps(chunk, with_obs=False)
         counts = torch.bincount(packed.act_row, minlength=len(chunk)).tolist()
         if policy:
             fwd = logprobs(model, packed)
             old += list(torch.split(fwd.action.logp.float().cpu(), counts))
             ent_mean += [x.mean().item() if x.numel() else 0.0  # H(a_t|h_t), the mean over a_t's tokens (§2.1)
                          for x in torch.split(fwd.action.entropy.float().cpu(), counts)]
-            hits, n_obs = hits + int(fwd.obs.is_argmax.sum()), n_obs + fwd.obs.is_argmax.numel()
         if ref_model is not None:
             ref += list(torch.split(logprobs(ref_model, packed).action.logp.float().cpu(), counts))
     model.train(was_training)
-    return old, torch.tensor(ent_mean), ref, (hits / n_obs if n_obs else None)
+    return old, torch.tensor(ent_mean), ref
 
 # ==== 4. Advantages (§3). Statistics are over the trajectories of a group, never over pooled step rows.
 def normalized_in_group(r: torch.Tensor, norm: str = "mean_std", eps: float = 1e-6) -> torch.Tensor:
@@ -832,11 +831,10 @@ def train_iteration(run: Run, it: int) -> dict:
         old_logp = [s.gen_logp for s in steps]
         entropy = torch.tensor([s.gen_entropy.mean().item() if s.gen_entropy is not None and len(s.action_ids)
                                 else math.nan for s in steps])  # unknown when idle and not kept by generation
-        ref_logp, wm_acc = [], None  # the WM token accuracy then comes from the update's first pass
-        if run.ref_model is not None:
-            ref_logp = score_steps(run.logprobs, model, steps, cfg.forward_batch, run.ref_model, policy=False)[2]
+        ref_logp = [] if run.ref_model is None else score_steps(run.logprobs, model, steps, cfg.forward_batch,
+                                                                run.ref_model, policy=False)[2]
     else:
-        old_logp, entropy, ref_logp, wm_acc = score_steps(run.logprobs, model, steps, cfg.forward_batch, run.ref_model)
+        old_logp, entropy, ref_logp = score_steps(run.logprobs, model, steps, cfg.forward_batch, run.ref_model)
     every_entropy = procs.gather(entropy)  # §2.1 ranks the whole batch (under torchrun: every process's transitions)
     selected = (select_wm_targets(torch.cat(every_entropy), cfg.wm_alpha) if cfg.wm != "off"
                 else torch.zeros(sum(map(len, every_entropy)), dtype=torch.bool))
@@ -850,7 +848,7 @@ def train_iteration(run: Run, it: int) -> dict:
     t2 = time.time()
     return dict(iter=it, **episode_stats(procs.episodes(episodes)), **procs.mean(local),
                 **{k: v for k, v in upd.items() if k not in ("update_tokens", "wm_token_acc")},
-                wm_token_acc=wm_acc if wm_acc is not None else upd.get("wm_token_acc"),  # None: --wm off
+                wm_token_acc=upd.get("wm_token_acc"),  # the update's first pass; None: --wm off, or no WM target
                 rollout_s=t1 - t0, update_s=t2 - t1, tokens_per_s=upd["update_tokens"] / max(1e-9, t2 - t1))
 
 def ends_in_loop(ep: Episode) -> bool:

@@ -376,7 +376,7 @@ def test_generation_logprobs_equal_scoring_pass(tiny, mask):
     c = cfg(action_mask=mask, temperature=0.7)
     torch.manual_seed(5)
     steps = [s for e in rollouts(model, tok, envs.TextWorldTiny, [7, 8], 4, c) for s in e.steps]
-    old, ent, _, _ = paw.score_steps(logprobs_for(c, model), model, steps)
+    old, ent, _ = paw.score_steps(logprobs_for(c, model), model, steps)
     assert torch.allclose(torch.cat(old), torch.cat([s.gen_logp for s in steps]), atol=1e-5)
     gen_ent = torch.tensor([s.gen_entropy.mean().item() for s in steps])
     assert torch.allclose(ent, gen_ent, atol=1e-5)
@@ -480,7 +480,7 @@ def test_micro_batch_accumulation_equals_whole_minibatch(tiny, wm):
     for i, s in enumerate(steps):  # unequal action and observation lengths (one observation empty)
         s.action_ids, s.obs_ids = s.action_ids[:1 + i % 5], s.obs_ids[:(7 * i) % 23]
         s.allowed = s.allowed[:len(s.action_ids)]
-    old, ent, _, _ = paw.score_steps(logprobs_for(c, model0), model0, steps)
+    old, ent, _ = paw.score_steps(logprobs_for(c, model0), model0, steps)
     ref = [o + 0.05 for o in old]
     g = torch.Generator().manual_seed(0)
     adv = torch.randn(len(steps), generator=g)
@@ -516,7 +516,7 @@ def test_update_skips_observations_without_wm_weight(tiny, cap):
     torch.manual_seed(5)
     model0 = paw.build_tiny_model(tok, c.d_model, c.n_layers, c.n_heads)
     steps = [s for e in rollouts(model0, tok, envs.TextWorldTiny, [3, 4], 3, c) for s in e.steps][:12]
-    old, ent, _, _ = paw.score_steps(logprobs_for(c, model0), model0, steps)
+    old, ent, _ = paw.score_steps(logprobs_for(c, model0), model0, steps)
     g = torch.Generator().manual_seed(1)
     adv = torch.randn(len(steps), generator=g)
     selected = paw.select_wm_targets(ent, c.wm_alpha)
@@ -1644,7 +1644,7 @@ def test_ddp_update_equals_single_process(tiny, tmp_path, wm, fused, one_sided):
     torch.manual_seed(5)
     model0 = paw.build_tiny_model(tok, c.d_model, c.n_layers, c.n_heads)
     steps = [s for e in rollouts(model0, tok, envs.TextWorldTiny, [3, 4], 3, c) for s in e.steps][:14]
-    old, ent, _, _ = paw.score_steps(logprobs_for(c, model0), model0, steps)
+    old, ent, _ = paw.score_steps(logprobs_for(c, model0), model0, steps)
     g = torch.Generator().manual_seed(1)
     adv, lam = torch.randn(len(steps), generator=g), torch.rand(len(steps), generator=g)
     selected = paw.select_wm_targets(ent, c.wm_alpha)
@@ -1857,7 +1857,7 @@ def test_textworld_short_training_run(tw_games, tmp_path):
 def _update_batch(tok, model, c, adv_fn, seeds=(1, 2)):
     """Rollouts of `model` and a Batch over them with the advantages adv_fn(n) (behaviour log-probs from scoring)."""
     steps = [s for e in rollouts(model, tok, envs.TextWorldTiny, list(seeds), 2, c) for s in e.steps]
-    old, ent, _, _ = paw.score_steps(logprobs_for(c, model), model, steps)
+    old, ent, _ = paw.score_steps(logprobs_for(c, model), model, steps)
     sel = paw.select_wm_targets(ent, c.wm_alpha)
     return paw.Batch(steps, old, ent, adv_fn(len(steps)), sel, torch.ones(len(steps)))
 
@@ -2061,7 +2061,7 @@ def test_real_model_generation_logprobs_equal_scoring_pass(real_model):
     fmt.score_limit = math.inf
     steps = [s for e in paw.collect_rollouts(model, tok, envs.SearchTiny, [5], 3, fmt) for s in e.steps]
     lp = functools.partial(paw.action_and_obs_logprobs, logp_fn=paw.head_logp_fn(True, 49152, "off"))
-    old, ent, _, _ = paw.score_steps(lp, model, steps)
+    old, ent, _ = paw.score_steps(lp, model, steps)
     assert torch.allclose(torch.cat(old), torch.cat([s.gen_logp for s in steps]), atol=2e-4)
     assert torch.allclose(ent, torch.tensor([s.gen_entropy.mean().item() for s in steps]), atol=2e-4)
 
@@ -2079,7 +2079,7 @@ def test_real_model_bf16_step_at_lr_1e6_moves_the_weights(real_model):
     steps = [s for e in paw.collect_rollouts(model, tok, envs.SearchTiny, [5], 2, fmt) for s in e.steps][:4]
     lp = paw.bf16_autocast(torch.device("cpu"), "bfloat16")(
         functools.partial(paw.action_and_obs_logprobs, logp_fn=paw.head_logp_fn(True, 49152, "off")))
-    old, ent, _, _ = paw.score_steps(lp, model, steps)
+    old, ent, _ = paw.score_steps(lp, model, steps)
     batch = paw.Batch(steps, old, ent, torch.linspace(-1, 1, len(steps)), torch.ones(len(steps), dtype=torch.bool),
                       torch.ones(len(steps)))
     layers = list(model.model.layers.parameters())
