@@ -1207,8 +1207,8 @@ MATRIX = [  # every value of each flag at least once, on the real model (tiny gr
                                     "--kl-coef", "0.05", "--compile", "off", "resume"]),
     ("plain mask bf16 grpo inductor resume", ["--prompt-format", "plain", "--dtype", "bfloat16", "--compile", "auto",
                                               "resume"]),
-    ("plain mask bf16 wm off, cap 0, ce", ["--prompt-format", "plain", "--dtype", "bfloat16", "--wm", "ce",
-                                           "--wm-grad-cap", "0", "--compile", "off"]),
+    ("plain mask bf16 ce, cap 0", ["--prompt-format", "plain", "--dtype", "bfloat16", "--wm", "ce",
+                                   "--wm-grad-cap", "0", "--compile", "off"]),
 ]
 
 
