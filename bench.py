@@ -508,16 +508,17 @@ def bench_trl(a):
         make_chat_model(a.model, hidden=128, layers=2)
     same = ["--groups", str(a.episodes // a.group_size), "--group-size", str(a.group_size), "--minibatches", "1",
             "--max-action-tokens", str(a.max_new_tokens), "--kl-coef", "0"]
-    results = {v: [] for v in TRL_VARIANTS}
+    variants = {v: f for v, f in TRL_VARIANTS.items() if not a.variants or v in a.variants.split(";")}
+    results = {v: [] for v in variants}
     for rep in range(a.reps):
-        for v, flags in TRL_VARIANTS.items():
+        for v, flags in variants.items():
             if flags is None:
                 cmd = ["trl-one", "--model", a.model, "--env", a.env, "--steps", str(a.steps), "--episodes",
                        str(a.episodes), "--group-size", str(a.group_size), "--max-new-tokens", str(a.max_new_tokens),
                        "--threads", str(a.threads), "--seed", str(rep + 1)]
             else:
                 cmd = ["speed-one", "--model", a.model, "--env", a.env, "--iters", str(a.steps), "--threads",
-                       str(a.threads), "--flags", json.dumps(flags + same)]
+                       str(a.threads), "--flags", json.dumps(flags + same), *(["--same-rollouts"] if a.same_rollouts else [])]
             r = run_cmd([sys.executable, os.path.join(HERE, "bench.py"), *cmd], f"trl {v}")
             results[v].append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(f"[rep {rep + 1}] {v}: {results[v][-1]['cpu_s']:.2f} s CPU per optimizer step", flush=True)
@@ -527,7 +528,7 @@ def bench_trl(a):
     print(f"{'variant':<34}{'CPU s/step':>11}{'x TRL':>7}{'rollout s':>10}{'ep len':>8}{'tokens/step':>12}{'peak MiB':>10}")
     mean = {v: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
             for v, rs in results.items()}  # numbers only (dtype is a string)
-    base = mean[next(iter(TRL_VARIANTS))]["cpu_s"]
+    base = mean[next(iter(variants))]["cpu_s"]
     for v, m in mean.items():
         m["x_trl"] = m["cpu_s"] / base
         print(f"{v:<34}{m['cpu_s']:>11.2f}{m['x_trl']:>7.2f}{m['rollout_s']:>10.2f}{m['episode_len']:>8.1f}"
@@ -1317,7 +1318,10 @@ def main():
     loss.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_flags(sub.add_parser("trl", help="paw's CPU per optimizer step against TRL's GRPOTrainer (needs pip install trl)"),
               model=("", "a chat model folder (empty: a 0.37M Qwen2 chat model made here)"), env="textworld-tiny",
-              steps=3, reps=2, episodes=16, group_size=8, max_new_tokens=16, threads=1)
+              steps=3, reps=2, episodes=16, group_size=8, max_new_tokens=16, threads=1,
+              variants=("", "; list of the variants to run (empty: all; the first is the baseline)"))
+    sub.choices["trl"].add_argument("--same-rollouts", action="store_true", help="paw times its first iteration "
+                                    "again (one with reward spread takes an optimizer step; see speed-one)")
     add_flags(sub.add_parser("trl-one"), model=None, env="textworld-tiny", steps=3, warm_up=1, episodes=16,
               group_size=8, max_new_tokens=16, threads=1, seed=1)
     add_flags(sub.add_parser("zeroshot", help="a model's held-out success before training on every env (plain + mask, "
